@@ -1,0 +1,30 @@
+"""Few-step samplers as generators over one denoiser contract; see base.py for the protocol."""
+
+from engines.samplers import consistency, ode, stochastic, teleport  # noqa: F401  (registers)
+from engines.samplers.base import (
+    INFO,
+    SAMPLERS,
+    SamplerError,
+    SamplerGen,
+    SamplerInfo,
+    cat_cond,
+    check_grid,
+    create,
+    drive,
+    drive_many,
+    options,
+)
+
+__all__ = [
+    "INFO",
+    "SAMPLERS",
+    "SamplerError",
+    "SamplerGen",
+    "SamplerInfo",
+    "cat_cond",
+    "check_grid",
+    "create",
+    "drive",
+    "drive_many",
+    "options",
+]

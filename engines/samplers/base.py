@@ -1,0 +1,158 @@
+"""The sampler registry, argument checks, and the drivers that answer a sampler's requests.
+
+A sampler is a generator function `fn(x, sigmas, noise, **opts)`: it yields (x, sigma)
+whenever it needs the denoiser, receives x0 = D(x, sigma) back, and returns the final
+sample. It draws fresh noise only from `noise` (a RowNoise), so the driver is free to put
+many samplers' requests into one forward pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from engines.denoisers import Cond, Denoiser
+from engines.noise import RowNoise
+
+SamplerGen = Generator[tuple[Tensor, float], Tensor, Tensor]
+SamplerFn = Callable[..., SamplerGen]
+
+
+class SamplerError(ValueError):
+    """A sampler was asked for with a name, grid or option it cannot use."""
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    """What a caller needs to know about a sampler before running it."""
+
+    name: str
+    fn: SamplerFn
+    min_steps: Callable[[dict], int]
+    stochastic: bool
+    family: str  # "ode", "sde" or "consistency"; "teleport" wraps another sampler
+
+
+SAMPLERS: dict[str, SamplerFn] = {}
+INFO: dict[str, SamplerInfo] = {}
+
+
+def register(
+    *, family: str, stochastic: bool = False, min_steps: int | Callable[[dict], int] = 1
+) -> Callable[[SamplerFn], SamplerFn]:
+    """Add a sampler to SAMPLERS under its function name."""
+
+    def add(fn: SamplerFn) -> SamplerFn:
+        rule = min_steps if callable(min_steps) else (lambda _opts, n=min_steps: n)
+        INFO[fn.__name__] = SamplerInfo(fn.__name__, fn, rule, stochastic, family)
+        SAMPLERS[fn.__name__] = fn
+        return fn
+
+    return add
+
+
+def options(name: str) -> dict[str, object]:
+    """A sampler's options and their defaults."""
+    params = list(inspect.signature(SAMPLERS[name]).parameters.values())[3:]
+    return {
+        p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY or p.default is not p.empty
+    }
+
+
+def check_grid(sigmas: Tensor) -> None:
+    """Reject a sigma grid that is not 1-D, finite, positive and strictly decreasing."""
+    if not isinstance(sigmas, Tensor) or sigmas.ndim != 1 or len(sigmas) < 2:
+        raise SamplerError("sigmas must be a 1-D tensor of at least 2 noise levels (1 step)")
+    if not torch.isfinite(sigmas).all():
+        raise SamplerError("sigmas must be finite; build the grid with engines.schedules")
+    if not (sigmas[1:] < sigmas[:-1]).all():
+        raise SamplerError(
+            f"sigmas must be strictly decreasing (noisiest first), got {sigmas.tolist()[:8]}..."
+        )
+    if sigmas[-1] < 0 or (sigmas[:-1] <= 0).any():
+        raise SamplerError("sigmas must be positive, except the last, which may be 0")
+
+
+def create(name: str, x: Tensor, sigmas: Tensor, noise: RowNoise, **opts) -> SamplerGen:
+    """Check name, grid and options of a sampler and return its generator (not started)."""
+    if name not in SAMPLERS:
+        raise SamplerError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    known = options(name)
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        raise SamplerError(
+            f"sampler {name!r} has no option {', '.join(map(repr, unknown))}; "
+            f"its options are {sorted(known) or 'none'}"
+        )
+    check_grid(sigmas)
+    steps, need = len(sigmas) - 1, INFO[name].min_steps(opts)
+    if steps < need:
+        raise SamplerError(
+            f"sampler {name!r} with these options needs at least {need} steps, got {steps}; "
+            "ask for more steps or a lower-order sampler"
+        )
+    if len(x) != len(noise):
+        raise SamplerError(f"x has {len(x)} rows but noise has seeds for {len(noise)}")
+    return SAMPLERS[name](x, sigmas, noise, **opts)
+
+
+def drive(gen: SamplerGen, denoiser: Denoiser, cond: Cond = None) -> Tensor:
+    """Run one sampler to the end, answering each request with denoiser(x, sigma, cond)."""
+    try:
+        x, sigma = next(gen)
+        while True:
+            x, sigma = gen.send(denoiser(x, torch.full((len(x),), sigma, dtype=x.dtype), cond))
+    except StopIteration as stop:
+        return stop.value
+
+
+def cat_cond(conds: Sequence[Cond]) -> Cond:
+    """Concatenate per-row conditioning dicts (all None, or all with the same keys)."""
+    if all(c is None for c in conds):
+        return None
+    keys = set(conds[0] or ())
+    if any(c is None or set(c) != keys for c in conds):
+        raise SamplerError("requests batched together must carry the same conditioning keys")
+    return {k: torch.cat([c[k] for c in conds]) for k in sorted(keys)}
+
+
+def drive_many(
+    gens: Sequence[SamplerGen], denoiser: Denoiser, conds: Sequence[Cond] | None = None
+) -> list[Tensor]:
+    """Run several samplers together: every round, one forward pass over all pending rows.
+
+    This is step-level batching in its plainest form (no size limit, no deadlines): the
+    service's scheduler adds those policies on top of the same idea.
+    """
+    conds = list(conds) if conds is not None else [None] * len(gens)
+    results: list[Tensor | None] = [None] * len(gens)
+    pending: dict[int, tuple[Tensor, float]] = {}
+    for i, gen in enumerate(gens):
+        pending[i] = next(gen)
+    while pending:
+        order = list(pending)
+        xs = [pending[i][0] for i in order]
+        sigma = torch.cat(
+            [
+                torch.full((len(x),), pending[i][1], dtype=x.dtype)
+                for i, x in zip(order, xs, strict=True)
+            ]
+        )
+        x0 = denoiser(torch.cat(xs), sigma, cat_cond([conds[i] for i in order]))
+        for i, part in zip(order, x0.split([len(x) for x in xs]), strict=True):
+            try:
+                pending[i] = gens[i].send(part)
+            except StopIteration as stop:
+                results[i] = stop.value
+                del pending[i]
+    return results  # type: ignore[return-value]
+
+
+def lambda_of(sigma: float) -> float:
+    """Half log-SNR of an EDM sigma: lambda = -log(sigma) (inf at sigma = 0)."""
+    return math.inf if sigma == 0 else -math.log(sigma)

@@ -1,0 +1,82 @@
+"""The `fewstep` command line: serve, bench, ..."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _bench_samplers(args: argparse.Namespace) -> int:
+    from engines import sampler_bench
+    from engines.samplers import INFO
+
+    names = tuple(args.samplers.split(",")) if args.samplers else None
+    if names:
+        unknown = sorted(set(names) - set(INFO) | ({"teleport"} & set(names)))
+        if unknown:
+            print(
+                f"fewstep: unknown sampler(s) {unknown}; "
+                f"choose from {sorted(set(INFO) - {'teleport'})}",
+                file=sys.stderr,
+            )
+            return 2
+    config = sampler_bench.BenchConfig(
+        dim=args.dim,
+        components=args.components,
+        rows=args.rows,
+        seed=args.seed,
+        nfes=args.nfe,
+        sigma_skip=args.sigma_skip,
+        **({"samplers": names} if names else {}),
+    )
+    cells, floor, seconds = sampler_bench.run(config)
+    print(sampler_bench.report(config, cells, floor, seconds))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fewstep", description="Serve few-step generative models."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    bench = commands.add_parser("bench", help="benchmarks that print markdown tables")
+    targets = bench.add_subparsers(dest="target", required=True)
+    samplers = targets.add_parser("samplers", help="sampler error vs NFE on a Gaussian mixture")
+    samplers.add_argument("--dim", type=int, default=8, help="data dimension (default 8)")
+    samplers.add_argument(
+        "--components", type=int, default=4, help="mixture components (default 4)"
+    )
+    samplers.add_argument("--rows", type=int, default=512, help="samples per cell (default 512)")
+    samplers.add_argument("--seed", type=int, default=0)
+    samplers.add_argument(
+        "--nfe", type=_int_list, default=(1, 2, 4, 5, 8, 10, 20), help="NFE budgets, e.g. 1,2,4"
+    )
+    samplers.add_argument(
+        "--sigma-skip", type=float, default=8.0, help="teleport target sigma (default 8)"
+    )
+    samplers.add_argument("--samplers", default="", help="comma-separated subset (default: all)")
+    samplers.set_defaults(run=_bench_samplers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
