@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -175,22 +175,35 @@ class FlowDenoiser:
         return x_t - t * self.net(x_t, t64.to(x.dtype), cond)
 
 
+class Guided(NamedTuple):
+    """What a CFG++ denoiser returns: the guided x0 and the unconditional x0, per row."""
+
+    x0: Tensor
+    x0_uncond: Tensor
+
+
 class CFGDenoiser:
     """Classifier-free guidance: conditional and unconditional rows in one forward pass.
 
     cond["label"] holds class ids, cond["guidance_scale"] the per-row scale w, and
     x0 = x0_uncond + w (x0_cond - x0_uncond). Rows with w == 1 need no unconditional row,
     so they add nothing to the batch. The unconditional rows use `null_label`.
+
+    With cfg_pp (CFG++, Chung et al. 2024) every row also gets its unconditional x0 and
+    the result is a Guided pair for the `euler_cfgpp` sampler; w is then CFG++'s lambda,
+    usually in [0, 1].
     """
 
-    def __init__(self, inner: Denoiser, null_label: int) -> None:
-        self.inner, self.null_label = inner, null_label
+    def __init__(self, inner: Denoiser, null_label: int, cfg_pp: bool = False) -> None:
+        self.inner, self.null_label, self.cfg_pp = inner, null_label, cfg_pp
 
-    def __call__(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor | Guided:
         if cond is None or "guidance_scale" not in cond:
+            if self.cfg_pp:
+                raise ValueError("CFG++ needs cond['label'] and cond['guidance_scale'] per row")
             return self.inner(x, sigma, cond)
         scale = cond["guidance_scale"]
-        guided = (scale != 1).nonzero().flatten()
+        guided = torch.arange(len(x)) if self.cfg_pp else (scale != 1).nonzero().flatten()
         if len(guided) == 0:
             return self.inner(x, sigma, cond)
         uncond = {k: v[guided] for k, v in cond.items()}
@@ -201,4 +214,4 @@ class CFGDenoiser:
         w = expand(scale[guided], x0_uncond)
         out = x0_cond.clone()
         out[guided] = x0_uncond + w * (x0_cond[guided] - x0_uncond)
-        return out
+        return Guided(out, x0_uncond) if self.cfg_pp else out

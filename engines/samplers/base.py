@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from engines.denoisers import Cond, Denoiser
+from engines.denoisers import Cond, Denoiser, Guided
 from engines.noise import RowNoise
 
 SamplerGen = Generator[tuple[Tensor, float], Tensor, Tensor]
@@ -121,6 +121,13 @@ def cat_cond(conds: Sequence[Cond]) -> Cond:
     return {k: torch.cat([c[k] for c in conds]) for k in sorted(keys)}
 
 
+def split_rows(out: Tensor | Guided, sizes: list[int]) -> list:
+    """Split a denoiser's output (a tensor, or a CFG++ Guided pair) back into requests."""
+    if isinstance(out, Guided):
+        return [Guided(*parts) for parts in zip(*(t.split(sizes) for t in out), strict=True)]
+    return list(out.split(sizes))
+
+
 def drive_many(
     gens: Sequence[SamplerGen], denoiser: Denoiser, conds: Sequence[Cond] | None = None
 ) -> list[Tensor]:
@@ -144,7 +151,7 @@ def drive_many(
             ]
         )
         x0 = denoiser(torch.cat(xs), sigma, cat_cond([conds[i] for i in order]))
-        for i, part in zip(order, x0.split([len(x) for x in xs]), strict=True):
+        for i, part in zip(order, split_rows(x0, [len(x) for x in xs]), strict=True):
             try:
                 pending[i] = gens[i].send(part)
             except StopIteration as stop:

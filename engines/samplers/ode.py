@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from engines.denoisers import Guided
 from engines.noise import RowNoise
 from engines.samplers.base import SamplerError, SamplerGen, lambda_of, register
 
@@ -31,6 +32,18 @@ def euler(x: Tensor, sigmas: Tensor, noise: RowNoise) -> SamplerGen:
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = yield x, sigma
         x = (sigma_next / sigma) * x + (1 - sigma_next / sigma) * denoised
+    return x
+
+
+@register(family="ode")
+def euler_cfgpp(x: Tensor, sigmas: Tensor, noise: RowNoise) -> SamplerGen:
+    """DDIM with CFG++ (Chung et al. 2024): guided x0, re-noised along the unconditional eps."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        out = yield x, sigma
+        if not isinstance(out, Guided):
+            raise SamplerError("euler_cfgpp needs a CFGDenoiser(..., cfg_pp=True) denoiser")
+        x = out.x0 + (sigma_next / sigma) * (x - out.x0_uncond)
     return x
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engines.analytic import GaussianMixture
-from engines.denoisers import ConsistencyDenoiser, LCMDenoiser
+from engines.denoisers import ConsistencyDenoiser, LCMDenoiser, VPDenoiser
 from engines.noise import RowNoise
 from engines.samplers import create, drive
 from engines.schedules import DiscreteVP, consistency_sigmas, edm_to_vp, lcm_sigmas
@@ -169,3 +169,27 @@ def test_consistency_multistep_matches(monkeypatch, indices):
         create("cm_multistep", x, sigmas, RowNoise(list(range(ROWS)))), ConsistencyDenoiser(unet)
     )
     assert (got - x_ref).abs().max() < TOL
+
+
+@pytest.mark.parametrize(("steps", "gamma"), [(2, 0.3), (4, 0.3), (4, 0.0), (8, 0.7)])
+def test_tcd_matches(monkeypatch, steps, gamma):
+    from diffusers.schedulers import scheduling_tcd
+
+    monkeypatch.setattr(scheduling_tcd, "randn_tensor", SharedNoise())
+    net = random_net(1e-3)
+    scheduler = schedulers.TCDScheduler()
+    scheduler.set_timesteps(steps, original_inference_steps=50)
+    schedule = DiscreteVP(scheduler.alphas_cumprod)
+    # TCD's last step lands on timestep 0, not on sigma 0
+    sigmas = torch.cat([schedule.sigma(scheduler.timesteps.to(torch.float64)), schedule.sigmas[:1]])
+
+    x_ve = x_start(float(sigmas[0]))
+    x_vp = x_ve * edm_to_vp(sigmas[:1])[0]
+    for t in scheduler.timesteps:
+        out = net(x_vp, t.to(torch.float64).expand(ROWS))
+        x_vp = scheduler.step(out, t, x_vp, eta=gamma).prev_sample
+
+    noise = RowNoise(list(range(ROWS)))
+    gen = create("tcd", x_ve, sigmas, noise, gamma=gamma, schedule=schedule)
+    got = drive(gen, VPDenoiser(net, schedule, "eps")) * edm_to_vp(sigmas[-1:])[0]
+    assert (got - x_vp).abs().max() < TOL

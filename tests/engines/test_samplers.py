@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engines.analytic import GaussianMixture
+from engines.denoisers import CFGDenoiser
 from engines.noise import RowNoise
 from engines.samplers import INFO, SAMPLERS, SamplerError, create, drive, drive_many
 from engines.schedules import karras_sigmas, logsnr_sigmas
@@ -148,7 +149,7 @@ def test_heun_churn_adds_noise_only_when_asked(gaussian):
     assert not torch.allclose(plain, churned) and torch.equal(churned, again)
 
 
-@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - {"teleport"}))
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - {"teleport", "euler_cfgpp"}))
 def test_a_request_is_bitwise_identical_alone_and_in_a_batch(name):
     """Step-level batching: other requests (other samplers, steps, seeds) share the
     forward passes, yet each request's output is bitwise what it gets alone."""
@@ -229,8 +230,60 @@ def test_noise_rows_must_match_x():
 
 def test_every_sampler_is_registered_with_a_docstring():
     assert set(SAMPLERS) == {
-        "euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2s", "unipc", "deis", "ddpm",
+        "euler", "euler_cfgpp", "heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2s", "unipc", "deis", "ddpm",
         "dpmpp_sde", "euler_ancestral", "cm_multistep", "lcm", "tcd", "teleport",
     }  # fmt: skip
     for name, fn in SAMPLERS.items():
         assert fn.__doc__ and fn.__name__ == name
+
+
+def class_conditional_mixture():
+    """Label k denoises with component k's Gaussian; the null label (K) with the mixture."""
+    mix = GaussianMixture.random(DIM, 3, seed=4)
+    per_class = GaussianStats.from_moments(mix.means, mix.covs, (DIM,))
+
+    def inner(x, sigma, cond):
+        labels = cond["label"]
+        out = mix.denoise(x, sigma)
+        known = labels < 3
+        if known.any():
+            out[known] = per_class.denoise(x[known], sigma[known], labels[known])
+        return out
+
+    return mix, inner
+
+
+def test_cfgpp_renoises_along_the_unconditional_direction():
+    mix, inner = class_conditional_mixture()
+    x = torch.randn(4, DIM, dtype=torch.float64) * 80
+    sigmas = karras_sigmas(6)
+    cond = {
+        "label": torch.tensor([0, 1, 2, 0]),
+        "guidance_scale": torch.tensor([0.0, 0.3, 0.6, 1.0], dtype=torch.float64),
+    }
+    den = CFGDenoiser(inner, null_label=3, cfg_pp=True)
+    out = drive(create("euler_cfgpp", x, sigmas, seeds(4)), den, cond)
+    # lambda 0 is plain DDIM on the unconditional model
+    uncond = drive(create("euler", x[:1], sigmas, seeds(1)), mix.denoiser())
+    assert torch.allclose(out[:1], uncond, atol=1e-12)
+    # one step by hand: x' = x0_lambda + (s'/s)(x - x0_uncond)
+    gen = create("euler_cfgpp", x, sigmas, seeds(4))
+    x_in, s = next(gen)
+    guided = den(x_in, torch.full((4,), s, dtype=torch.float64), cond)
+    x1, s1 = gen.send(guided)
+    assert torch.allclose(x1, guided.x0 + (s1 / s) * (x - guided.x0_uncond))
+    # guided rows share forward passes with others and stay bitwise the same
+    other = create("euler_cfgpp", x[1:], sigmas, seeds(3, 40))
+    mine = create("euler_cfgpp", x[:2], sigmas, seeds(2))
+    sub_cond = {k: v[:2] for k, v in cond.items()}
+    rest = {k: v[1:] for k, v in cond.items()}
+    batched = drive_many([other, mine], den, [rest, sub_cond])
+    assert torch.equal(
+        batched[1], drive(create("euler_cfgpp", x[:2], sigmas, seeds(2)), den, sub_cond)
+    )
+
+
+def test_cfgpp_sampler_needs_a_cfgpp_denoiser():
+    gen = create("euler_cfgpp", torch.zeros(1, 2), karras_sigmas(2), seeds(1))
+    with pytest.raises(SamplerError, match="cfg_pp=True"):
+        drive(gen, lambda x, s, c=None: x)
