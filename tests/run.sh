@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian packages the tests read: Fashion-MNIST (real data, no download at run time).
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+fi
+
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
