@@ -19,7 +19,7 @@ from torch import Tensor
 
 from engines.analytic import GaussianMixture
 from engines.noise import RowNoise
-from engines.samplers import INFO, create, drive
+from engines.samplers import INFO, create, drive, nfe
 from engines.schedules import karras_sigmas, teleport_sigmas
 from engines.teleport import GaussianStats
 
@@ -60,20 +60,12 @@ def sliced_w2(a: Tensor, b: Tensor, projections: int = 256, seed: int = 0) -> fl
     return float(((pa - pb) ** 2).mean().sqrt())
 
 
-def nfe_of(name: str, sigmas: Tensor) -> int:
-    """NFE a sampler spends on a grid (heun and dpmpp_2s take 2 per step but 1 into 0)."""
-    steps = len(sigmas) - 1
-    if name in ("heun", "dpmpp_2s"):
-        return 2 * steps - (1 if float(sigmas[-1]) == 0 else 0)
-    return steps
-
-
-def steps_for(name: str, nfe: int) -> int | None:
+def steps_for(name: str, budget: int) -> int | None:
     """The most steps whose NFE fits the budget, or None if even its minimum does not."""
     need = INFO[name].min_steps({})
     best = None
-    for steps in range(1, nfe + 1):
-        if nfe_of(name, karras_sigmas(steps)) <= nfe:
+    for steps in range(1, budget + 1):
+        if nfe(name, karras_sigmas(steps)) <= budget:
             best = steps
     return best if best is not None and best >= need else None
 
@@ -89,13 +81,13 @@ def run_one(
     mixture: GaussianMixture,
     gaussian: GaussianStats | None,
     name: str,
-    nfe: int,
+    budget: int,
     x_t: Tensor,
     exact: Tensor,
     data: Tensor,
     sigma_skip: float,
 ) -> Cell | None:
-    steps = steps_for(name, nfe)
+    steps = steps_for(name, budget)
     if steps is None:
         return None
     sigmas = karras_sigmas(steps, SIGMA_MIN, sigma_skip if gaussian else SIGMA_MAX)
@@ -127,12 +119,12 @@ def run(config: BenchConfig, progress=sys.stderr) -> tuple[dict, float, float]:
     for i, name in enumerate(config.samplers):
         print(f"[{i + 1}/{len(config.samplers)}] {name}", file=progress, flush=True)
         for tele in (False, True):
-            for nfe in config.nfes:
-                cells[name, tele, nfe] = run_one(
+            for budget in config.nfes:
+                cells[name, tele, budget] = run_one(
                     mixture,
                     gaussian if tele else None,
                     name,
-                    nfe,
+                    budget,
                     x_t,
                     exact,
                     data,
@@ -163,14 +155,18 @@ def table(config: BenchConfig, cells: dict, metric: str) -> str:
 
 def report(config: BenchConfig, cells: dict, floor: float, seconds: float) -> str:
     best = {}
-    for nfe in config.nfes:
+    for budget in config.nfes:
         for tele in (False, True):
             scored = [
                 (c.rmse, n)
                 for (n, t, k), c in cells.items()
-                if k == nfe and t == tele and c is not None and c.rmse is not None and c.nfe == nfe
+                if k == budget
+                and t == tele
+                and c is not None
+                and c.rmse is not None
+                and c.nfe == budget
             ]
-            best[nfe, tele] = min(scored) if scored else None
+            best[budget, tele] = min(scored) if scored else None
     wins = [
         f"NFE {n}: {best[n, True][1]}+teleport {best[n, True][0]:.3f} "
         f"vs {best[n, False][1]} {best[n, False][0]:.3f}"

@@ -12,7 +12,9 @@ from engines.samplers.base import (
     create,
     drive,
     drive_many,
+    nfe,
     options,
+    split_rows,
 )
 
 __all__ = [
@@ -26,5 +28,7 @@ __all__ = [
     "create",
     "drive",
     "drive_many",
+    "nfe",
     "options",
+    "split_rows",
 ]

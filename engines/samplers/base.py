@@ -36,6 +36,7 @@ class SamplerInfo:
     min_steps: Callable[[dict], int]
     stochastic: bool
     family: str  # "ode", "sde" or "consistency"; "teleport" wraps another sampler
+    evals_per_step: int  # 2 for two-stage methods (one fewer when the last step reaches 0)
 
 
 SAMPLERS: dict[str, SamplerFn] = {}
@@ -43,13 +44,17 @@ INFO: dict[str, SamplerInfo] = {}
 
 
 def register(
-    *, family: str, stochastic: bool = False, min_steps: int | Callable[[dict], int] = 1
+    *,
+    family: str,
+    stochastic: bool = False,
+    min_steps: int | Callable[[dict], int] = 1,
+    evals_per_step: int = 1,
 ) -> Callable[[SamplerFn], SamplerFn]:
     """Add a sampler to SAMPLERS under its function name."""
 
     def add(fn: SamplerFn) -> SamplerFn:
         rule = min_steps if callable(min_steps) else (lambda _opts, n=min_steps: n)
-        INFO[fn.__name__] = SamplerInfo(fn.__name__, fn, rule, stochastic, family)
+        INFO[fn.__name__] = SamplerInfo(fn.__name__, fn, rule, stochastic, family, evals_per_step)
         SAMPLERS[fn.__name__] = fn
         return fn
 
@@ -62,6 +67,17 @@ def options(name: str) -> dict[str, object]:
     return {
         p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY or p.default is not p.empty
     }
+
+
+def nfe(name: str, sigmas: Tensor, opts: dict | None = None) -> int:
+    """Denoiser evaluations a sampler spends on a grid."""
+    opts = opts or {}
+    if name == "teleport":
+        return nfe(opts.get("then", "dpmpp_2m"), sigmas[1:], opts.get("then_opts"))
+    steps = len(sigmas) - 1
+    if INFO[name].evals_per_step == 2:
+        return 2 * steps - (1 if float(sigmas[-1]) == 0 else 0)
+    return steps
 
 
 def check_grid(sigmas: Tensor) -> None:

@@ -47,7 +47,7 @@ def euler_cfgpp(x: Tensor, sigmas: Tensor, noise: RowNoise) -> SamplerGen:
     return x
 
 
-@register(family="ode")
+@register(family="ode", evals_per_step=2)
 def heun(
     x: Tensor,
     sigmas: Tensor,
@@ -151,7 +151,7 @@ def dpmpp_3m(
     return (yield from _dpmpp_multistep(x, sigmas, 3, lower_order_final, 1.0 if legacy_d2 else 2.0))
 
 
-@register(family="ode")
+@register(family="ode", evals_per_step=2)
 def dpmpp_2s(x: Tensor, sigmas: Tensor, noise: RowNoise) -> SamplerGen:
     """DPM-Solver++(2S), singlestep with the midpoint in lambda, Lu et al. 2022."""
     for i in range(len(sigmas) - 1):

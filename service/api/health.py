@@ -1,0 +1,30 @@
+"""Liveness, readiness and the Prometheus endpoint."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.errors import NotReady
+
+from .state import State
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(state: State) -> dict:
+    if not state.ready:
+        raise NotReady("models are still loading", retry_after=2)
+    return {"status": "ready", "models": sorted(state.specs)}
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    state.metrics.set_depth(*await state.queue.depth())
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,189 @@
+"""create_app(settings): the FastAPI service; its lifespan starts queue, models and worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.api import health, images, jobs, models
+from service.api.state import ServiceState
+from service.config import Settings
+from service.errors import FewstepError, InvalidRequest, PayloadTooLarge
+from service.metrics import Metrics
+from service.queue.memory import MemoryQueue
+from service.worker.loop import Worker
+
+log = logging.getLogger("fewstep")
+
+
+class BodyLimit:
+    """ASGI middleware: read the body up to `limit` bytes, refuse anything larger with 413.
+
+    The body is buffered (JSON requests are small) and replayed to the app, so a chunked
+    upload without Content-Length is counted as well.
+    """
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None  # the client went away
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                return await self._refuse(send)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        err = PayloadTooLarge(f"request body is over {self.limit} bytes; send a smaller request")
+        response = JSONResponse(err.body(), status_code=err.status)
+        await response({"type": "http"}, None, send)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for error in exc.errors():
+        loc = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        if error.get("type") == "json_invalid":
+            return "the request body is not valid JSON", None
+        if error.get("type") == "extra_forbidden":
+            parts.append(f"unknown field {'.'.join(loc)!r}; remove it")
+        else:
+            parts.append(f"{'.'.join(loc) or 'body'}: {error.get('msg')}")
+        param = param or ".".join(loc) or None
+    return "; ".join(parts), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(FewstepError)
+    async def fewstep_error(request: Request, exc: FewstepError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        err = InvalidRequest(message, param=param)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        err = FewstepError(str(exc.detail))
+        err.status, err.type, err.code = exc.status_code, "invalid_request_error", "http_error"
+        return JSONResponse(
+            err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
+
+
+def load_models(settings: Settings, metrics: Metrics) -> tuple[dict, dict, dict]:
+    """Load every model (and version) of the repository and warm it up."""
+    from engines.repository import Repository
+
+    repo = Repository(settings.model_repo)
+    names = settings.models or repo.names()
+    unknown = sorted(set(names) - set(repo.names()))
+    if unknown:
+        raise SystemExit(
+            f"fewstep: unknown model(s) {unknown} in {settings.model_repo}; have {repo.names()}"
+        )
+    loaded, specs, defaults = {}, {}, {}
+    for spec in repo.specs():
+        if spec.name not in names:
+            continue
+        begin = time.perf_counter()
+        model = repo.load(spec.name, spec.version)
+        if settings.warmup:
+            model.warmup()
+        metrics.model_load.labels(spec.name).set(time.perf_counter() - begin)
+        metrics.model_ready.labels(spec.name).set(1)
+        loaded[spec.name, spec.version] = model
+        specs.setdefault(spec.name, {})[spec.version] = spec
+        defaults[spec.name] = repo.default_version(spec.name)
+    return loaded, specs, defaults
+
+
+def create_app(settings: Settings | None = None, loaded: dict | None = None) -> FastAPI:
+    """The service. `loaded` ({(name, version): LoadedModel}) skips the repository (tests)."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    queue = MemoryQueue(settings.max_queued_samples, settings.retained_jobs)
+    state = ServiceState(settings, queue, metrics)
+
+    workers: list[Worker] = []
+
+    async def boot() -> None:
+        models = loaded
+        if models is None:
+            models, specs, defaults = await asyncio.to_thread(load_models, settings, metrics)
+            state.specs, state.default_versions = specs, defaults
+        else:
+            for (name, version), model in models.items():
+                state.specs.setdefault(name, {})[version] = model.spec
+                state.default_versions[name] = max(state.default_versions.get(name, 0), version)
+        worker = Worker(
+            queue,
+            models,
+            metrics,
+            static=settings.batching == "static",
+            max_queue_delay_ms=settings.max_queue_delay_ms,
+            max_active_samples=settings.max_active_samples,
+        )
+        workers.append(worker)
+        state.ready = True
+        log.info("fewstep ready: %s", ", ".join(f"{n}@{v}" for n, v in models))
+        await worker.run()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Models load in the background: /healthz answers at once, /readyz once warm.
+        await queue.start()
+        task = asyncio.create_task(boot(), name="fewstep-worker")
+        app.state.worker_task = task
+        try:
+            yield
+        finally:
+            state.ready = False
+            for worker in workers:
+                worker.stop()
+            if not workers:
+                task.cancel()
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(task, 30)
+            await queue.close()
+
+    app = FastAPI(
+        title="fewstep",
+        version="0.1.0",
+        description="Serving for few-step generative models.",
+        lifespan=lifespan,
+    )
+    app.state.fewstep = state
+    for module in (images, jobs, models, health):
+        app.include_router(module.router)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app

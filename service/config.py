@@ -1,0 +1,37 @@
+"""Settings of the service: one class, read from FEWSTEP_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REPO = Path(__file__).resolve().parents[1] / "model_repo"
+
+
+class Settings(BaseSettings):
+    """Every knob of `fewstep serve`; each is also FEWSTEP_<NAME> in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="FEWSTEP_", extra="forbid")
+
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    model_repo: Path = DEFAULT_REPO
+    models: list[str] = Field(default_factory=list, description="load only these (default: all)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    batching: Literal["continuous", "static"] = "continuous"
+    max_queue_delay_ms: float = Field(
+        5.0, ge=0, description="static batching: wait to fill a batch"
+    )
+    max_queued_samples: int = Field(1024, ge=1, description="admission bound; beyond it 429")
+    max_active_samples: int = Field(
+        0, ge=0, description="rows in flight (0: the model's max_batch_size)"
+    )
+
+    request_timeout_s: float = Field(300.0, gt=0, description="synchronous endpoints give up after")
+    max_body_bytes: int = Field(65536, ge=1024)
+    retained_jobs: int = Field(10000, ge=1, description="finished jobs kept for GET and results")
+    warmup: bool = True

@@ -1,0 +1,132 @@
+"""Job, JobResult and JobEvent: the small records that cross the queue.
+
+They hold only plain values (and bytes for outputs) and convert to and from dicts, so a
+queue backend can serialise them as JSON or msgpack, never pickle.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED)
+
+
+def new_job_id() -> str:
+    return "job_" + uuid.uuid4().hex[:24]
+
+
+@dataclass
+class Job:
+    """One generation request: n samples of one model with one sampler and seed."""
+
+    model: str
+    version: int
+    labels: list[int]  # one class id per sample; [] for an unconditional model
+    n: int
+    sampler: str
+    steps: int
+    seed: int
+    guidance_scale: float = 1.0
+    teleport: bool = False
+    deadline: float | None = None  # unix time after which the job must not use compute
+    priority: int = 0  # higher runs first
+    preview: bool = False  # attach a small x0 preview to step events
+    idempotency_key: str | None = None
+    id: str = field(default_factory=new_job_id)
+    submit_time: float = field(default_factory=time.time)
+
+    @property
+    def rows(self) -> int:
+        """Rows this job adds to a forward pass (classifier-free guidance doubles them)."""
+        return self.n * (2 if self.guidance_scale != 1.0 else 1)
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (time.time() if now is None else now) >= self.deadline
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Job:
+        return cls(**data)
+
+
+@dataclass
+class JobResult:
+    """The one response to a job: its outputs, or why there are none."""
+
+    job_id: str
+    state: JobState
+    outputs: list[bytes] = field(default_factory=list)  # encoded media, one per sample
+    media_type: str = "image/png"
+    seeds: list[int] = field(default_factory=list)
+    nfe: int = 0
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    total_seconds: float = 0.0
+    runtime: str = ""
+    fingerprint: str = ""
+    error: str | None = None
+    error_code: str | None = None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["state"] = self.state.value
+        data["outputs"] = [base64.b64encode(o).decode() for o in self.outputs]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> JobResult:
+        data = dict(data)
+        data["state"] = JobState(data["state"])
+        data["outputs"] = [base64.b64decode(o) for o in data["outputs"]]
+        return cls(**data)
+
+
+@dataclass
+class JobEvent:
+    """A progress event: queued, started, step, succeeded, failed or canceled."""
+
+    job_id: str
+    type: str
+    data: dict = field(default_factory=dict)
+    seq: int = 0  # assigned by the queue, 1, 2, ... per job
+    time: float = field(default_factory=time.time)
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in ("succeeded", "failed", "canceled")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> JobEvent:
+        return cls(**data)
+
+
+@dataclass
+class JobStatus:
+    """What GET /v1/jobs/{id} reports."""
+
+    job: Job
+    state: JobState
+    position: int | None = None  # 0 = next to run; None once running or done
+    estimated_start_seconds: float | None = None
+    step: int = 0
+    steps: int = 0
+    error: str | None = None

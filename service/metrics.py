@@ -1,0 +1,157 @@
+"""Every Prometheus metric of fewstep, in one place, on an injected registry.
+
+The hot loop fills plain stats records (BatchStats, the JobResult); only this module turns
+them into metric calls. Buckets are explicit: forward passes of the analytic and small
+models take from tens of microseconds to a second, whole requests up to minutes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service.jobs import Job, JobResult
+
+FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+SLOW = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    180.0,
+)
+ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass
+class BatchStats:
+    """One forward pass: which model, how many rows and requests, how long."""
+
+    model: str
+    runtime: str
+    rows: int
+    requests: int
+    seconds: float
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        ns = "fewstep"
+        self.requests = Counter(
+            "requests_total",
+            "Requests answered",
+            ["model", "sampler", "status", "endpoint"],
+            namespace=ns,
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "request_duration_seconds",
+            "End-to-end time of requests that got a result",
+            ["model", "endpoint"],
+            buckets=SLOW,
+            namespace=ns,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "queue_wait_seconds",
+            "Time from submission to the first forward pass",
+            ["model"],
+            buckets=SLOW,
+            namespace=ns,
+            registry=r,
+        )
+        self.compute = Histogram(
+            "compute_seconds",
+            "Time from the first forward pass to the result",
+            ["model", "sampler"],
+            buckets=SLOW,
+            namespace=ns,
+            registry=r,
+        )
+        self.batch_samples = Histogram(
+            "batch_samples",
+            "Rows per forward pass",
+            ["model"],
+            buckets=ROWS,
+            namespace=ns,
+            registry=r,
+        )
+        self.batch_requests = Histogram(
+            "batch_requests",
+            "Requests sharing a forward pass",
+            ["model"],
+            buckets=ROWS,
+            namespace=ns,
+            registry=r,
+        )
+        self.forward = Histogram(
+            "forward_seconds",
+            "Duration of one forward pass",
+            ["model", "runtime"],
+            buckets=FAST,
+            namespace=ns,
+            registry=r,
+        )
+        self.nfe = Counter(
+            "nfe_total", "Denoiser evaluations", ["model", "sampler"], namespace=ns, registry=r
+        )
+        self.active_jobs = Gauge(
+            "active_jobs", "Jobs being sampled", ["model"], namespace=ns, registry=r
+        )
+        self.queue_depth = Gauge(
+            "queue_depth", "Jobs waiting in the queue", namespace=ns, registry=r
+        )
+        self.queue_lag = Gauge(
+            "queue_lag", "Samples waiting in the queue", namespace=ns, registry=r
+        )
+        self.rejected = Counter(
+            "rejected_total", "Requests refused", ["reason"], namespace=ns, registry=r
+        )
+        self.model_load = Gauge(
+            "model_load_seconds",
+            "Time to load and warm up a model",
+            ["model"],
+            namespace=ns,
+            registry=r,
+        )
+        self.model_ready = Gauge(
+            "model_ready", "1 once a model is loaded and warm", ["model"], namespace=ns, registry=r
+        )
+
+    def observe_batch(self, stats: BatchStats) -> None:
+        self.batch_samples.labels(stats.model).observe(stats.rows)
+        self.batch_requests.labels(stats.model).observe(stats.requests)
+        self.forward.labels(stats.model, stats.runtime).observe(stats.seconds)
+
+    def observe_result(self, job: Job, result: JobResult) -> None:
+        """Worker side: where the time of a finished job went."""
+        if result.nfe:
+            self.nfe.labels(job.model, job.sampler).inc(result.nfe)
+        if result.compute_seconds:
+            self.queue_wait.labels(job.model).observe(result.queue_seconds)
+            self.compute.labels(job.model, job.sampler).observe(result.compute_seconds)
+
+    def observe_request(
+        self, model: str, sampler: str, endpoint: str, status: str, seconds: float | None
+    ) -> None:
+        """API side: one answered request."""
+        self.requests.labels(model, sampler, status, endpoint).inc()
+        if seconds is not None:
+            self.request_duration.labels(model, endpoint).observe(seconds)
+
+    def set_depth(self, jobs: int, samples: int) -> None:
+        self.queue_depth.set(jobs)
+        self.queue_lag.set(samples)

@@ -1,0 +1,53 @@
+"""The JobQueue protocol: what the API and the worker need from any queue backend."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from service.jobs import Job, JobEvent, JobResult, JobState, JobStatus
+
+
+class JobQueue(Protocol):
+    """Submit, claim, complete, cancel, events, results; the same for memory and Redis."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def submit(self, job: Job, fingerprint: str = "") -> tuple[Job, bool]:
+        """Enqueue a job; returns (job, created). A repeated idempotency key returns the
+        first job (created False), or raises Conflict if the request behind it differs.
+        Raises QueueFull (with retry_after) when the queue holds too many samples."""
+        ...
+
+    async def claim(self, max_samples: int, timeout: float) -> list[Job]:
+        """Take queued jobs (highest priority, then oldest) whose samples fit, waiting up
+        to `timeout` seconds for the first; they become running."""
+        ...
+
+    async def complete(self, result: JobResult) -> None:
+        """Store the one result of a job (succeeded, failed or canceled) and wake waiters."""
+        ...
+
+    async def cancel(self, job_id: str) -> JobState | None:
+        """Cancel a queued or running job; returns its state after, None if unknown."""
+        ...
+
+    async def is_canceled(self, job_id: str) -> bool: ...
+
+    async def publish(self, event: JobEvent) -> None: ...
+
+    def events(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent]:
+        """Every event after seq `after`, replayed then live, ending with a terminal one."""
+        ...
+
+    async def result(self, job_id: str, timeout: float) -> JobResult | None:
+        """The job's result, waiting up to `timeout` seconds; None if not done by then."""
+        ...
+
+    async def status(self, job_id: str) -> JobStatus | None: ...
+
+    async def depth(self) -> tuple[int, int]:
+        """(queued jobs, queued samples)."""
+        ...

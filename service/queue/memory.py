@@ -1,0 +1,252 @@
+"""The embedded in-process queue: asyncio, one event loop, bounded by samples."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from service.errors import Conflict, QueueFull
+from service.jobs import Job, JobEvent, JobResult, JobState, JobStatus
+
+
+@dataclass
+class _Entry:
+    job: Job
+    fingerprint: str
+    state: JobState = JobState.QUEUED
+    events: list[JobEvent] = field(default_factory=list)
+    result: JobResult | None = None
+    step: int = 0
+    steps: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def touch(self) -> None:
+        """Wake everyone waiting on this entry, then re-arm."""
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+class DrainRate:
+    """Exponentially weighted samples-per-second completed, for Retry-After and ETAs."""
+
+    def __init__(self, half_life: float = 10.0) -> None:
+        self.half_life, self.rate, self.last = half_life, 0.0, time.monotonic()
+
+    def add(self, samples: int) -> None:
+        now = time.monotonic()
+        dt = max(now - self.last, 1e-3)
+        w = 0.5 ** (dt / self.half_life)
+        self.rate = w * self.rate + (1 - w) * samples / dt
+        self.last = now
+
+    def seconds_for(self, samples: int) -> float | None:
+        return samples / self.rate if self.rate > 0 else None
+
+
+class MemoryQueue:
+    """JobQueue in process memory; the default for `fewstep serve`."""
+
+    def __init__(self, max_queued_samples: int = 1024, retained_jobs: int = 10000) -> None:
+        self.max_queued_samples, self.retained_jobs = max_queued_samples, retained_jobs
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._heap: list[tuple[int, float, int, str]] = []
+        self._order = itertools.count()
+        self._keys: dict[str, str] = {}
+        self._queued_samples = 0
+        self._queued_jobs = 0
+        self._wakeup = asyncio.Event()
+        self.drain = DrainRate()
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _retry_after(self, samples: int) -> float:
+        eta = self.drain.seconds_for(samples)
+        return 1.0 if eta is None else min(max(eta, 1.0), 60.0)
+
+    async def submit(self, job: Job, fingerprint: str = "") -> tuple[Job, bool]:
+        if job.idempotency_key is not None and job.idempotency_key in self._keys:
+            first = self._entries.get(self._keys[job.idempotency_key])
+            if first is not None:
+                if first.fingerprint != fingerprint:
+                    raise Conflict(
+                        "this Idempotency-Key was used with a different request; "
+                        "use a new key for a new request",
+                        param="Idempotency-Key",
+                    )
+                return first.job, False
+        excess = self._queued_samples + job.n - self.max_queued_samples
+        if excess > 0:
+            raise QueueFull(
+                f"the queue holds {self._queued_samples} samples "
+                f"(limit {self.max_queued_samples}); "
+                "retry after the Retry-After interval or lower n",
+                retry_after=self._retry_after(excess),
+            )
+        entry = _Entry(job, fingerprint)
+        self._entries[job.id] = entry
+        if job.idempotency_key is not None:
+            self._keys[job.idempotency_key] = job.id
+        heapq.heappush(self._heap, (-job.priority, job.submit_time, next(self._order), job.id))
+        self._queued_samples += job.n
+        self._queued_jobs += 1
+        self._add_event(entry, JobEvent(job.id, "queued", {"position": self._position(job.id)}))
+        self._wakeup.set()
+        self._evict()
+        return job, True
+
+    def _evict(self) -> None:
+        """Forget the oldest finished jobs beyond `retained_jobs`."""
+        excess = len(self._entries) - self.retained_jobs
+        for job_id in list(self._entries):
+            if excess <= 0:
+                break
+            entry = self._entries[job_id]
+            if entry.result is not None:
+                del self._entries[job_id]
+                if entry.job.idempotency_key is not None:
+                    self._keys.pop(entry.job.idempotency_key, None)
+                excess -= 1
+
+    def _take_queued(self, entry: _Entry) -> None:
+        self._queued_samples -= entry.job.n
+        self._queued_jobs -= 1
+
+    async def claim(self, max_samples: int, timeout: float) -> list[Job]:
+        deadline = time.monotonic() + timeout
+        while not self._heap:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return []
+        claimed, skipped, budget = [], [], max_samples
+        while self._heap and budget > 0:
+            item = heapq.heappop(self._heap)
+            entry = self._entries.get(item[3])
+            if entry is None or entry.state is not JobState.QUEUED:
+                continue
+            if entry.job.n > budget:
+                skipped.append(item)
+                continue
+            budget -= entry.job.n
+            self._take_queued(entry)
+            entry.state = JobState.RUNNING
+            entry.touch()
+            claimed.append(entry.job)
+        for item in skipped:
+            heapq.heappush(self._heap, item)
+        return claimed
+
+    async def complete(self, result: JobResult) -> None:
+        entry = self._entries.get(result.job_id)
+        if entry is None or entry.result is not None:
+            return  # one result per job: a second completion is a duplicate
+        if entry.state is JobState.QUEUED:
+            self._take_queued(entry)
+        entry.state, entry.result = result.state, result
+        if result.state is JobState.SUCCEEDED:
+            self.drain.add(entry.job.n)
+        data = (
+            {"nfe": result.nfe} if result.state is JobState.SUCCEEDED else {"error": result.error}
+        )
+        self._add_event(entry, JobEvent(result.job_id, result.state.value, data))
+
+    async def cancel(self, job_id: str) -> JobState | None:
+        entry = self._entries.get(job_id)
+        if entry is None:
+            return None
+        if entry.state is JobState.QUEUED:
+            await self.complete(
+                JobResult(job_id, JobState.CANCELED, error="canceled by the client")
+            )
+        elif entry.state is JobState.RUNNING:
+            entry.state = JobState.CANCELED  # the worker sees it between steps
+            entry.touch()
+        return entry.state
+
+    async def is_canceled(self, job_id: str) -> bool:
+        entry = self._entries.get(job_id)
+        return entry is not None and entry.state is JobState.CANCELED and entry.result is None
+
+    def _add_event(self, entry: _Entry, event: JobEvent) -> None:
+        event.seq = len(entry.events) + 1
+        entry.events.append(event)
+        if event.type == "step":
+            entry.step, entry.steps = event.data["step"], event.data["steps"]
+        entry.touch()
+
+    async def publish(self, event: JobEvent) -> None:
+        entry = self._entries.get(event.job_id)
+        if entry is not None and entry.result is None:
+            self._add_event(entry, event)
+
+    async def events(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent]:
+        entry = self._entries.get(job_id)
+        if entry is None:
+            return
+        seen = after
+        while True:
+            waiter = entry.changed
+            for event in entry.events[seen:]:
+                seen = event.seq
+                yield event
+                if event.terminal:
+                    return
+            await waiter.wait()
+
+    async def result(self, job_id: str, timeout: float) -> JobResult | None:
+        entry = self._entries.get(job_id)
+        if entry is None:
+            return None
+        deadline = time.monotonic() + timeout
+        while entry.result is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(entry.changed.wait(), remaining)
+            except TimeoutError:
+                return None
+        return entry.result
+
+    def _position(self, job_id: str) -> int | None:
+        queued = sorted(item for item in self._heap if self._is_queued(item[3]))
+        for rank, item in enumerate(queued):
+            if item[3] == job_id:
+                return rank
+        return None
+
+    def _is_queued(self, job_id: str) -> bool:
+        entry = self._entries.get(job_id)
+        return entry is not None and entry.state is JobState.QUEUED
+
+    async def status(self, job_id: str) -> JobStatus | None:
+        entry = self._entries.get(job_id)
+        if entry is None:
+            return None
+        position = self._position(job_id) if entry.state is JobState.QUEUED else None
+        eta = None
+        if position is not None:
+            ahead = sum(
+                self._entries[item[3]].job.n
+                for item in sorted(self._heap)[:position]
+                if self._is_queued(item[3])
+            )
+            eta = self.drain.seconds_for(ahead) if ahead else 0.0
+        error = entry.result.error if entry.result else None
+        return JobStatus(entry.job, entry.state, position, eta, entry.step, entry.steps, error)
+
+    async def depth(self) -> tuple[int, int]:
+        return self._queued_jobs, self._queued_samples

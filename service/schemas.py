@@ -1,0 +1,94 @@
+"""Request and response models of the HTTP API: the wire contract."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engines.noise import SEED_MAX
+
+
+class GenerationRequest(BaseModel):
+    """Fields shared by POST /v1/images/generations and POST /v1/jobs.
+
+    The OpenAI Images fields (model, prompt, n, size, response_format, user) plus fewstep's
+    own: sampler, steps, seed, guidance_scale, teleport, deadline_ms, priority, preview.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="model name, optionally name@version")
+    prompt: str = Field(
+        "", max_length=1000, description="a class label of the model (or a synonym)"
+    )
+    n: int = Field(1, ge=1, le=1024, description="number of images")
+    size: str | None = Field(None, description="WIDTHxHEIGHT; must match the model")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    user: str | None = Field(None, max_length=256)
+    sampler: str | None = None
+    steps: int | None = Field(None, ge=1, le=1000)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    guidance_scale: float | None = Field(None, ge=0, le=100)
+    teleport: bool = False
+    deadline_ms: int | None = Field(None, ge=1, le=86_400_000)
+    priority: int = Field(0, ge=-10, le=10)
+    preview: bool = False
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+    seed: int
+
+
+class Timings(BaseModel):
+    queue_seconds: float
+    compute_seconds: float
+    total_seconds: float
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    model: str
+    sampler: str
+    steps: int
+    nfe: int
+    timings: Timings
+    runtime: str
+    fingerprint: str
+
+
+class Progress(BaseModel):
+    step: int
+    steps: int
+
+
+class JobView(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    model: str
+    version: int
+    sampler: str
+    steps: int
+    n: int
+    seed: int
+    teleport: bool
+    priority: int
+    created: float
+    position: int | None = None
+    estimated_start_seconds: float | None = None
+    progress: Progress
+    error: str | None = None
+
+
+class JobResultView(BaseModel):
+    id: str
+    status: Literal["succeeded"]
+    data: list[ImageData]
+    nfe: int
+    timings: Timings
+    runtime: str
+    fingerprint: str

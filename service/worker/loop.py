@@ -1,0 +1,231 @@
+"""The worker: claims jobs, steps their samplers in shared forward passes, stores results.
+
+Bookkeeping runs on the event loop; forward passes and media encoding run in one worker
+thread so the API stays responsive. Every job gets exactly one result: succeeded, failed
+(deadline, non-finite values, engine error) or canceled, and one job's failure never stops
+the others or the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from engines.noise import row_seeds
+from service.jobs import Job, JobEvent, JobResult, JobState
+from service.media import encode_images
+from service.metrics import BatchStats, Metrics
+from service.queue.base import JobQueue
+from service.worker.scheduler import Active, forward, pick_batch, start
+
+log = logging.getLogger("fewstep.worker")
+
+
+class Worker:
+    def __init__(
+        self,
+        queue: JobQueue,
+        models: dict[tuple[str, int], object],
+        metrics: Metrics,
+        *,
+        static: bool = False,
+        max_queue_delay_ms: float = 5.0,
+        max_active_samples: int = 0,
+    ) -> None:
+        self.queue, self.models, self.metrics = queue, models, metrics
+        self.static, self.max_queue_delay = static, max_queue_delay_ms / 1000
+        biggest = max((m.spec.max_batch_size for m in models.values()), default=1)
+        self.capacity = max_active_samples or biggest
+        self.actives: list[Active] = []
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="fewstep-compute")
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Stop claiming; run() returns once the jobs in hand are finished."""
+        self._stopping = True
+
+    async def run(self, burst: bool = False) -> None:
+        """Serve until stop(); with burst, return as soon as the queue is drained."""
+        try:
+            while True:
+                if not self._stopping:
+                    await self._admit()
+                if not self.actives:
+                    if self._stopping or (burst and (await self.queue.depth())[0] == 0):
+                        return
+                    continue
+                await self._tick()
+        finally:
+            self._executor.shutdown(wait=False)
+
+    async def _run_in_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _admit(self) -> None:
+        if self.static and self.actives:
+            return  # static batching: a batch runs to the end before the next is formed
+        free = self.capacity - sum(a.rows for a in self.actives)
+        if free <= 0:
+            return
+        jobs = await self.queue.claim(free, 0.05 if not self.actives else 0.0)
+        if self.static and jobs:
+            deadline = time.monotonic() + self.max_queue_delay
+            while sum(j.n for j in jobs) < self.capacity and time.monotonic() < deadline:
+                more = await self.queue.claim(
+                    self.capacity - sum(j.n for j in jobs), deadline - time.monotonic()
+                )
+                if not more:
+                    break
+                jobs += more
+        for job in jobs:
+            await self._start(job)
+
+    async def _start(self, job: Job) -> None:
+        if job.expired():
+            await self._finish_job(
+                job,
+                JobState.FAILED,
+                "deadline_exceeded",
+                "the deadline passed while the job was queued; no compute was used",
+            )
+            return
+        model = self.models.get((job.model, job.version))
+        if model is None:
+            await self._finish_job(
+                job,
+                JobState.FAILED,
+                "model_not_loaded",
+                f"model {job.model} version {job.version} is not loaded on this worker",
+            )
+            return
+        try:
+            active = start(job, model)
+        except ValueError as exc:
+            await self._finish_job(job, JobState.FAILED, "invalid_parameter", str(exc))
+            return
+        self.actives.append(active)
+        self.metrics.active_jobs.labels(job.model).inc()
+        await self.queue.publish(JobEvent(job.id, "started", {"steps": active.nfe_total}))
+
+    async def _tick(self) -> None:
+        for active in list(self.actives):
+            if await self.queue.is_canceled(active.job.id):
+                await self._finish(active, JobState.CANCELED, "canceled", "canceled by the client")
+            elif active.job.expired():
+                await self._finish(
+                    active,
+                    JobState.FAILED,
+                    "deadline_exceeded",
+                    f"the deadline passed after {active.nfe} of {active.nfe_total} steps",
+                )
+        if not self.actives:
+            return
+        max_rows = self.actives[0].model.spec.max_batch_size
+        batch = pick_batch(self.actives, max_rows, self.static)
+        if not batch:
+            return
+        now = time.time()
+        for active in batch:
+            active.first_forward_at = active.first_forward_at or now
+        try:
+            begin = time.perf_counter()
+            outputs = await self._run_in_thread(forward, batch)
+            seconds = time.perf_counter() - begin
+        except Exception:
+            log.exception(
+                "forward pass over %d requests failed; retrying them one by one", len(batch)
+            )
+            await self._isolate(batch)
+            return
+        model = batch[0].model
+        self.metrics.observe_batch(
+            BatchStats(
+                model.spec.name, model.runtime, sum(a.rows for a in batch), len(batch), seconds
+            )
+        )
+        for active, x0 in zip(batch, outputs, strict=True):
+            await self._advance(active, x0)
+
+    async def _isolate(self, batch: list[Active]) -> None:
+        """After a failed pass, run each request alone so only the culprit fails."""
+        for active in batch:
+            try:
+                (x0,) = await self._run_in_thread(forward, [active])
+            except Exception as exc:
+                await self._finish(
+                    active, JobState.FAILED, "engine_error", f"the model failed: {exc}"
+                )
+                continue
+            await self._advance(active, x0)
+
+    async def _advance(self, active: Active, x0) -> None:
+        active.nfe += 1
+        values = x0.x0 if hasattr(x0, "x0_uncond") else x0
+        if not bool(torch.isfinite(values).all()):
+            await self._finish(
+                active,
+                JobState.FAILED,
+                "non_finite",
+                f"the model returned non-finite values at step {active.nfe}",
+            )
+            return
+        try:
+            active.pending = active.gen.send(x0)
+        except StopIteration as stop:
+            active.pending = None
+            await self._publish_step(active, values)
+            await self._succeed(active, stop.value)
+            return
+        except ValueError as exc:
+            await self._finish(active, JobState.FAILED, "invalid_parameter", str(exc))
+            return
+        await self._publish_step(active, values)
+
+    async def _publish_step(self, active: Active, x0) -> None:
+        data = {"step": active.nfe, "steps": active.nfe_total}
+        if active.job.preview:
+            (png,) = await self._run_in_thread(encode_images, x0[:1], active.model.spec.data_range)
+            data["preview"] = base64.b64encode(png).decode()
+        await self.queue.publish(JobEvent(active.job.id, "step", data))
+
+    async def _succeed(self, active: Active, x) -> None:
+        if not bool(torch.isfinite(x).all()):
+            await self._finish(
+                active, JobState.FAILED, "non_finite", "the final sample is not finite"
+            )
+            return
+        pngs = await self._run_in_thread(encode_images, x, active.model.spec.data_range)
+        await self._finish(active, JobState.SUCCEEDED, None, None, pngs)
+
+    async def _finish(self, active: Active, state: JobState, code, message, outputs=()) -> None:
+        self.actives.remove(active)
+        self.metrics.active_jobs.labels(active.job.model).dec()
+        await self._finish_job(active.job, state, code, message, list(outputs), active)
+
+    async def _finish_job(
+        self, job: Job, state, code, message, outputs=(), active: Active | None = None
+    ):
+        now = time.time()
+        started = active.first_forward_at if active and active.first_forward_at else now
+        model = self.models.get((job.model, job.version))
+        result = JobResult(
+            job.id,
+            state,
+            outputs=list(outputs),
+            seeds=row_seeds(job.seed, job.n) if outputs else [],
+            nfe=active.nfe if active else 0,
+            queue_seconds=started - job.submit_time,
+            compute_seconds=now - started,
+            total_seconds=now - job.submit_time,
+            runtime=model.runtime if model else "",
+            fingerprint=model.fingerprint if model else "",
+            error=message,
+            error_code=code,
+        )
+        self.metrics.observe_result(job, result)
+        await self.queue.complete(result)
