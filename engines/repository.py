@@ -1,0 +1,414 @@
+"""The model repository: reads model_repo/, validates model.yaml, loads and warms up models.
+
+Layout (Triton-like): `<root>/<name>/model.yaml` describes the model; numeric folders
+`<root>/<name>/<version>/` hold what a version runs (weights, statistics, model card).
+Every model.yaml is read and checked when the Repository is opened, so a typo fails at
+start-up with the file and the field in the message, not on the first request.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError
+
+from engines.denoisers import Denoiser
+from engines.samplers import INFO, SAMPLERS
+from engines.teleport import GaussianStats
+
+MODEL_FILE = "model.yaml"
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
+GUIDED_SAMPLERS = ("euler_cfgpp",)  # need a CFG++ denoiser, so a model with guidance
+_MISSING = object()
+
+
+class RepositoryError(ValueError):
+    """A model folder, its model.yaml or its files are not what the repository needs."""
+
+
+class ModelNotFoundError(LookupError):
+    """A model or version was asked for that the repository does not hold."""
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How the service may sample a model: samplers, step budget, sigma grid, guidance."""
+
+    samplers: tuple[str, ...]
+    default_sampler: str
+    default_steps: int
+    max_steps: int
+    sigma_min: float
+    sigma_max: float
+    rho: float
+    teleport_sigma: float | None  # None: no Gaussian statistics, teleport unsupported
+    default_guidance: float  # 1.0 means no classifier-free guidance
+    max_guidance: float
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One version of a model as its model.yaml describes it."""
+
+    name: str
+    version: int
+    kind: str
+    description: str
+    shape: tuple[int, ...]
+    labels: tuple[str, ...]
+    synonyms: dict[str, str] = field(hash=False)
+    data_range: tuple[float, float]
+    sampling: SamplingSpec
+    max_batch_size: int
+    max_n: int
+
+    def label_id(self, prompt: str) -> int | None:
+        """Class id of a label or synonym (case and surrounding space ignored), else None."""
+        key = _normal(prompt)
+        names = [_normal(label) for label in self.labels]
+        if key in names:
+            return names.index(key)
+        canonical = self.synonyms.get(key)
+        return None if canonical is None else self.labels.index(canonical)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model version ready for the worker: its denoiser and what teleport needs."""
+
+    spec: ModelSpec
+    denoiser: Denoiser  # D(x, sigma, cond) -> x0 in EDM coordinates; cond["label"] int64 [B]
+    gaussian: GaussianStats | None
+    fingerprint: str  # "sha256:<16 hex>" over the files the load read
+    runtime: str = "torch"
+
+    def warmup(self, batch_sizes: Sequence[int] = (1, 8)) -> float:
+        """Run the denoiser once per batch size on zeros; return the seconds it took."""
+        start = time.perf_counter()
+        for rows in batch_sizes:
+            x = torch.zeros(rows, *self.spec.shape)
+            sigma = torch.full((rows,), self.spec.sampling.sigma_max)
+            cond = {"label": torch.zeros(rows, dtype=torch.int64)} if self.spec.labels else None
+            self.denoiser(x, sigma, cond)
+        return time.perf_counter() - start
+
+
+Loader = Callable[[ModelSpec, Path], tuple[Denoiser, GaussianStats | None, list[Path]]]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a model kind can do and how its version folder is loaded."""
+
+    families: tuple[str, ...]  # sampler families (engines.samplers.INFO) that fit it
+    guidance: bool  # whether it supports classifier-free guidance
+    load: Loader
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class _Fields:
+    """One mapping of a model.yaml: unknown keys are rejected, every read value is checked."""
+
+    def __init__(self, path: Path, data: object, prefix: str, keys: Sequence[str]) -> None:
+        self.path, self.prefix = path, prefix
+        if not isinstance(data, dict):
+            what = prefix.rstrip(".") or "the file"
+            raise RepositoryError(
+                f"{path}: {what} must be a mapping of keys to values, got {data!r}"
+            )
+        for key in data:
+            if key not in keys:
+                close = difflib.get_close_matches(str(key), keys, n=1)
+                hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+                raise RepositoryError(
+                    f"{path}: unknown key {prefix}{key}{hint}; the keys here are {list(keys)}"
+                )
+        self.data = data
+
+    def error(self, key: str, expected: str, got: object = _MISSING) -> RepositoryError:
+        got = self.data.get(key) if got is _MISSING else got
+        return RepositoryError(f"{self.path}: {self.prefix}{key} must be {expected}, got {got!r}")
+
+    def get(self, key: str, expected: str, ok: Callable[[object], bool], default=_MISSING):
+        if key not in self.data:
+            if default is _MISSING:
+                raise RepositoryError(
+                    f"{self.path}: {self.prefix}{key} is missing; it must be {expected}"
+                )
+            return default
+        if not ok(self.data[key]):
+            raise self.error(key, expected)
+        return self.data[key]
+
+    def integer(self, key: str, lo: int, hi: int | None = None, hint: str = "") -> int:
+        if hi is None:
+            return self.get(key, f"an integer >= {lo}", lambda v: _is_int(v) and v >= lo)
+        expected = f"an integer in {lo}..{hint or hi}"
+        return self.get(key, expected, lambda v: _is_int(v) and lo <= v <= hi)
+
+    def number(self, key: str, expected: str, ok: Callable[[float], bool]) -> float:
+        return float(self.get(key, expected, lambda v: _is_number(v) and ok(v)))
+
+    def text(self, key: str) -> str:
+        return self.get(key, "a non-empty string", lambda v: isinstance(v, str) and v.strip())
+
+    def strings(self, key: str, expected: str) -> tuple[str, ...]:
+        def ok(v: object) -> bool:
+            if not isinstance(v, list) or not all(isinstance(s, str) and s.strip() for s in v):
+                return False
+            return len({_normal(s) for s in v}) == len(v)
+
+        return tuple(self.get(key, expected, ok, default=[]))
+
+
+def _fits(sampler: str, kind: Kind) -> bool:
+    info = INFO[sampler]
+    return info.family in kind.families and (kind.guidance or sampler not in GUIDED_SAMPLERS)
+
+
+def _parse_sampling(path: Path, data: object, kind: str) -> SamplingSpec:
+    f = _Fields(path, data, "sampling.", list(SamplingSpec.__dataclass_fields__))
+    names = f.get(
+        "samplers",
+        "a non-empty list of distinct sampler names",
+        lambda v: isinstance(v, list) and v and len(set(map(str, v))) == len(v),
+    )
+    usable = [n for n in sorted(INFO) if _fits(n, KINDS[kind])]
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or name not in SAMPLERS or name == "teleport":
+            expected = f"a sampler name, one of {usable} (teleport is a flag)"
+            raise f.error(f"samplers[{i}]", expected, name)
+        if name not in usable:
+            expected = f"a sampler that fits a {kind!r} model, one of {usable}"
+            raise f.error(f"samplers[{i}]", expected, name)
+    default_sampler = f.get(
+        "default_sampler", f"one of sampling.samplers {names}", names.__contains__
+    )
+    max_steps = f.integer("max_steps", max(INFO[n].min_steps({}) for n in names), 1000)
+    need = INFO[default_sampler].min_steps({})
+    default_steps = f.integer("default_steps", need, max_steps, f"max_steps ({max_steps})")
+    sigma_min = f.number("sigma_min", "a number > 0", lambda v: v > 0)
+    sigma_max = f.number(
+        "sigma_max", f"a number > sigma_min ({sigma_min})", lambda v: v > sigma_min
+    )
+    rho = f.number("rho", "a number > 0", lambda v: v > 0)
+    teleport_sigma = f.get(
+        "teleport_sigma",
+        f"null or a number strictly between sigma_min ({sigma_min}) and sigma_max ({sigma_max})",
+        lambda v: v is None or (_is_number(v) and sigma_min < v < sigma_max),
+    )
+    if KINDS[kind].guidance:
+        max_guidance = f.number("max_guidance", "a number >= 0", lambda v: v >= 0)
+        expected = f"a number in 0..max_guidance ({max_guidance})"
+        default_guidance = f.number("default_guidance", expected, lambda v: 0 <= v <= max_guidance)
+    else:
+        expected = f"1.0: a {kind!r} model has no classifier-free guidance"
+        max_guidance = f.number("max_guidance", expected, lambda v: v == 1)
+        default_guidance = f.number("default_guidance", expected, lambda v: v == 1)
+    return SamplingSpec(
+        tuple(names),
+        default_sampler,
+        default_steps,
+        max_steps,
+        sigma_min,
+        sigma_max,
+        rho,
+        None if teleport_sigma is None else float(teleport_sigma),
+        default_guidance,
+        max_guidance,
+    )
+
+
+def _parse_synonyms(f: _Fields, labels: tuple[str, ...]) -> dict[str, str]:
+    raw = f.get("synonyms", "a mapping of synonym -> label", lambda v: isinstance(v, dict), {})
+    if raw and not labels:
+        raise f.error("synonyms", "empty: the model has no labels")
+    canonical = {_normal(label): label for label in labels}
+    for key, label in raw.items():
+        field_name = f"synonyms[{key!r}]"
+        if not isinstance(key, str) or not key.strip() or _normal(key) != key:
+            raise f.error(field_name, "keyed by a lower-case synonym without extra spaces", key)
+        if label not in labels or canonical.get(key, label) != label:
+            expected = f"one of labels {list(labels)}"
+            if key in canonical:
+                expected = f"{canonical[key]!r}, the label it spells"
+            raise f.error(field_name, expected, label)
+    return dict(raw)
+
+
+def parse_model_yaml(path: Path, name: str, versions: Sequence[int]) -> ModelSpec:
+    """Read and check one model.yaml; RepositoryError names the file and the field.
+
+    The spec returned is that of the default version (`default_version`, else the highest).
+    """
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise RepositoryError(f"{path}: not a readable YAML file ({err})") from None
+    keys = [*list(ModelSpec.__dataclass_fields__)[2:], "default_version"]
+    f = _Fields(path, data, "", keys)
+    version = f.get(
+        "default_version",
+        f"one of the version folders {sorted(versions)}",
+        lambda v: _is_int(v) and v in versions,
+        max(versions),
+    )
+    kind = f.get("kind", f"one of {sorted(KINDS)}", lambda v: isinstance(v, str) and v in KINDS)
+    shape = f.get(
+        "shape",
+        "a non-empty list of positive integers, e.g. [1, 28, 28]",
+        lambda v: isinstance(v, list) and v and all(_is_int(d) and d > 0 for d in v),
+    )
+    labels = f.strings("labels", "a list of distinct non-empty class names ([] if unconditional)")
+    lo_hi = f.get(
+        "data_range",
+        "[low, high]: two numbers with low < high, e.g. [-1, 1]",
+        lambda v: isinstance(v, list) and len(v) == 2 and all(map(_is_number, v)) and v[0] < v[1],
+    )
+    max_batch_size = f.integer("max_batch_size", 1)
+    return ModelSpec(
+        name=name,
+        version=version,
+        kind=kind,
+        description=f.text("description"),
+        shape=tuple(shape),
+        labels=labels,
+        synonyms=_parse_synonyms(f, labels),
+        data_range=(float(lo_hi[0]), float(lo_hi[1])),
+        sampling=_parse_sampling(path, f.get("sampling", "a mapping", lambda v: True), kind),
+        max_batch_size=max_batch_size,
+        max_n=f.integer("max_n", 1),
+    )
+
+
+def _load_gaussian(
+    spec: ModelSpec, folder: Path
+) -> tuple[Denoiser, GaussianStats | None, list[Path]]:
+    path = folder / "stats.safetensors"
+    rebuild = "rebuild it with `fewstep build gaussian`"
+    if not path.is_file():
+        raise RepositoryError(f"{path} not found; a 'gaussian' version folder needs it: {rebuild}")
+    try:
+        stats = GaussianStats.load(path)
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        raise RepositoryError(
+            f"{path}: unreadable Gaussian statistics ({err}); {rebuild}"
+        ) from None
+    classes = len(spec.labels) or 1
+    if stats.shape != spec.shape:
+        raise RepositoryError(
+            f"{path}: statistics of samples shaped {list(stats.shape)}, "
+            f"but model.yaml says shape {list(spec.shape)}; {rebuild} or fix model.yaml"
+        )
+    if stats.labels != spec.labels or stats.classes != classes:
+        raise RepositoryError(
+            f"{path}: statistics for {stats.classes} classes {list(stats.labels)}, "
+            f"but model.yaml says labels {list(spec.labels)}; {rebuild} or fix model.yaml"
+        )
+    tensors = (stats.mean, stats.eigvals, stats.eigvecs)
+    if not all(torch.isfinite(t).all() for t in tensors) or (stats.eigvals < 0).any():
+        raise RepositoryError(f"{path}: non-finite values or negative variances; {rebuild}")
+    return stats.denoiser(), stats, [path]
+
+
+KINDS: dict[str, Kind] = {"gaussian": Kind(("ode", "sde"), guidance=False, load=_load_gaussian)}
+
+
+def fingerprint(files: Sequence[Path]) -> str:
+    """sha256 over the names and bytes of a version's files: 'sha256:<first 16 hex>'."""
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(path.name.encode() + b"\0")
+        digest.update(path.read_bytes())
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    folder: Path
+    versions: dict[int, ModelSpec]
+    default: int
+
+
+class Repository:
+    """All models under one root folder, each model.yaml checked when the repository opens."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise RepositoryError(f"{self.root}: model repository folder not found")
+        self._models: dict[str, _Entry] = {}
+        for folder in sorted(self.root.iterdir()):
+            if folder.is_dir() and not folder.name.startswith((".", "_")):
+                self._models[folder.name] = self._read(folder)
+
+    def _read(self, folder: Path) -> _Entry:
+        if not NAME_PATTERN.fullmatch(folder.name):
+            raise RepositoryError(
+                f"{folder}: model names use lower-case letters, digits, '.', '_' and '-'"
+            )
+        path = folder / MODEL_FILE
+        if not path.is_file():
+            raise RepositoryError(f"{folder}: a model folder needs a {MODEL_FILE}")
+        versions = []
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+            if not re.fullmatch(r"[1-9][0-9]*", sub.name):
+                raise RepositoryError(f"{sub}: version folders are named 1, 2, 3, ...")
+            versions.append(int(sub.name))
+        if not versions:
+            raise RepositoryError(f"{folder}: no version folder (1/, 2/, ...) to serve")
+        default = parse_model_yaml(path, folder.name, versions)
+        specs = {v: replace(default, version=v) for v in sorted(versions)}
+        return _Entry(folder, specs, default.version)
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def specs(self) -> list[ModelSpec]:
+        """Every version of every model, by name then version."""
+        return [spec for entry in self._models.values() for spec in entry.versions.values()]
+
+    def _entry(self, name: str) -> _Entry:
+        if name not in self._models:
+            raise ModelNotFoundError(f"no model {name!r}; this repository holds {self.names()}")
+        return self._models[name]
+
+    def default_version(self, name: str) -> int:
+        """model.yaml's default_version, else the highest version."""
+        return self._entry(name).default
+
+    def spec(self, name: str, version: int | None = None) -> ModelSpec:
+        entry = self._entry(name)
+        version = entry.default if version is None else version
+        if version not in entry.versions:
+            raise ModelNotFoundError(
+                f"model {name!r} has no version {version!r}; it has {sorted(entry.versions)}"
+            )
+        return entry.versions[version]
+
+    def load(self, name: str, version: int | None = None) -> LoadedModel:
+        """Read a version's files, check them against model.yaml, return the runnable model."""
+        spec = self.spec(name, version)
+        folder = self._entry(name).folder / str(spec.version)
+        denoiser, gaussian, files = KINDS[spec.kind].load(spec, folder)
+        return LoadedModel(spec, denoiser, gaussian, fingerprint(files))
