@@ -78,6 +78,7 @@ class JobResult:
     queue_seconds: float = 0.0
     compute_seconds: float = 0.0
     total_seconds: float = 0.0
+    forward_seconds: float = 0.0  # time inside the forward passes this job took part in
     runtime: str = ""
     fingerprint: str = ""
     error: str | None = None

@@ -43,9 +43,13 @@ class ImageData(BaseModel):
 
 
 class Timings(BaseModel):
+    """Where the time went: waiting, sampling (first forward pass to result), in total;
+    forward_seconds is the part spent inside forward passes."""
+
     queue_seconds: float
     compute_seconds: float
     total_seconds: float
+    forward_seconds: float
 
 
 class ImagesResponse(BaseModel):

@@ -35,6 +35,7 @@ def timings(result: JobResult) -> Timings:
         queue_seconds=result.queue_seconds,
         compute_seconds=result.compute_seconds,
         total_seconds=result.total_seconds,
+        forward_seconds=result.forward_seconds,
     )
 
 

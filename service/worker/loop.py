@@ -143,6 +143,8 @@ class Worker:
             await self._isolate(batch)
             return
         model = batch[0].model
+        for active in batch:
+            active.forward_seconds += seconds
         self.metrics.observe_batch(
             BatchStats(
                 model.spec.name, model.runtime, sum(a.rows for a in batch), len(batch), seconds
@@ -222,6 +224,7 @@ class Worker:
             queue_seconds=started - job.submit_time,
             compute_seconds=now - started,
             total_seconds=now - job.submit_time,
+            forward_seconds=active.forward_seconds if active else 0.0,
             runtime=model.runtime if model else "",
             fingerprint=model.fingerprint if model else "",
             error=message,

@@ -34,6 +34,7 @@ class Active:
     nfe: int = 0
     claimed_at: float = field(default_factory=time.time)
     first_forward_at: float | None = None
+    forward_seconds: float = 0.0
 
     @property
     def rows(self) -> int:
