@@ -47,6 +47,32 @@ def _bench_samplers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_gaussian(args: argparse.Namespace) -> int:
+    from engines.build import build_gaussian
+
+    try:
+        build_gaussian(args.data, args.rank, args.out, args.version)
+    except (OSError, ValueError) as err:
+        print(f"fewstep: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_build(commands: argparse._SubParsersAction) -> None:
+    build = commands.add_parser("build", help="build a model package into model_repo/")
+    kinds = build.add_subparsers(dest="kind", required=True)
+    gaussian = kinds.add_parser(
+        "gaussian", help="per-class Gaussian of Fashion-MNIST (closed-form denoiser)"
+    )
+    gaussian.add_argument(
+        "--data", default=None, help="Fashion-MNIST folder (default $FEWSTEP_FASHION_MNIST)"
+    )
+    gaussian.add_argument("--rank", type=int, default=128, help="eigenpairs per class (128)")
+    gaussian.add_argument("--out", default="model_repo/fashion-gaussian", help="model folder")
+    gaussian.add_argument("--version", type=int, default=1, help="version folder (default 1)")
+    gaussian.set_defaults(run=_build_gaussian)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fewstep", description="Serve few-step generative models."
@@ -70,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     samplers.add_argument("--samplers", default="", help="comma-separated subset (default: all)")
     samplers.set_defaults(run=_bench_samplers)
+    _add_build(commands)
     return parser
 
 

@@ -39,3 +39,23 @@ def test_console_script_reports_bad_arguments():
         text=True,
     )
     assert proc.returncode == 2 and "expected comma-separated integers" in proc.stderr
+
+
+def test_build_gaussian_writes_the_package_it_is_asked_for(tmp_path, capsys):
+    from engines.repository import Repository
+    from tests.engines.fashion_files import write_fake_fashion
+
+    data = write_fake_fashion(tmp_path / "data", per_class=3)
+    out = tmp_path / "repo" / "tiny"
+    argv = ["build", "gaussian", "--data", str(data), "--rank", "4", "--out", str(out)]
+    assert main([*argv, "--version", "2"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    model = Repository(out.parent).load("tiny", 2)
+    assert model.gaussian.eigvals.shape == (10, 4)
+
+
+def test_build_gaussian_reports_missing_data_and_bad_versions(tmp_path, capsys):
+    assert main(["build", "gaussian", "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 1
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+    assert main(["build", "gaussian", "--version", "0", "--out", str(tmp_path / "x")]) == 1
+    assert "version must be a positive integer" in capsys.readouterr().err
