@@ -92,26 +92,50 @@ class GaussianStats:
             tuple(class_names),
         )
 
+    def _cast(self, dtype: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor]:
+        """Statistics in the compute dtype and device, converted once and cached."""
+        key = (dtype, str(device))
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            cache[key] = tuple(
+                t.to(dtype=dtype, device=device) for t in (self.mean, self.eigvals, self.eigvecs)
+            )
+        return cache[key]
+
     def _per_class(self, x: Tensor, labels: Tensor | None, scale) -> Tensor:
-        """mu + U diag(scale(lam)) U^T (x - mu) + scale(0) (I - U U^T)(x - mu), by class."""
+        """mu + U diag(scale(lam)) U^T (x - mu) + scale(0) (I - U U^T)(x - mu), by class.
+
+        Computed in x's dtype (float64 stays exact, float32 serves fast); the complement
+        term is skipped when its scale is 0 (the denoiser).
+        """
         idx = torch.zeros(len(x), dtype=torch.long) if labels is None else labels.long().cpu()
         if len(idx) and (idx.min() < 0 or idx.max() >= self.classes):
             raise ValueError(f"labels must lie in 0..{self.classes - 1}, got {idx.tolist()}")
-        flat = x.reshape(len(x), -1).to(torch.float64).cpu()
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        means, eigvals, eigvecs = self._cast(dtype, x.device)
+        flat = x.reshape(len(x), -1).to(dtype)
         out = torch.empty_like(flat)
-        for c in idx.unique().tolist():
-            rows = idx == c
-            mu, lam, u = self.mean[c], self.eigvals[c], self.eigvecs[c]
+        classes = idx.unique().tolist()
+        for c in classes:
+            rows = slice(None) if len(classes) == 1 else (idx == c).to(x.device)
+            mu, u = means[c], eigvecs[c]
             diff = flat[rows] - mu
             coeff = diff @ u
-            lam_scale, rest_scale = scale(lam, rows)
-            out[rows] = mu + (lam_scale * coeff) @ u.T + rest_scale * (diff - coeff @ u.T)
-        return out.reshape(x.shape).to(dtype=x.dtype, device=x.device)
+            lam_scale, rest_scale = scale(eigvals[c], rows)
+            projected = (lam_scale * coeff) @ u.T
+            if rest_scale:
+                projected += rest_scale * (diff - coeff @ u.T)
+            out[rows] = mu + projected
+        return out.reshape(x.shape).to(dtype=x.dtype)
 
     def denoise(self, x: Tensor, sigma: Tensor, labels: Tensor | None = None) -> Tensor:
         """Closed-form posterior mean E[x0 | x] under the Gaussian, per-row sigma [B]."""
-        s2 = sigma.to(torch.float64).cpu().reshape(-1, 1) ** 2
-        return self._per_class(x, labels, lambda lam, rows: (lam / (lam + s2[rows]), 0.0))
+        s2 = sigma.to(device=x.device, dtype=torch.float64).reshape(-1, 1) ** 2
+
+        def shrink(lam, rows):
+            return lam / (lam + s2[rows].to(lam.dtype)), 0.0
+
+        return self._per_class(x, labels, shrink)
 
     def flow(
         self, x: Tensor, sigma_from: float, sigma_to: float, labels: Tensor | None = None

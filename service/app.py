@@ -151,6 +151,7 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
             static=settings.batching == "static",
             max_queue_delay_ms=settings.max_queue_delay_ms,
             max_active_samples=settings.max_active_samples,
+            inline_compute_ms=settings.inline_compute_ms,
         )
         workers.append(worker)
         state.ready = True

@@ -1,4 +1,4 @@
-"""The `fewstep` command line: serve, bench, ..."""
+"""The `fewstep` command line: serve, bench, build."""
 
 from __future__ import annotations
 
@@ -73,6 +73,55 @@ def _add_build(commands: argparse._SubParsersAction) -> None:
     gaussian.set_defaults(run=_build_gaussian)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from engines.repository import Repository, RepositoryError
+    from service.app import create_app
+    from service.config import Settings
+
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "model_repo": args.model_repo,
+        "batching": args.batching,
+        "max_queue_delay_ms": args.max_queue_delay_ms,
+    }
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+        Repository(settings.model_repo).specs()  # fail fast on a broken repository
+    except (ValidationError, RepositoryError, OSError) as err:
+        print(f"fewstep: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        access_log=False,
+    )
+    return 0
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve", help="run the HTTP service: API, in-process queue and worker in one process"
+    )
+    serve.add_argument("--host", default=None, help="bind address (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    serve.add_argument("--model-repo", default=None, help="model repository folder")
+    serve.add_argument("--batching", choices=["continuous", "static"], default=None)
+    serve.add_argument(
+        "--max-queue-delay-ms", type=float, default=None, help="static batching wait"
+    )
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(run=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fewstep", description="Serve few-step generative models."
@@ -97,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     samplers.add_argument("--samplers", default="", help="comma-separated subset (default: all)")
     samplers.set_defaults(run=_bench_samplers)
     _add_build(commands)
+    _add_serve(commands)
     return parser
 
 

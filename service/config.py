@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     max_active_samples: int = Field(
         0, ge=0, description="rows in flight (0: the model's max_batch_size)"
     )
+    inline_compute_ms: float = Field(
+        2.0, ge=0, description="passes shorter than this run on the event loop, not a thread"
+    )
 
     request_timeout_s: float = Field(300.0, gt=0, description="synchronous endpoints give up after")
     max_body_bytes: int = Field(65536, ge=1024)

@@ -8,7 +8,9 @@ many samplers' requests into one forward pass.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import itertools
 import math
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -61,6 +63,7 @@ def register(
     return add
 
 
+@functools.cache
 def options(name: str) -> dict[str, object]:
     """A sampler's options and their defaults."""
     params = list(inspect.signature(SAMPLERS[name]).parameters.values())[3:]
@@ -84,13 +87,14 @@ def check_grid(sigmas: Tensor) -> None:
     """Reject a sigma grid that is not 1-D, finite, positive and strictly decreasing."""
     if not isinstance(sigmas, Tensor) or sigmas.ndim != 1 or len(sigmas) < 2:
         raise SamplerError("sigmas must be a 1-D tensor of at least 2 noise levels (1 step)")
-    if not torch.isfinite(sigmas).all():
+    values = sigmas.tolist()  # grids are short: plain Python beats tensor ops here
+    if not all(math.isfinite(v) for v in values):
         raise SamplerError("sigmas must be finite; build the grid with engines.schedules")
-    if not (sigmas[1:] < sigmas[:-1]).all():
+    if any(b >= a for a, b in itertools.pairwise(values)):
         raise SamplerError(
-            f"sigmas must be strictly decreasing (noisiest first), got {sigmas.tolist()[:8]}..."
+            f"sigmas must be strictly decreasing (noisiest first), got {values[:8]}..."
         )
-    if sigmas[-1] < 0 or (sigmas[:-1] <= 0).any():
+    if values[-1] < 0 or min(values[:-1]) <= 0:
         raise SamplerError("sigmas must be positive, except the last, which may be 0")
 
 

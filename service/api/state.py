@@ -59,7 +59,7 @@ class ServiceState:
         return versions[int(version_text)]
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.fewstep
 
 

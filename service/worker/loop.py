@@ -11,17 +11,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 from engines.noise import row_seeds
 from service.jobs import Job, JobEvent, JobResult, JobState
-from service.media import encode_images
 from service.metrics import BatchStats, Metrics
 from service.queue.base import JobQueue
-from service.worker.scheduler import Active, forward, pick_batch, start
+from service.worker.scheduler import Active, Outcome, pick_batch, start, step_batch
 
 log = logging.getLogger("fewstep.worker")
 
@@ -36,6 +34,7 @@ class Worker:
         static: bool = False,
         max_queue_delay_ms: float = 5.0,
         max_active_samples: int = 0,
+        inline_compute_ms: float = 2.0,
     ) -> None:
         self.queue, self.models, self.metrics = queue, models, metrics
         self.static, self.max_queue_delay = static, max_queue_delay_ms / 1000
@@ -43,6 +42,10 @@ class Worker:
         self.capacity = max_active_samples or biggest
         self.actives: list[Active] = []
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fewstep-compute")
+        # Handing a pass to the compute thread costs about a millisecond on a busy small
+        # machine; passes that recently took less than this run on the event loop instead.
+        self.inline_compute = inline_compute_ms / 1000
+        self._recent: dict[str, float] = {}  # model -> moving average of step seconds
         self._stopping = False
 
     def stop(self) -> None:
@@ -63,8 +66,17 @@ class Worker:
         finally:
             self._executor.shutdown(wait=False)
 
-    async def _run_in_thread(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def _compute(self, batch: list[Active]):
+        """step_batch on the event loop if this model's passes are short, else in the thread."""
+        name = batch[0].job.model
+        if self._recent.get(name, math.inf) < self.inline_compute:
+            outcomes, seconds = step_batch(batch)
+        else:
+            loop = asyncio.get_running_loop()
+            outcomes, seconds = await loop.run_in_executor(self._executor, step_batch, batch)
+        previous = self._recent.get(name, seconds)
+        self._recent[name] = 0.8 * previous + 0.2 * seconds
+        return outcomes, seconds
 
     async def _admit(self) -> None:
         if self.static and self.actives:
@@ -133,9 +145,7 @@ class Worker:
         for active in batch:
             active.first_forward_at = active.first_forward_at or now
         try:
-            begin = time.perf_counter()
-            outputs = await self._run_in_thread(forward, batch)
-            seconds = time.perf_counter() - begin
+            outcomes, seconds = await self._compute(batch)
         except Exception:
             log.exception(
                 "forward pass over %d requests failed; retrying them one by one", len(batch)
@@ -143,66 +153,36 @@ class Worker:
             await self._isolate(batch)
             return
         model = batch[0].model
-        for active in batch:
-            active.forward_seconds += seconds
+        rows = sum(a.rows for a in batch)
         self.metrics.observe_batch(
-            BatchStats(
-                model.spec.name, model.runtime, sum(a.rows for a in batch), len(batch), seconds
-            )
+            BatchStats(model.spec.name, model.runtime, rows, len(batch), seconds)
         )
-        for active, x0 in zip(batch, outputs, strict=True):
-            await self._advance(active, x0)
+        for outcome in outcomes:
+            await self._report(outcome)
 
     async def _isolate(self, batch: list[Active]) -> None:
         """After a failed pass, run each request alone so only the culprit fails."""
         for active in batch:
             try:
-                (x0,) = await self._run_in_thread(forward, [active])
+                (outcome,), _ = await self._compute([active])
             except Exception as exc:
                 await self._finish(
                     active, JobState.FAILED, "engine_error", f"the model failed: {exc}"
                 )
                 continue
-            await self._advance(active, x0)
+            await self._report(outcome)
 
-    async def _advance(self, active: Active, x0) -> None:
-        active.nfe += 1
-        values = x0.x0 if hasattr(x0, "x0_uncond") else x0
-        if not bool(torch.isfinite(values).all()):
-            await self._finish(
-                active,
-                JobState.FAILED,
-                "non_finite",
-                f"the model returned non-finite values at step {active.nfe}",
-            )
+    async def _report(self, outcome: Outcome) -> None:
+        active = outcome.active
+        if outcome.kind == "failed":
+            await self._finish(active, JobState.FAILED, outcome.code, outcome.message)
             return
-        try:
-            active.pending = active.gen.send(x0)
-        except StopIteration as stop:
-            active.pending = None
-            await self._publish_step(active, values)
-            await self._succeed(active, stop.value)
-            return
-        except ValueError as exc:
-            await self._finish(active, JobState.FAILED, "invalid_parameter", str(exc))
-            return
-        await self._publish_step(active, values)
-
-    async def _publish_step(self, active: Active, x0) -> None:
         data = {"step": active.nfe, "steps": active.nfe_total}
-        if active.job.preview:
-            (png,) = await self._run_in_thread(encode_images, x0[:1], active.model.spec.data_range)
-            data["preview"] = base64.b64encode(png).decode()
+        if outcome.preview is not None:
+            data["preview"] = base64.b64encode(outcome.preview).decode()
         await self.queue.publish(JobEvent(active.job.id, "step", data))
-
-    async def _succeed(self, active: Active, x) -> None:
-        if not bool(torch.isfinite(x).all()):
-            await self._finish(
-                active, JobState.FAILED, "non_finite", "the final sample is not finite"
-            )
-            return
-        pngs = await self._run_in_thread(encode_images, x, active.model.spec.data_range)
-        await self._finish(active, JobState.SUCCEEDED, None, None, pngs)
+        if outcome.kind == "done":
+            await self._finish(active, JobState.SUCCEEDED, None, None, outcome.outputs)
 
     async def _finish(self, active: Active, state: JobState, code, message, outputs=()) -> None:
         self.actives.remove(active)

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from engines.denoisers import Guided
 from engines.noise import RowNoise, row_seeds
 from engines.samplers import SamplerGen, cat_cond, create, nfe, split_rows
 from engines.schedules import karras_sigmas, teleport_sigmas
 from service.jobs import Job
+from service.media import encode_images
 
 
 @dataclass
@@ -104,3 +106,54 @@ def forward(batch: list[Active]) -> list[Tensor]:
     with torch.inference_mode():
         out = denoiser(torch.cat(xs), sigma, cat_cond([a.cond for a in batch]))
     return split_rows(out, [len(x) for x in xs])
+
+
+@dataclass
+class Outcome:
+    """What one request's step produced: another step, the finished outputs, or a failure."""
+
+    active: Active
+    kind: str  # "step", "done" or "failed"
+    preview: bytes | None = None
+    outputs: list[bytes] = field(default_factory=list)
+    code: str | None = None
+    message: str | None = None
+
+
+def advance(active: Active, x0) -> Outcome:
+    """Hand a request its x0, run its sampler to the next call, encode what is due."""
+    active.nfe += 1
+    values = x0.x0 if isinstance(x0, Guided) else x0
+    data_range = active.model.spec.data_range
+    if not bool(torch.isfinite(values).all()):
+        message = f"the model returned non-finite values at step {active.nfe}"
+        return Outcome(active, "failed", code="non_finite", message=message)
+    preview = encode_images(values[:1], data_range)[0] if active.job.preview else None
+    try:
+        active.pending = active.gen.send(x0)
+    except StopIteration as stop:
+        active.pending = None
+        if not bool(torch.isfinite(stop.value).all()):
+            return Outcome(
+                active,
+                "failed",
+                preview,
+                code="non_finite",
+                message="the final sample is not finite",
+            )
+        return Outcome(active, "done", preview, encode_images(stop.value, data_range))
+    except Exception as exc:  # a sampler must never take the worker down
+        active.pending = None
+        return Outcome(active, "failed", code="sampler_error", message=f"the sampler failed: {exc}")
+    return Outcome(active, "step", preview)
+
+
+def step_batch(batch: list[Active]) -> tuple[list[Outcome], float]:
+    """One tick's compute, run off the event loop: the forward pass, then every request's
+    sampler step and encoding. Raises only if the forward pass itself fails."""
+    begin = time.perf_counter()
+    outputs = forward(batch)
+    seconds = time.perf_counter() - begin
+    for active in batch:
+        active.forward_seconds += seconds
+    return [advance(a, x0) for a, x0 in zip(batch, outputs, strict=True)], seconds

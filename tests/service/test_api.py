@@ -49,7 +49,14 @@ def test_light_and_dark_classes_look_different(client):
     assert mean_pixel("black") < 80 < 170 < mean_pixel("white")
 
 
+def pixels(item: dict) -> list[int]:
+    return list(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).getdata())
+
+
 def test_same_seed_same_bytes_alone_and_under_concurrent_load(client, server):
+    """Repeated alone: identical bytes. Inside batches of other requests: the sampler and
+    its noise are batch-invariant, the model's GEMM is not bitwise, so pixels may differ
+    by at most one 8-bit level (README, 'Reproducibility')."""
     body = {"model": "toy", "prompt": "dark", "n": 2, "seed": 7, "sampler": "dpmpp_2m", "steps": 6}
     first = client.post("/v1/images/generations", json=body).json()
     again = client.post("/v1/images/generations", json=body).json()
@@ -70,7 +77,9 @@ def test_same_seed_same_bytes_alone_and_under_concurrent_load(client, server):
         results = list(pool.map(one, range(24)))
     for i, result in enumerate(results):
         if i % 4 == 0:
-            assert result["data"] == first["data"]
+            assert [d["seed"] for d in result["data"]] == [7, 8]
+            for got, want in zip(result["data"], first["data"], strict=True):
+                assert max(abs(a - b) for a, b in zip(pixels(got), pixels(want), strict=True)) <= 1
 
 
 def test_thirty_two_concurrent_mixed_requests_share_forward_passes(server):

@@ -1,0 +1,318 @@
+"""Load test of fewstep on this machine: raw engine vs service, overhead, batching modes.
+
+    .venv/bin/python loadtest/run.py [--scenario loadtest/scenarios/mixed.yaml] [--seconds 15]
+
+All in one run, against real `fewstep serve` processes on loopback:
+1. raw engine: the scenario's requests driven through the same sampler/scheduler code
+   with no HTTP and no queue, at the best batch size -> samples per second;
+2. service at saturation: closed loop with many concurrent clients -> samples per second
+   (goal: at least 0.9 of raw);
+3. concurrency 1: latency the service adds beyond forward passes (goal p50 <= 1 ms,
+   p99 <= 5 ms);
+4. the mixed scenario, open loop (Poisson arrivals) at about 80% of the continuous
+   service's capacity, against continuous and against static batching (goal: continuous
+   p99 <= 0.6x static p99 at equal or better throughput).
+It prints markdown tables. The load generator shares the machine's cores with the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engines.repository import Repository  # noqa: E402
+from service.jobs import Job  # noqa: E402
+from service.worker.scheduler import forward, pick_batch, start  # noqa: E402
+
+
+@dataclass
+class Scenario:
+    name: str
+    model: str
+    n: list[int]
+    requests: list[dict]
+
+    @classmethod
+    def load(cls, path: Path) -> Scenario:
+        data = yaml.safe_load(path.read_text())
+        return cls(data["name"], data["model"], list(data["n"]), list(data["requests"]))
+
+    def bodies(self, count: int, labels: list[str], seed: int) -> list[dict]:
+        rng = random.Random(seed)
+        weights = [r.get("weight", 1) for r in self.requests]
+        out = []
+        for i in range(count):
+            kind = rng.choices(self.requests, weights)[0]
+            body = {
+                "model": self.model,
+                "prompt": rng.choice(labels),
+                "n": rng.choice(self.n),
+                "sampler": kind["sampler"],
+                "steps": kind["steps"],
+                "seed": seed * 100_000 + i,
+            }
+            if kind.get("teleport"):
+                body["teleport"] = True
+            out.append(body)
+        return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+# -- 1. raw engine ---------------------------------------------------------------------
+
+
+def raw_engine(model, bodies: list[dict], batch_size: int) -> float:
+    """Samples per second through start/pick_batch/forward, no HTTP, no queue."""
+    jobs = [
+        Job(
+            model=model.spec.name,
+            version=model.spec.version,
+            labels=[model.spec.label_id(b["prompt"])] * b["n"],
+            n=b["n"],
+            sampler=b["sampler"],
+            steps=b["steps"],
+            seed=b["seed"],
+            teleport=b.get("teleport", False),
+        )
+        for b in bodies
+    ]
+    pending, actives, samples = list(jobs), [], 0
+    begin = time.perf_counter()
+    while pending or actives:
+        while pending and sum(a.rows for a in actives) + pending[0].rows <= batch_size:
+            actives.append(start(pending.pop(0), model))
+        batch = pick_batch(actives, batch_size)
+        for active, x0 in zip(batch, forward(batch), strict=True):
+            try:
+                active.pending = active.gen.send(x0)
+            except StopIteration:
+                actives.remove(active)
+                samples += active.job.n
+    return samples / (time.perf_counter() - begin)
+
+
+# -- servers -----------------------------------------------------------------------------
+
+
+class ServerProcess:
+    def __init__(self, batching: str, model: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "FEWSTEP_MODELS": f'["{model}"]'}
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), "--batching", batching, "--log-level", "warning"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+
+    def __enter__(self) -> ServerProcess:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/readyz").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError(f"server on {self.url} did not become ready")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+@dataclass
+class Outcome:
+    latency: float
+    status: int
+    samples: int
+    forward: float = 0.0
+
+
+async def send(client: httpx.AsyncClient, body: dict) -> Outcome:
+    begin = time.perf_counter()
+    try:
+        r = await client.post("/v1/images/generations", json=body)
+    except httpx.TransportError:
+        return Outcome(time.perf_counter() - begin, 0, 0)
+    latency = time.perf_counter() - begin
+    if r.status_code != 200:
+        return Outcome(latency, r.status_code, 0)
+    data = r.json()
+    return Outcome(latency, 200, len(data["data"]), data["timings"]["forward_seconds"])
+
+
+def client_for(url: str) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    return httpx.AsyncClient(base_url=url, timeout=120, limits=limits)
+
+
+async def closed_loop(
+    url: str, bodies: list[dict], concurrency: int, seconds: float
+) -> tuple[float, list]:
+    """`concurrency` clients back to back for `seconds`: completed samples per second."""
+    outcomes: list[Outcome] = []
+    stop = time.perf_counter() + seconds
+    counter = iter(range(10**9))
+
+    async def client_loop(client):
+        while time.perf_counter() < stop:
+            outcomes.append(await send(client, bodies[next(counter) % len(bodies)]))
+
+    async with client_for(url) as client:
+        begin = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - begin
+    return sum(o.samples for o in outcomes) / elapsed, outcomes
+
+
+async def open_loop(
+    url: str, bodies: list[dict], rate: float, seconds: float, seed: int
+) -> tuple[float, list]:
+    """Poisson arrivals at `rate` requests/s for `seconds`, whatever the responses do."""
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= seconds:
+            break
+        arrivals.append(t)
+    async with client_for(url) as client:
+        begin = time.perf_counter()
+        tasks = []
+        for i, at in enumerate(arrivals):
+            delay = begin + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(send(client, bodies[i % len(bodies)])))
+        outcomes = await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - begin
+    return sum(o.samples for o in outcomes) / elapsed, list(outcomes)
+
+
+def row(name: str, throughput: float, outcomes: list[Outcome], unit: str = "samples/s") -> str:
+    ok = [o.latency * 1000 for o in outcomes if o.status == 200]
+    rejected = sum(o.status == 429 for o in outcomes) / max(len(outcomes), 1)
+    failed = sum(o.status not in (200, 429) for o in outcomes)
+    return (
+        f"| {name} | {throughput:.0f} {unit} | {len(outcomes)} | {percentile(ok, 50):.1f} | "
+        f"{percentile(ok, 95):.1f} | {percentile(ok, 99):.1f} | {rejected:.1%} | {failed} |"
+    )
+
+
+HEADER = (
+    "| run | throughput | requests | p50 ms | p95 ms | p99 ms | rejected | errors |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scenario", type=Path, default=ROOT / "loadtest/scenarios/mixed.yaml")
+    parser.add_argument(
+        "--saturation", type=Path, default=ROOT / "loadtest/scenarios/uniform8.yaml"
+    )
+    parser.add_argument("--seconds", type=float, default=15.0, help="length of each load phase")
+    parser.add_argument("--concurrency", type=int, default=32, help="clients at saturation")
+    parser.add_argument(
+        "--load", type=float, default=0.8, help="open-loop rate as a share of capacity"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    mixed = Scenario.load(args.scenario)
+    saturation = Scenario.load(args.saturation)
+    model = Repository(ROOT / "model_repo").load(mixed.model)
+    model.warmup()
+    labels = list(model.spec.labels)
+    print(
+        f"# fewstep load test: {mixed.model}, {os.cpu_count()} CPUs, "
+        f"{args.seconds:.0f} s per phase\n"
+    )
+
+    print("[1/4] raw engine, best batch size ...", file=sys.stderr, flush=True)
+    sat_bodies = saturation.bodies(400, labels, args.seed)
+    raw = {b: raw_engine(model, sat_bodies[:200], b) for b in (8, 32, 64, 128, 256)}
+    best_batch = max(raw, key=raw.get)
+
+    with ServerProcess("continuous", mixed.model) as server:
+        print("[2/4] service at saturation ...", file=sys.stderr, flush=True)
+        service_rate, sat_out = asyncio.run(
+            closed_loop(server.url, sat_bodies, args.concurrency, args.seconds)
+        )
+        print("[3/4] concurrency 1 ...", file=sys.stderr, flush=True)
+        single_bodies = [
+            dict(b, n=1, steps=1, sampler="euler") for b in mixed.bodies(200, labels, args.seed + 1)
+        ]
+        _, single = asyncio.run(closed_loop(server.url, single_bodies, 1, min(args.seconds, 10)))
+        print("[4/4] mixed scenario: capacity, then open loop ...", file=sys.stderr, flush=True)
+        mixed_bodies = mixed.bodies(5000, labels, args.seed + 2)
+        _, cap_out = asyncio.run(
+            closed_loop(server.url, mixed_bodies, args.concurrency, args.seconds)
+        )
+        capacity = sum(o.status == 200 for o in cap_out) / args.seconds
+        rate = args.load * capacity
+        cont_rate, cont_out = asyncio.run(
+            open_loop(server.url, mixed_bodies, rate, args.seconds, args.seed)
+        )
+    with ServerProcess("static", mixed.model) as server:
+        stat_rate, stat_out = asyncio.run(
+            open_loop(server.url, mixed_bodies, rate, args.seconds, args.seed)
+        )
+
+    added = [(o.latency - o.forward) * 1000 for o in single if o.status == 200]
+    cont_p99 = percentile([o.latency for o in cont_out if o.status == 200], 99)
+    stat_p99 = percentile([o.latency for o in stat_out if o.status == 200], 99)
+
+    print("## Raw engine vs service at saturation (uniform8: n=8, dpmpp_2m, 8 steps)\n")
+    print("| batch size | raw samples/s |\n|---|---|")
+    for b, r in raw.items():
+        print(f"| {b}{' (best)' if b == best_batch else ''} | {r:.0f} |")
+    print()
+    print(HEADER)
+    print(row(f"service, {args.concurrency} clients", service_rate, sat_out))
+    print(f"\nservice / raw = {service_rate / raw[best_batch]:.2f} (goal >= 0.9)\n")
+    print(
+        "## Added latency at concurrency 1 (n=1, euler, 1 step): "
+        "client latency minus forward time\n"
+    )
+    print(
+        f"p50 {percentile(added, 50):.2f} ms, p95 {percentile(added, 95):.2f} ms, "
+        f"p99 {percentile(added, 99):.2f} ms over {len(added)} requests "
+        "(goal p50 <= 1 ms, p99 <= 5 ms)\n"
+    )
+    print(
+        f"## Mixed scenario ({mixed.name}), open loop at {args.load:.0%} of capacity "
+        f"({capacity:.0f} req/s closed-loop) = {rate:.1f} req/s\n"
+    )
+    print(HEADER)
+    print(row("continuous batching", cont_rate, cont_out))
+    print(row("static batching", stat_rate, stat_out))
+    print(
+        f"\ncontinuous p99 / static p99 = {cont_p99 / stat_p99:.2f} (goal <= 0.6), "
+        f"throughput ratio {cont_rate / max(stat_rate, 1e-9):.2f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
