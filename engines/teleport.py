@@ -114,18 +114,25 @@ class GaussianStats:
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         means, eigvals, eigvecs = self._cast(dtype, x.device)
         flat = x.reshape(len(x), -1).to(dtype)
+        # Rows sorted by class, so each class is one contiguous slice (no masks, no gathers).
+        classes, counts = idx.unique(return_counts=True)
+        order = idx.argsort(stable=True).to(x.device) if len(classes) > 1 else None
+        rows_sorted = flat if order is None else flat[order]
         out = torch.empty_like(flat)
-        classes = idx.unique().tolist()
-        for c in classes:
-            rows = slice(None) if len(classes) == 1 else (idx == c).to(x.device)
+        start = 0
+        for c, count in zip(classes.tolist(), counts.tolist(), strict=True):
+            rows = slice(start, start + count)
+            start += count
             mu, u = means[c], eigvecs[c]
-            diff = flat[rows] - mu
+            diff = rows_sorted[rows] - mu
             coeff = diff @ u
-            lam_scale, rest_scale = scale(eigvals[c], rows)
+            lam_scale, rest_scale = scale(eigvals[c], rows if order is None else order[rows])
             projected = (lam_scale * coeff) @ u.T
             if rest_scale:
                 projected += rest_scale * (diff - coeff @ u.T)
             out[rows] = mu + projected
+        if order is not None:
+            out[order] = out.clone()
         return out.reshape(x.shape).to(dtype=x.dtype)
 
     def denoise(self, x: Tensor, sigma: Tensor, labels: Tensor | None = None) -> Tensor:

@@ -81,8 +81,9 @@ def percentile(values: list[float], q: float) -> float:
 # -- 1. raw engine ---------------------------------------------------------------------
 
 
-def raw_engine(model, bodies: list[dict], batch_size: int) -> float:
-    """Samples per second through start/pick_batch/forward, no HTTP, no queue."""
+def raw_engine(model, bodies: list[dict], batch_size: int) -> tuple[float, float]:
+    """Samples per second through start/pick_batch/forward, no HTTP, no queue, and the
+    CPU seconds spent per sample."""
     jobs = [
         Job(
             model=model.spec.name,
@@ -97,7 +98,7 @@ def raw_engine(model, bodies: list[dict], batch_size: int) -> float:
         for b in bodies
     ]
     pending, actives, samples = list(jobs), [], 0
-    begin = time.perf_counter()
+    begin, cpu = time.perf_counter(), time.process_time()
     while pending or actives:
         while pending and sum(a.rows for a in actives) + pending[0].rows <= batch_size:
             actives.append(start(pending.pop(0), model))
@@ -108,7 +109,7 @@ def raw_engine(model, bodies: list[dict], batch_size: int) -> float:
             except StopIteration:
                 actives.remove(active)
                 samples += active.job.n
-    return samples / (time.perf_counter() - begin)
+    return samples / (time.perf_counter() - begin), (time.process_time() - cpu) / samples
 
 
 # -- servers -----------------------------------------------------------------------------
@@ -139,6 +140,11 @@ class ServerProcess:
         self.proc.terminate()
         self.proc.wait(30)
 
+    def cpu_seconds(self) -> float:
+        """user + system CPU time of the server process so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 @dataclass
 class Outcome:
@@ -164,6 +170,17 @@ async def send(client: httpx.AsyncClient, body: dict) -> Outcome:
 def client_for(url: str) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
     return httpx.AsyncClient(base_url=url, timeout=120, limits=limits)
+
+
+async def ping(url: str, count: int = 500) -> list[float]:
+    """Round trips of GET /healthz: the floor any request pays with this client."""
+    out = []
+    async with client_for(url) as client:
+        for _ in range(count):
+            begin = time.perf_counter()
+            await client.get("/healthz")
+            out.append((time.perf_counter() - begin) * 1000)
+    return out
 
 
 async def closed_loop(
@@ -251,19 +268,25 @@ def main() -> int:
 
     print("[1/4] raw engine, best batch size ...", file=sys.stderr, flush=True)
     sat_bodies = saturation.bodies(400, labels, args.seed)
-    raw = {b: raw_engine(model, sat_bodies[:200], b) for b in (8, 32, 64, 128, 256)}
+    raw_runs = {b: raw_engine(model, sat_bodies[:200], b) for b in (8, 32, 64, 128, 256)}
+    raw = {b: rate for b, (rate, _) in raw_runs.items()}
     best_batch = max(raw, key=raw.get)
 
     with ServerProcess("continuous", mixed.model) as server:
         print("[2/4] service at saturation ...", file=sys.stderr, flush=True)
+        cpu_before, client_before = server.cpu_seconds(), time.process_time()
         service_rate, sat_out = asyncio.run(
             closed_loop(server.url, sat_bodies, args.concurrency, args.seconds)
         )
+        served = sum(o.samples for o in sat_out)
+        server_cpu = (server.cpu_seconds() - cpu_before) / served
+        client_cpu = (time.process_time() - client_before) / args.seconds
         print("[3/4] concurrency 1 ...", file=sys.stderr, flush=True)
         single_bodies = [
             dict(b, n=1, steps=1, sampler="euler") for b in mixed.bodies(200, labels, args.seed + 1)
         ]
         _, single = asyncio.run(closed_loop(server.url, single_bodies, 1, min(args.seconds, 10)))
+        floor = asyncio.run(ping(server.url))
         print("[4/4] mixed scenario: capacity, then open loop ...", file=sys.stderr, flush=True)
         mixed_bodies = mixed.bodies(5000, labels, args.seed + 2)
         _, cap_out = asyncio.run(
@@ -284,13 +307,18 @@ def main() -> int:
     stat_p99 = percentile([o.latency for o in stat_out if o.status == 200], 99)
 
     print("## Raw engine vs service at saturation (uniform8: n=8, dpmpp_2m, 8 steps)\n")
-    print("| batch size | raw samples/s |\n|---|---|")
-    for b, r in raw.items():
-        print(f"| {b}{' (best)' if b == best_batch else ''} | {r:.0f} |")
+    print("| batch size | raw samples/s | CPU ms per sample |\n|---|---|---|")
+    for b, (r, cpu) in raw_runs.items():
+        print(f"| {b}{' (best)' if b == best_batch else ''} | {r:.0f} | {cpu * 1000:.3f} |")
     print()
     print(HEADER)
     print(row(f"service, {args.concurrency} clients", service_rate, sat_out))
-    print(f"\nservice / raw = {service_rate / raw[best_batch]:.2f} (goal >= 0.9)\n")
+    print(f"\nservice / raw = {service_rate / raw[best_batch]:.2f} (goal >= 0.9)")
+    print(
+        f"server CPU per sample {server_cpu * 1000:.3f} ms vs raw "
+        f"{raw_runs[best_batch][1] * 1000:.3f} ms; the load generator itself used "
+        f"{client_cpu:.2f} of this machine's {os.cpu_count()} cores\n"
+    )
     print(
         "## Added latency at concurrency 1 (n=1, euler, 1 step): "
         "client latency minus forward time\n"
@@ -298,7 +326,11 @@ def main() -> int:
     print(
         f"p50 {percentile(added, 50):.2f} ms, p95 {percentile(added, 95):.2f} ms, "
         f"p99 {percentile(added, 99):.2f} ms over {len(added)} requests "
-        "(goal p50 <= 1 ms, p99 <= 5 ms)\n"
+        "(goal p50 <= 1 ms, p99 <= 5 ms)"
+    )
+    print(
+        f"for reference, a GET /healthz round trip with the same client: p50 "
+        f"{percentile(floor, 50):.2f} ms, p99 {percentile(floor, 99):.2f} ms\n"
     )
     print(
         f"## Mixed scenario ({mixed.name}), open loop at {args.load:.0%} of capacity "

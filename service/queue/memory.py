@@ -106,6 +106,8 @@ class MemoryQueue:
     def _evict(self) -> None:
         """Forget the oldest finished jobs beyond `retained_jobs`."""
         excess = len(self._entries) - self.retained_jobs
+        if excess <= 0:
+            return
         for job_id in list(self._entries):
             if excess <= 0:
                 break

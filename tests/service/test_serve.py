@@ -1,0 +1,110 @@
+"""`fewstep serve` as a real process on the shipped model: the README's first command."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def served():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("fewstep serve did not become ready: " + (proc.stdout.read() or ""))
+    yield url, proc
+    if proc.poll() is None:
+        proc.kill()
+
+
+def test_openai_sdk_against_the_shipped_model(served):
+    url, _ = served
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    response = client.images.generate(
+        model="fashion-gaussian", prompt="Sneakers", n=2, size="28x28", response_format="b64_json"
+    )
+    assert len(response.data) == 2
+    for item in response.data:
+        image = Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+        assert image.size == (28, 28) and image.mode == "L"
+        assert item.revised_prompt == "sneaker"
+    models = httpx.get(url + "/v1/models").json()["data"]
+    assert [m["id"] for m in models] == ["fashion-gaussian"] and models[0]["teleport"] is True
+
+
+def test_openai_sdk_surfaces_a_clear_error(served):
+    url, _ = served
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="is not a class of model fashion-gaussian"):
+        client.images.generate(model="fashion-gaussian", prompt="a red car")
+    with pytest.raises(openai.NotFoundError, match="unknown model"):
+        client.images.generate(model="dall-e-3", prompt="sneaker")
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian prometheus) missing")
+def test_promtool_accepts_the_metrics(served):
+    url, _ = served
+    httpx.post(url + "/v1/images/generations", json={"prompt": "bag", "teleport": True}, timeout=30)
+    text = httpx.get(url + "/metrics").text
+    check = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_sigterm_shuts_down_gracefully(served):
+    """uvicorn drains, runs the lifespan shutdown (worker stops claiming, finishes what it
+    holds), then re-raises SIGTERM so the exit status says why the process ended."""
+    url, proc = served
+    httpx.post(url + "/v1/jobs", json={"prompt": "coat", "steps": 20})
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) in (0, -signal.SIGTERM)
+    log = proc.stdout.read()
+    assert "Application shutdown complete" in log, log
+
+
+def test_serve_refuses_a_broken_repository(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.yaml").write_text("name: bad\n")
+    env = {**os.environ}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--model-repo",
+            str(tmp_path),
+            "--port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "no version folder" in proc.stderr
