@@ -6,7 +6,7 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -18,6 +18,7 @@ from service.jobs import Job, JobEvent, JobResult, JobState, JobStatus
 class _Entry:
     job: Job
     fingerprint: str
+    key: tuple = ()  # heap order: (-priority, submit time, arrival number)
     state: JobState = JobState.QUEUED
     events: list[JobEvent] = field(default_factory=list)
     result: JobResult | None = None
@@ -59,6 +60,7 @@ class MemoryQueue:
         self._keys: dict[str, str] = {}
         self._queued_samples = 0
         self._queued_jobs = 0
+        self._by_priority: Counter[int] = Counter()  # queued jobs per priority
         self._wakeup = asyncio.Event()
         self.drain = DrainRate()
 
@@ -91,14 +93,17 @@ class MemoryQueue:
                 "retry after the Retry-After interval or lower n",
                 retry_after=self._retry_after(excess),
             )
-        entry = _Entry(job, fingerprint)
+        entry = _Entry(job, fingerprint, (-job.priority, job.submit_time, next(self._order)))
         self._entries[job.id] = entry
         if job.idempotency_key is not None:
             self._keys[job.idempotency_key] = job.id
-        heapq.heappush(self._heap, (-job.priority, job.submit_time, next(self._order), job.id))
+        heapq.heappush(self._heap, (*entry.key, job.id))
         self._queued_samples += job.n
         self._queued_jobs += 1
-        self._add_event(entry, JobEvent(job.id, "queued", {"position": self._position(job.id)}))
+        self._by_priority[job.priority] += 1
+        # the newest job of its priority: everything queued at that priority or above is ahead
+        position = sum(c for p, c in self._by_priority.items() if p >= job.priority) - 1
+        self._add_event(entry, JobEvent(job.id, "queued", {"position": position}))
         self._wakeup.set()
         self._evict()
         return job, True
@@ -121,6 +126,7 @@ class MemoryQueue:
     def _take_queued(self, entry: _Entry) -> None:
         self._queued_samples -= entry.job.n
         self._queued_jobs -= 1
+        self._by_priority[entry.job.priority] -= 1
 
     async def claim(self, max_samples: int, timeout: float) -> list[Job]:
         deadline = time.monotonic() + timeout
@@ -223,29 +229,23 @@ class MemoryQueue:
                 return None
         return entry.result
 
-    def _position(self, job_id: str) -> int | None:
-        queued = sorted(item for item in self._heap if self._is_queued(item[3]))
-        for rank, item in enumerate(queued):
-            if item[3] == job_id:
-                return rank
-        return None
-
-    def _is_queued(self, job_id: str) -> bool:
-        entry = self._entries.get(job_id)
-        return entry is not None and entry.state is JobState.QUEUED
+    def _ahead(self, entry: _Entry) -> tuple[int, int]:
+        """Queued jobs and samples that run before this one (a linear scan, no sort)."""
+        jobs = samples = 0
+        for item in self._heap:
+            other = self._entries.get(item[3])
+            if other is not None and other.state is JobState.QUEUED and other.key < entry.key:
+                jobs += 1
+                samples += other.job.n
+        return jobs, samples
 
     async def status(self, job_id: str) -> JobStatus | None:
         entry = self._entries.get(job_id)
         if entry is None:
             return None
-        position = self._position(job_id) if entry.state is JobState.QUEUED else None
-        eta = None
-        if position is not None:
-            ahead = sum(
-                self._entries[item[3]].job.n
-                for item in sorted(self._heap)[:position]
-                if self._is_queued(item[3])
-            )
+        position = eta = None
+        if entry.state is JobState.QUEUED:
+            position, ahead = self._ahead(entry)
             eta = self.drain.seconds_for(ahead) if ahead else 0.0
         error = entry.result.error if entry.result else None
         return JobStatus(entry.job, entry.state, position, eta, entry.step, entry.steps, error)

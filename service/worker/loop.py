@@ -63,6 +63,9 @@ class Worker:
                         return
                     continue
                 await self._tick()
+                # A tick computed inline may never suspend; yield so the API can read
+                # requests and write responses between steps (else the loop starves).
+                await asyncio.sleep(0)
         finally:
             self._executor.shutdown(wait=False)
 

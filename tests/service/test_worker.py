@@ -1,0 +1,114 @@
+"""The scheduler's batching rule and the worker in burst mode (no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from service.jobs import Job, JobState
+from service.metrics import Metrics
+from service.queue.memory import MemoryQueue
+from service.worker.loop import Worker
+from service.worker.scheduler import pick_batch, start
+
+from .conftest import toy_model
+
+
+def job(n=1, sampler="euler", steps=3, priority=0, t=0.0, model="toy", guidance=1.0) -> Job:
+    return Job(
+        model,
+        1,
+        [0] * n,
+        n,
+        sampler,
+        steps,
+        1,
+        guidance_scale=guidance,
+        priority=priority,
+        submit_time=t,
+    )
+
+
+def test_pick_batch_takes_the_most_urgent_group_up_to_max_rows():
+    toy, other = toy_model("toy"), toy_model("other")
+    actives = [
+        start(job(4, t=3), toy),
+        start(job(2, t=2, model="other"), other),
+        start(job(2, priority=1, t=5), toy),
+        start(job(3, sampler="dpmpp_2m", t=1), toy),
+    ]
+    batch = pick_batch(actives, max_rows=8)
+    # priority first, then age; mixed samplers share the pass; 'other' model waits
+    assert [a.job.submit_time for a in batch] == [5, 1]
+    assert sum(a.rows for a in batch) == 5
+    batch = pick_batch(actives, max_rows=9)
+    assert [a.job.submit_time for a in batch] == [5, 1, 3]
+
+
+def test_static_mode_groups_by_sampler_and_steps():
+    toy = toy_model("toy")
+    kinds = [("euler", 3), ("dpmpp_2m", 3), ("euler", 3), ("euler", 5)]
+    actives = [start(job(1, s, n, t=i + 1), toy) for i, (s, n) in enumerate(kinds)]
+    assert [a.job.submit_time for a in pick_batch(actives, 64)] == [1, 2, 3, 4]
+    assert [a.job.submit_time for a in pick_batch(actives, 64, static=True)] == [1, 3]
+
+
+def test_a_request_larger_than_max_rows_still_runs_alone():
+    toy = toy_model("toy")
+    actives = [start(job(6, t=1), toy), start(job(1, t=2), toy)]
+    assert [a.job.n for a in pick_batch(actives, max_rows=4)] == [6]
+
+
+def test_cfg_rows_count_double():
+    assert job(3, guidance=2.0).rows == 6 and job(3).rows == 3
+
+
+def test_burst_mode_drains_the_queue_and_batches_across_requests():
+    async def scenario():
+        queue, metrics = MemoryQueue(), Metrics()
+        toy = toy_model("toy")
+        jobs = [job(1 + i % 3, sampler=["euler", "dpmpp_2m", "unipc"][i % 3], steps=2 + i % 4, t=i)
+                for i in range(12)]  # fmt: skip
+        for j in jobs:
+            await queue.submit(j)
+        worker = Worker(queue, {("toy", 1): toy}, metrics)
+        await asyncio.wait_for(worker.run(burst=True), 30)
+        return [await queue.result(j.id, 0) for j in jobs], metrics
+
+    results, metrics = asyncio.run(scenario())
+    assert all(r.state is JobState.SUCCEEDED for r in results)
+    assert [len(r.outputs) for r in results] == [1 + i % 3 for i in range(12)]
+    count = metrics.registry.get_sample_value("fewstep_batch_requests_count", {"model": "toy"})
+    total = metrics.registry.get_sample_value("fewstep_batch_requests_sum", {"model": "toy"})
+    assert total / count > 2  # requests really shared forward passes
+    nfe = sum(r.nfe for r in results)
+    assert nfe == sum(2 + i % 4 for i in range(12))
+
+
+def test_expired_and_unknown_model_jobs_fail_without_compute():
+    async def scenario():
+        queue = MemoryQueue()
+        late = job(t=0.0)
+        late.deadline = 1.0  # long past
+        stray = job(model="ghost")
+        for j in (late, stray):
+            await queue.submit(j)
+        worker = Worker(queue, {("toy", 1): toy_model("toy")}, Metrics())
+        await asyncio.wait_for(worker.run(burst=True), 10)
+        return await queue.result(late.id, 0), await queue.result(stray.id, 0)
+
+    late, stray = asyncio.run(scenario())
+    assert late.error_code == "deadline_exceeded" and late.nfe == 0
+    assert stray.error_code == "model_not_loaded"
+
+
+def test_samples_do_not_depend_on_batching_mode():
+    async def scenario(static):
+        queue = MemoryQueue()
+        jobs = [job(2, sampler="dpmpp_2m", steps=4, t=i) for i in range(4)]
+        for j in jobs:
+            await queue.submit(j)
+        worker = Worker(queue, {("toy", 1): toy_model("toy")}, Metrics(), static=static)
+        await asyncio.wait_for(worker.run(burst=True), 10)
+        return [(await queue.result(j.id, 0)).outputs for j in jobs]
+
+    assert asyncio.run(scenario(False)) == asyncio.run(scenario(True))
