@@ -102,11 +102,13 @@ class GaussianStats:
             )
         return cache[key]
 
-    def _per_class(self, x: Tensor, labels: Tensor | None, scale) -> Tensor:
-        """mu + U diag(scale(lam)) U^T (x - mu) + scale(0) (I - U U^T)(x - mu), by class.
+    def _per_class(self, x: Tensor, labels: Tensor | None, sigma2: Tensor | None, scale) -> Tensor:
+        """mu + U diag(f) U^T (x - mu) + rest (I - U U^T)(x - mu) for each row's class.
 
-        Computed in x's dtype (float64 stays exact, float32 serves fast); the complement
-        term is skipped when its scale is 0 (the denoiser).
+        f, rest = scale(lam, sigma2) with lam [K, 1, r] and sigma2 (per-row sigma^2 laid
+        out like the rows, [K, M, 1]) or None. Rows are grouped by class into a padded
+        [K, M, D] block so a pass costs two batched matmuls however many classes it holds.
+        Computed in x's dtype: float64 stays exact, float32 serves fast.
         """
         idx = torch.zeros(len(x), dtype=torch.long) if labels is None else labels.long().cpu()
         if len(idx) and (idx.min() < 0 or idx.max() >= self.classes):
@@ -114,46 +116,49 @@ class GaussianStats:
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         means, eigvals, eigvecs = self._cast(dtype, x.device)
         flat = x.reshape(len(x), -1).to(dtype)
-        # Rows sorted by class, so each class is one contiguous slice (no masks, no gathers).
-        classes, counts = idx.unique(return_counts=True)
-        order = idx.argsort(stable=True).to(x.device) if len(classes) > 1 else None
-        rows_sorted = flat if order is None else flat[order]
-        out = torch.empty_like(flat)
-        start = 0
-        for c, count in zip(classes.tolist(), counts.tolist(), strict=True):
-            rows = slice(start, start + count)
-            start += count
-            mu, u = means[c], eigvecs[c]
-            diff = rows_sorted[rows] - mu
-            coeff = diff @ u
-            lam_scale, rest_scale = scale(eigvals[c], rows if order is None else order[rows])
-            projected = (lam_scale * coeff) @ u.T
-            if rest_scale:
-                projected += rest_scale * (diff - coeff @ u.T)
-            out[rows] = mu + projected
-        if order is not None:
-            out[order] = out.clone()
+        classes, slot, counts = idx.unique(return_inverse=True, return_counts=True)
+        if len(classes) == 1:  # one class: the rows already are the block
+            slot = pos = slice(None)
+            block = flat[None]
+        else:
+            order = torch.argsort(slot, stable=True)
+            starts = torch.cumsum(counts, 0) - counts
+            pos = torch.empty_like(order)
+            pos[order] = torch.arange(len(order)) - starts[slot[order]]
+            slot, pos = slot.to(x.device), pos.to(x.device)
+            block = flat.new_zeros(len(classes), int(counts.max()), flat.shape[1])
+            block[slot, pos] = flat
+        mu = means[classes.to(x.device)][:, None, :]
+        u = eigvecs[classes.to(x.device)]
+        diff = block - mu
+        coeff = torch.bmm(diff, u)
+        if sigma2 is not None:
+            padded = sigma2.new_ones(block.shape[0], block.shape[1], 1)
+            padded[slot, pos] = sigma2.reshape(-1, 1)
+            sigma2 = padded
+        factor, rest = scale(eigvals[classes.to(x.device)][:, None, :], sigma2)
+        projected = torch.bmm(factor * coeff, u.transpose(1, 2))
+        if rest:
+            projected += rest * (diff - torch.bmm(coeff, u.transpose(1, 2)))
+        out = (mu + projected)[0] if len(classes) == 1 else (mu + projected)[slot, pos]
         return out.reshape(x.shape).to(dtype=x.dtype)
 
     def denoise(self, x: Tensor, sigma: Tensor, labels: Tensor | None = None) -> Tensor:
         """Closed-form posterior mean E[x0 | x] under the Gaussian, per-row sigma [B]."""
-        s2 = sigma.to(device=x.device, dtype=torch.float64).reshape(-1, 1) ** 2
-
-        def shrink(lam, rows):
-            return lam / (lam + s2[rows].to(lam.dtype)), 0.0
-
-        return self._per_class(x, labels, shrink)
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        sigma2 = sigma.to(device=x.device, dtype=dtype) ** 2
+        return self._per_class(x, labels, sigma2, lambda lam, s2: (lam / (lam + s2), 0.0))
 
     def flow(
         self, x: Tensor, sigma_from: float, sigma_to: float, labels: Tensor | None = None
     ) -> Tensor:
         """Exact probability-flow ODE solution from sigma_from to sigma_to (teleportation)."""
         ratio = sigma_to / sigma_from
-        return self._per_class(
-            x,
-            labels,
-            lambda lam, rows: (torch.sqrt((sigma_to**2 + lam) / (sigma_from**2 + lam)), ratio),
-        )
+
+        def along(lam, _):
+            return torch.sqrt((sigma_to**2 + lam) / (sigma_from**2 + lam)), ratio
+
+        return self._per_class(x, labels, None, along)
 
     def denoiser(self):
         """This Gaussian as a denoiser D(x, sigma, cond) (class from cond['label'])."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
@@ -24,7 +25,8 @@ class _Entry:
     result: JobResult | None = None
     step: int = 0
     steps: int = 0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # any event (SSE)
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # the result is stored
 
     def touch(self) -> None:
         """Wake everyone waiting on this entry, then re-arm."""
@@ -164,6 +166,7 @@ class MemoryQueue:
         if entry.state is JobState.QUEUED:
             self._take_queued(entry)
         entry.state, entry.result = result.state, result
+        entry.done.set()
         if result.state is JobState.SUCCEEDED:
             self.drain.add(entry.job.n)
         data = (
@@ -218,15 +221,10 @@ class MemoryQueue:
         entry = self._entries.get(job_id)
         if entry is None:
             return None
-        deadline = time.monotonic() + timeout
-        while entry.result is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            try:
-                await asyncio.wait_for(entry.changed.wait(), remaining)
-            except TimeoutError:
-                return None
+        if entry.result is None and timeout > 0:
+            # waits on `done` alone, so step events do not wake every waiting request
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(entry.done.wait(), timeout)
         return entry.result
 
     def _ahead(self, entry: _Entry) -> tuple[int, int]:
