@@ -111,19 +111,21 @@ class MemoryQueue:
         return job, True
 
     def _evict(self) -> None:
-        """Forget the oldest finished jobs beyond `retained_jobs`."""
+        """Forget the oldest finished jobs beyond `retained_jobs` (oldest first, so the
+        scan stops after a handful of entries)."""
         excess = len(self._entries) - self.retained_jobs
         if excess <= 0:
             return
-        for job_id in list(self._entries):
-            if excess <= 0:
+        doomed = []
+        for job_id, entry in self._entries.items():
+            if len(doomed) == excess:
                 break
-            entry = self._entries[job_id]
             if entry.result is not None:
-                del self._entries[job_id]
-                if entry.job.idempotency_key is not None:
-                    self._keys.pop(entry.job.idempotency_key, None)
-                excess -= 1
+                doomed.append(job_id)
+        for job_id in doomed:
+            entry = self._entries.pop(job_id)
+            if entry.job.idempotency_key is not None:
+                self._keys.pop(entry.job.idempotency_key, None)
 
     def _take_queued(self, entry: _Entry) -> None:
         self._queued_samples -= entry.job.n

@@ -72,13 +72,16 @@ class Worker:
     async def _compute(self, batch: list[Active]):
         """step_batch on the event loop if this model's passes are short, else in the thread."""
         name = batch[0].job.model
+        begin = time.perf_counter()
         if self._recent.get(name, math.inf) < self.inline_compute:
             outcomes, seconds = step_batch(batch)
         else:
             loop = asyncio.get_running_loop()
             outcomes, seconds = await loop.run_in_executor(self._executor, step_batch, batch)
-        previous = self._recent.get(name, seconds)
-        self._recent[name] = 0.8 * previous + 0.2 * seconds
+        # the whole tick counts (forward, sampler steps, encoding): that is what an inline
+        # tick would keep the API waiting for
+        took = time.perf_counter() - begin
+        self._recent[name] = 0.8 * self._recent.get(name, took) + 0.2 * took
         return outcomes, seconds
 
     async def _admit(self) -> None:
