@@ -27,7 +27,6 @@ from engines.teleport import GaussianStats
 
 MODEL_FILE = "model.yaml"
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
-GUIDED_SAMPLERS = ("euler_cfgpp",)  # need a CFG++ denoiser, so a model with guidance
 _MISSING = object()
 
 
@@ -183,7 +182,7 @@ class _Fields:
 
 def _fits(sampler: str, kind: Kind) -> bool:
     info = INFO[sampler]
-    return info.family in kind.families and (kind.guidance or sampler not in GUIDED_SAMPLERS)
+    return info.family in kind.families and (kind.guidance or not info.guided)
 
 
 def _parse_sampling(path: Path, data: object, kind: str) -> SamplingSpec:

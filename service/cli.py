@@ -25,11 +25,11 @@ def _bench_samplers(args: argparse.Namespace) -> int:
 
     names = tuple(args.samplers.split(",")) if args.samplers else None
     if names:
-        unknown = sorted(set(names) - set(INFO) | ({"teleport"} & set(names)))
+        usable = {n for n, info in INFO.items() if n != "teleport" and not info.guided}
+        unknown = sorted(set(names) - usable)
         if unknown:
             print(
-                f"fewstep: unknown sampler(s) {unknown}; "
-                f"choose from {sorted(set(INFO) - {'teleport'})}",
+                f"fewstep: unknown sampler(s) {unknown}; choose from {sorted(usable)}",
                 file=sys.stderr,
             )
             return 2

@@ -39,6 +39,7 @@ class SamplerInfo:
     stochastic: bool
     family: str  # "ode", "sde" or "consistency"; "teleport" wraps another sampler
     evals_per_step: int  # 2 for two-stage methods (one fewer when the last step reaches 0)
+    guided: bool = False  # needs a CFG++ denoiser (a Guided pair per call)
 
 
 SAMPLERS: dict[str, SamplerFn] = {}
@@ -51,12 +52,15 @@ def register(
     stochastic: bool = False,
     min_steps: int | Callable[[dict], int] = 1,
     evals_per_step: int = 1,
+    guided: bool = False,
 ) -> Callable[[SamplerFn], SamplerFn]:
     """Add a sampler to SAMPLERS under its function name."""
 
     def add(fn: SamplerFn) -> SamplerFn:
         rule = min_steps if callable(min_steps) else (lambda _opts, n=min_steps: n)
-        INFO[fn.__name__] = SamplerInfo(fn.__name__, fn, rule, stochastic, family, evals_per_step)
+        INFO[fn.__name__] = SamplerInfo(
+            fn.__name__, fn, rule, stochastic, family, evals_per_step, guided
+        )
         SAMPLERS[fn.__name__] = fn
         return fn
 

@@ -35,7 +35,7 @@ def euler(x: Tensor, sigmas: Tensor, noise: RowNoise) -> SamplerGen:
     return x
 
 
-@register(family="ode")
+@register(family="ode", guided=True)
 def euler_cfgpp(x: Tensor, sigmas: Tensor, noise: RowNoise) -> SamplerGen:
     """DDIM with CFG++ (Chung et al. 2024): guided x0, re-noised along the unconditional eps."""
     for i in range(len(sigmas) - 1):

@@ -59,3 +59,15 @@ def test_build_gaussian_reports_missing_data_and_bad_versions(tmp_path, capsys):
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
     assert main(["build", "gaussian", "--version", "0", "--out", str(tmp_path / "x")]) == 1
     assert "version must be a positive integer" in capsys.readouterr().err
+
+
+def test_bench_runs_every_unguided_sampler(capsys):
+    from engines.sampler_bench import BenchConfig
+    from engines.samplers import INFO
+
+    expected = {n for n, i in INFO.items() if n != "teleport" and not i.guided}
+    assert set(BenchConfig().samplers) == expected and "euler_cfgpp" not in expected
+    assert main(["bench", "samplers", "--rows", "8", "--nfe", "4"]) == 0
+    out = capsys.readouterr().out
+    for name in expected:
+        assert f"| {name} | no |" in out
