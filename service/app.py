@@ -127,6 +127,17 @@ def load_models(settings: Settings, metrics: Metrics) -> tuple[dict, dict, dict]
     return loaded, specs, defaults
 
 
+def resolve_device(device: str) -> str:
+    """'auto' is CUDA when torch sees a GPU, else the CPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fewstep: FEWSTEP_DEVICE=cuda but torch sees no GPU; use auto or cpu")
+    return device
+
+
 def tune_gc() -> None:
     """Keep the garbage collector off the request path.
 
@@ -167,6 +178,7 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
             max_queue_delay_ms=settings.max_queue_delay_ms,
             max_active_samples=settings.max_active_samples,
             inline_compute_ms=settings.inline_compute_ms,
+            device=resolve_device(settings.device),
         )
         workers.append(worker)
         tune_gc()

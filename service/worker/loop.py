@@ -35,8 +35,10 @@ class Worker:
         max_queue_delay_ms: float = 5.0,
         max_active_samples: int = 0,
         inline_compute_ms: float = 2.0,
+        device: str = "cpu",
     ) -> None:
         self.queue, self.models, self.metrics = queue, models, metrics
+        self.device = device
         self.static, self.max_queue_delay = static, max_queue_delay_ms / 1000
         biggest = max((m.spec.max_batch_size for m in models.values()), default=1)
         self.capacity = max_active_samples or biggest
@@ -122,7 +124,7 @@ class Worker:
             )
             return
         try:
-            active = start(job, model)
+            active = start(job, model, device=self.device)
         except ValueError as exc:
             await self._finish_job(job, JobState.FAILED, "invalid_parameter", str(exc))
             return
