@@ -112,3 +112,16 @@ def test_samples_do_not_depend_on_batching_mode():
         return [(await queue.result(j.id, 0)).outputs for j in jobs]
 
     assert asyncio.run(scenario(False)) == asyncio.run(scenario(True))
+
+
+def test_device_resolution_on_a_cpu_machine():
+    import pytest
+    import torch
+
+    from service.app import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(SystemExit, match="sees no GPU"):
+        resolve_device("cuda")
