@@ -45,6 +45,9 @@ class Job:
     deadline: float | None = None  # unix time after which the job must not use compute
     priority: int = 0  # higher runs first
     preview: bool = False  # attach a small x0 preview to step events
+    # what the worker makes of each sample (service.media.ENCODINGS): "png", or "raw"
+    # uint8 pixels [H, W, C] for the Open Inference Protocol's image tensor
+    output_format: str = "png"
     idempotency_key: str | None = None
     id: str = field(default_factory=new_job_id)
     submit_time: float = field(default_factory=time.time)

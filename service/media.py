@@ -46,3 +46,17 @@ def encode_images(x: Tensor, data_range: tuple[float, float]) -> list[bytes]:
     """One PNG per row of a batch [B, C, H, W]."""
     pixels = to_uint8(x.detach().cpu(), data_range)
     return [encode_png(p) for p in pixels]
+
+
+def raw_pixels(x: Tensor, data_range: tuple[float, float]) -> list[bytes]:
+    """One uint8 buffer [H, W, C] (channels last) per row of a batch [B, C, H, W]: the
+    pixels encode_images would put into each PNG, unencoded."""
+    pixels = to_uint8(x.detach().cpu(), data_range).permute(0, 2, 3, 1).contiguous()
+    return [p.numpy().tobytes() for p in pixels]
+
+
+# Job.output_format -> (encoder, media type of the bytes it makes)
+ENCODINGS = {
+    "png": (encode_images, "image/png"),
+    "raw": (raw_pixels, "application/octet-stream"),
+}

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from engines.noise import row_seeds
 from service.jobs import Job, JobEvent, JobResult, JobState
+from service.media import ENCODINGS
 from service.metrics import BatchStats, Metrics
 from service.queue.base import JobQueue
 from service.worker.scheduler import Active, Outcome, pick_batch, start, step_batch
@@ -207,6 +208,7 @@ class Worker:
             job.id,
             state,
             outputs=list(outputs),
+            media_type=ENCODINGS[job.output_format][1],
             seeds=row_seeds(job.seed, job.n) if outputs else [],
             nfe=active.nfe if active else 0,
             queue_seconds=started - job.submit_time,

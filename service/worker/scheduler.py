@@ -20,7 +20,7 @@ from engines.noise import RowNoise, row_seeds
 from engines.samplers import SamplerGen, cat_cond, create, nfe, split_rows
 from engines.schedules import karras_sigmas, teleport_sigmas
 from service.jobs import Job
-from service.media import encode_images
+from service.media import ENCODINGS, encode_images
 
 
 @dataclass
@@ -141,7 +141,8 @@ def advance(active: Active, x0) -> Outcome:
                 code="non_finite",
                 message="the final sample is not finite",
             )
-        return Outcome(active, "done", preview, encode_images(stop.value, data_range))
+        encode = ENCODINGS[active.job.output_format][0]
+        return Outcome(active, "done", preview, encode(stop.value, data_range))
     except Exception as exc:  # a sampler must never take the worker down
         active.pending = None
         return Outcome(active, "failed", code="sampler_error", message=f"the sampler failed: {exc}")
