@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api import health, images, jobs, models
+from service.api import health, images, jobs, models, v2
 from service.api.state import ServiceState
 from service.config import Settings
 from service.errors import FewstepError, InvalidRequest, PayloadTooLarge
@@ -39,7 +39,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send)
+            return await self._refuse(scope, send)
         body, more = b"", True
         while more:
             message = await receive()
@@ -47,7 +47,7 @@ class BodyLimit:
                 return None  # the client went away
             body += message.get("body", b"")
             if len(body) > self.limit:
-                return await self._refuse(send)
+                return await self._refuse(scope, send)
             more = message.get("more_body", False)
         replayed = False
 
@@ -60,10 +60,9 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send) -> None:
+    async def _refuse(self, scope, send) -> None:
         err = PayloadTooLarge(f"request body is over {self.limit} bytes; send a smaller request")
-        response = JSONResponse(err.body(), status_code=err.status)
-        await response({"type": "http"}, None, send)
+        await error_response(scope["path"], err)({"type": "http"}, None, send)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -80,24 +79,28 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts), param
 
 
+def error_response(path: str, err: FewstepError, headers: dict | None = None) -> JSONResponse:
+    """The error in the shape of the surface asked: the Open Inference Protocol's
+    {"error": "..."} under /v2, the OpenAI shape elsewhere."""
+    body = {"error": err.message} if path == "/v2" or path.startswith("/v2/") else err.body()
+    return JSONResponse(body, status_code=err.status, headers=headers or err.headers())
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FewstepError)
     async def fewstep_error(request: Request, exc: FewstepError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+        return error_response(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         message, param = _validation_message(exc)
-        err = InvalidRequest(message, param=param)
-        return JSONResponse(err.body(), status_code=err.status)
+        return error_response(request.url.path, InvalidRequest(message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         err = FewstepError(str(exc.detail))
         err.status, err.type, err.code = exc.status_code, "invalid_request_error", "http_error"
-        return JSONResponse(
-            err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None)
-        )
+        return error_response(request.url.path, err, getattr(exc, "headers", None))
 
 
 def load_models(settings: Settings, metrics: Metrics) -> tuple[dict, dict, dict]:
@@ -192,10 +195,21 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
         await queue.start()
         task = asyncio.create_task(boot(), name="fewstep-worker")
         app.state.worker_task = task
+        grpc_server = None
+        if settings.grpc:
+            from service.grpc.server import start as start_grpc
+
+            grpc_server = await start_grpc(
+                state, settings.host, settings.grpc_port, settings.max_body_bytes
+            )
+            app.state.grpc_port = grpc_server.port
         try:
             yield
         finally:
             state.ready = False
+            if grpc_server is not None:
+                # in-flight calls still need the worker: stop gRPC before it
+                await grpc_server.stop(grace=10)
             for worker in workers:
                 worker.stop()
             if not workers:
@@ -211,7 +225,7 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
         lifespan=lifespan,
     )
     app.state.fewstep = state
-    for module in (images, jobs, models, health):
+    for module in (images, jobs, models, health, v2):
         app.include_router(module.router)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

@@ -86,6 +86,8 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {
         "host": args.host,
         "port": args.port,
+        "grpc_port": args.grpc_port,
+        "grpc": False if args.no_grpc else None,
         "model_repo": args.model_repo,
         "batching": args.batching,
         "max_queue_delay_ms": args.max_queue_delay_ms,
@@ -113,6 +115,10 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--host", default=None, help="bind address (default 0.0.0.0)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    serve.add_argument(
+        "--grpc-port", type=int, default=None, help="OIP v2 gRPC port (default 8001; 0: any free)"
+    )
+    serve.add_argument("--no-grpc", action="store_true", help="serve HTTP only")
     serve.add_argument("--model-repo", default=None, help="model repository folder")
     serve.add_argument("--batching", choices=["continuous", "static"], default=None)
     serve.add_argument(

@@ -18,6 +18,8 @@ class Settings(BaseSettings):
 
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
+    grpc: bool = Field(True, description="serve OIP v2 gRPC (and grpc.health.v1) next to HTTP")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: any free port)")
     model_repo: Path = DEFAULT_REPO
     models: list[str] = Field(default_factory=list, description="load only these (default: all)")
     device: Literal["auto", "cpu", "cuda"] = "auto"

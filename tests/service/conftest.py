@@ -144,6 +144,7 @@ class Server:
 
 
 def serve(models=None, **settings) -> Server:
+    settings.setdefault("grpc", False)  # tests/service/test_oip.py turns it on, on loopback
     app = create_app(Settings(warmup=False, **settings), loaded=models or fixture_models())
     return Server(app)
 
