@@ -1,0 +1,313 @@
+"""One small request over every protocol of one `fewstep serve`, side by side.
+
+    .venv/bin/python loadtest/protocols.py [--seconds 9] [--rounds 3] [--concurrency 1,16]
+
+The request: one fashion-gaussian image (label "sneaker"), 1 euler step, a new seed each
+time. The same server answers it as the OpenAI-style endpoint (JSON, a base64 PNG), as OIP
+HTTP with binary tensors and with JSON tensors (bodies built by tritonclient, sent with the
+same httpx client as the OpenAI requests), as OIP gRPC (tritonclient.grpc.aio), and, for
+reference, through tritonclient.http.aio itself. Each row is a closed loop of
+`concurrency` clients for `--seconds`, after a warm-up.
+
+Where the time goes, per request: `server job` is the server's own submit-to-result time
+(queue wait, sampling, encoding; reported in every response), `protocol` is the client's
+p50 latency minus that p50: parsing, validation, serialisation, the transport and the client.
+Server and client CPU milliseconds per request come from /proc and process_time. The load
+generator shares the machine's cores with the server, so every row pays for its client too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+import tritonclient.http as httpclient
+import tritonclient.http.aio as aiohttpclient
+import uvloop
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "fashion-gaussian"
+LABEL, STEPS, SAMPLER = "sneaker", 1, "euler"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`fewstep serve` with HTTP and (unless grpc=False) gRPC on free loopback ports."""
+
+    def __init__(self, grpc: bool = True) -> None:
+        self.port, self.grpc_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "FEWSTEP_MODELS": f'["{MODEL}"]'}
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), "--grpc-port", str(self.grpc_port)]
+        cmd += [] if grpc else ["--no-grpc"]
+        self.proc = subprocess.Popen([*cmd, "--log-level", "warning"], cwd=ROOT, env=env)
+
+    def __enter__(self) -> ServerProcess:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/v2/health/ready").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError(f"server on {self.url} did not become ready")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- one request per protocol: send it, check it, return the server's job seconds ------------
+
+Call = Callable[[int], Awaitable[float]]
+
+
+def oip_inputs(module, seed: int, binary: bool = True) -> list:
+    def tensor(name, array, datatype):
+        t = module.InferInput(name, list(array.shape), datatype)
+        if module is grpcclient:
+            t.set_data_from_numpy(array)
+        else:
+            t.set_data_from_numpy(array, binary_data=binary)
+        return t
+
+    return [
+        tensor("label", np.array([LABEL.encode()], dtype=object), "BYTES"),
+        tensor("seed", np.array([seed], dtype=np.int64), "INT64"),
+        tensor("steps", np.array([STEPS], dtype=np.int32), "INT32"),
+        tensor("sampler", np.array([SAMPLER.encode()], dtype=object), "BYTES"),
+    ]
+
+
+def openai_call(client: httpx.AsyncClient) -> Call:
+    async def call(seed: int) -> float:
+        body = {"model": MODEL, "prompt": LABEL, "steps": STEPS, "sampler": SAMPLER, "seed": seed}
+        r = await client.post("/v1/images/generations", json=body)
+        r.raise_for_status()
+        data = r.json()
+        assert base64.b64decode(data["data"][0]["b64_json"])[:4] == b"\x89PNG"
+        return data["timings"]["total_seconds"]
+
+    return call
+
+
+def oip_http_call(client: httpx.AsyncClient, binary: bool) -> Call:
+    url = f"/v2/models/{MODEL}/infer"
+    output = [httpclient.InferRequestedOutput("image", binary_data=binary)]
+
+    async def call(seed: int) -> float:
+        body, json_size = httpclient.InferenceServerClient.generate_request_body(
+            oip_inputs(httpclient, seed, binary), outputs=output
+        )
+        headers = {} if json_size is None else {"Inference-Header-Content-Length": str(json_size)}
+        r = await client.post(url, content=body, headers=headers)
+        r.raise_for_status()
+        length = r.headers.get("Inference-Header-Content-Length")
+        header = json.loads(r.content[: int(length)] if length else r.content)
+        image = r.content[int(length) :] if length else bytes(header["outputs"][0]["data"])
+        assert len(image) == 28 * 28
+        return header["parameters"]["total_seconds"]
+
+    return call
+
+
+def tritonclient_http_call(client) -> Call:
+    async def call(seed: int) -> float:
+        result = await client.infer(MODEL, oip_inputs(aiohttpclient, seed))
+        assert result.as_numpy("image").shape == (1, 28, 28, 1)
+        return result.get_response()["parameters"]["total_seconds"]
+
+    return call
+
+
+def grpc_call(client) -> Call:
+    async def call(seed: int) -> float:
+        result = await client.infer(MODEL, oip_inputs(grpcclient, seed))
+        assert result.as_numpy("image").shape == (1, 28, 28, 1)
+        return result.get_response().parameters["total_seconds"].double_param
+
+    return call
+
+
+# -- the measurement ------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    name: str
+    concurrency: int
+    seconds: float  # measured wall time
+    latencies: list[float]
+    jobs: list[float]  # the server's job seconds (submit to result)
+    server_cpu: float  # CPU seconds, in all
+    client_cpu: float
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.seconds
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def closed_loop(call: Call, concurrency: int, seconds: float, seed0: int) -> tuple:
+    latencies, jobs = [], []
+    seeds = iter(range(seed0, seed0 + 10**8))
+    stop = time.perf_counter() + seconds
+
+    async def client() -> None:
+        while time.perf_counter() < stop:
+            begin = time.perf_counter()
+            job = await call(next(seeds))
+            latencies.append(time.perf_counter() - begin)
+            jobs.append(job)
+
+    begin = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return len(latencies) / (time.perf_counter() - begin), latencies, jobs
+
+
+async def measure(
+    server: ServerProcess,
+    concurrencies: list[int],
+    seconds: float,
+    rounds: int,
+    only_openai: bool = False,
+) -> list[Row]:
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    http = httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits)
+    protocols = [("OpenAI-style POST /v1/images/generations", openai_call(http))]
+    closers = [http.aclose]
+    if only_openai:
+        protocols = [("OpenAI-style, server started with --no-grpc", openai_call(http))]
+    else:
+        grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+        triton_http = aiohttpclient.InferenceServerClient(
+            f"127.0.0.1:{server.port}", conn_limit=256
+        )
+        closers += [grpc.close, triton_http.close]
+        protocols += [
+            ("OIP HTTP, binary tensors", oip_http_call(http, binary=True)),
+            ("OIP HTTP, JSON tensors", oip_http_call(http, binary=False)),
+            ("OIP gRPC (tritonclient.grpc.aio)", grpc_call(grpc)),
+            ("OIP HTTP, binary (tritonclient.http.aio)", tritonclient_http_call(triton_http)),
+        ]
+    rows = []
+    try:
+        for concurrency in concurrencies:
+            # rounds interleave the protocols, so a change in background load (this machine
+            # is shared) spreads over all rows instead of biasing one
+            parts: dict[str, list[Row]] = {name: [] for name, _ in protocols}
+            for _ in range(rounds):
+                for i, (name, call) in enumerate(protocols):
+                    print(f"  {name}, concurrency {concurrency} ...", file=sys.stderr, flush=True)
+                    parts[name].append(
+                        await measure_one(server, name, call, concurrency, seconds / rounds, i)
+                    )
+            rows += [merge(part) for part in parts.values()]
+    finally:
+        for close in closers:
+            await close()
+    return rows
+
+
+async def measure_one(
+    server: ServerProcess, name: str, call: Call, concurrency: int, seconds: float, i: int
+) -> Row:
+    await closed_loop(call, concurrency, min(0.5, seconds), 0)  # warm-up
+    cpu, client_cpu = server.cpu_seconds(), time.process_time()
+    begin = time.perf_counter()
+    _, latencies, jobs = await closed_loop(call, concurrency, seconds, i * 10**6)
+    elapsed = time.perf_counter() - begin
+    return Row(
+        name,
+        concurrency,
+        elapsed,
+        latencies,
+        jobs,
+        server.cpu_seconds() - cpu,
+        time.process_time() - client_cpu,
+    )
+
+
+def merge(parts: list[Row]) -> Row:
+    first = parts[0]
+    return Row(
+        first.name,
+        first.concurrency,
+        sum(p.seconds for p in parts),
+        [v for p in parts for v in p.latencies],
+        [v for p in parts for v in p.jobs],
+        sum(p.server_cpu for p in parts),
+        sum(p.client_cpu for p in parts),
+    )
+
+
+def report(rows: list[Row], seconds: float) -> str:
+    lines = [
+        f"# One small request over each protocol ({MODEL}, n=1, {STEPS} {SAMPLER} step; "
+        f"{os.cpu_count()} CPUs shared by server and load generator, {seconds:.0f} s per row)",
+        "",
+        "| protocol | clients | req/s | p50 ms | p99 ms | server job p50 ms | protocol p50 ms "
+        "| server CPU ms/req | client CPU ms/req |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        p50, job = percentile(r.latencies, 50) * 1e3, percentile(r.jobs, 50) * 1e3
+        lines.append(
+            f"| {r.name} | {r.concurrency} | {r.rps:.0f} | {p50:.2f} | "
+            f"{percentile(r.latencies, 99) * 1e3:.2f} | {job:.2f} | {p50 - job:.2f} | "
+            f"{r.server_cpu / len(r.latencies) * 1e3:.2f} | "
+            f"{r.client_cpu / len(r.latencies) * 1e3:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=9.0, help="length of each row")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved parts of each row")
+    parser.add_argument(
+        "--concurrency", default="1,16", help="comma-separated client counts (default 1,16)"
+    )
+    args = parser.parse_args()
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    with ServerProcess() as server:
+        rows = uvloop.run(measure(server, concurrencies, args.seconds, args.rounds))
+    # the OpenAI path once more on a server without gRPC: what serving gRPC costs it
+    with ServerProcess(grpc=False) as server:
+        rows += uvloop.run(
+            measure(server, concurrencies, args.seconds, args.rounds, only_openai=True)
+        )
+    rows.sort(key=lambda r: r.concurrency)
+    print(report(rows, args.seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
