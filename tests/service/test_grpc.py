@@ -24,7 +24,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from service.api.state import ServiceState
+from service.config import Settings
 from service.grpc import protocol
+from service.grpc.server import start
+from service.metrics import Metrics
+from service.queue.memory import MemoryQueue
 
 from .conftest import serve
 from .test_oip import toy_inputs
@@ -358,3 +363,36 @@ def test_fewstep_serve_speaks_grpc_on_its_port():
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_not_ready_until_the_models_are_loaded():
+    """Health says NOT_SERVING and inference UNAVAILABLE until the service is ready, then
+    SERVING; shutdown turns health back to NOT_SERVING."""
+
+    async def main():
+        state = ServiceState(Settings(grpc=False), MemoryQueue(), Metrics())
+        server = await start(state, "127.0.0.1", 0, 65536)
+        url = f"127.0.0.1:{server.port}"
+        async with grpc.aio.insecure_channel(url) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def status() -> int:
+                return (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
+
+            assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+            async with aiogrpcclient.InferenceServerClient(url) as client:
+                assert await client.is_server_live() and not await client.is_server_ready()
+                with pytest.raises(InferenceServerException, match="still loading") as err:
+                    await client.infer("toy", inputs(["dark"], 1))
+                assert err.value.status() == "StatusCode.UNAVAILABLE"
+            state.ready = True
+            for _ in range(100):
+                if await status() == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                await asyncio.sleep(0.01)
+            assert await status() == health_pb2.HealthCheckResponse.SERVING
+            await server.health.enter_graceful_shutdown()
+            assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        await server.stop(grace=1)
+
+    asyncio.run(main())
