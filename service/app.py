@@ -18,7 +18,7 @@ from service.api.state import ServiceState
 from service.config import Settings
 from service.errors import FewstepError, InvalidRequest, PayloadTooLarge
 from service.metrics import Metrics
-from service.queue.memory import MemoryQueue
+from service.queue.factory import make_queue
 from service.worker.loop import Worker
 
 log = logging.getLogger("fewstep")
@@ -130,6 +130,32 @@ def load_models(settings: Settings, metrics: Metrics) -> tuple[dict, dict, dict]
     return loaded, specs, defaults
 
 
+def load_specs(settings: Settings) -> tuple[dict, dict]:
+    """The specs of the models to serve, without their weights (an API-only process)."""
+    from engines.repository import Repository
+
+    repo = Repository(settings.model_repo)
+    names = settings.models or repo.names()
+    unknown = sorted(set(names) - set(repo.names()))
+    if unknown:
+        raise SystemExit(
+            f"fewstep: unknown model(s) {unknown} in {settings.model_repo}; have {repo.names()}"
+        )
+    specs: dict = {}
+    for spec in repo.specs():
+        if spec.name in names:
+            specs.setdefault(spec.name, {})[spec.version] = spec
+    return specs, {name: repo.default_version(name) for name in specs}
+
+
+def specs_of(models: dict) -> tuple[dict, dict]:
+    """{name: {version: spec}} and the default (highest) version of each loaded model."""
+    specs: dict = {}
+    for (name, version), model in models.items():
+        specs.setdefault(name, {})[version] = model.spec
+    return specs, {name: max(versions) for name, versions in specs.items()}
+
+
 def resolve_device(device: str) -> str:
     """'auto' is CUDA when torch sees a GPU, else the CPU."""
     import torch
@@ -159,20 +185,28 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
     """The service. `loaded` ({(name, version): LoadedModel}) skips the repository (tests)."""
     settings = settings or Settings()
     metrics = Metrics()
-    queue = MemoryQueue(settings.max_queued_samples, settings.retained_jobs)
+    queue = make_queue(settings)
     state = ServiceState(settings, queue, metrics)
 
     workers: list[Worker] = []
 
     async def boot() -> None:
         models = loaded
+        if not settings.worker:
+            # API only (distributed mode): validate against the specs, load no weights
+            if models is None:
+                state.specs, state.default_versions = await asyncio.to_thread(load_specs, settings)
+            else:
+                state.specs, state.default_versions = specs_of(models)
+            tune_gc()
+            state.ready = True
+            log.info("fewstep API ready (no worker): %s", ", ".join(sorted(state.specs)))
+            return
         if models is None:
             models, specs, defaults = await asyncio.to_thread(load_models, settings, metrics)
             state.specs, state.default_versions = specs, defaults
         else:
-            for (name, version), model in models.items():
-                state.specs.setdefault(name, {})[version] = model.spec
-                state.default_versions[name] = max(state.default_versions.get(name, 0), version)
+            state.specs, state.default_versions = specs_of(models)
         worker = Worker(
             queue,
             models,
@@ -182,6 +216,8 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
             max_active_samples=settings.max_active_samples,
             inline_compute_ms=settings.inline_compute_ms,
             device=resolve_device(settings.device),
+            # with a shared queue, other workers may serve other models
+            claim_models=None if settings.queue == "memory" else set(models),
         )
         workers.append(worker)
         tune_gc()

@@ -1,4 +1,4 @@
-"""The `fewstep` command line: serve, bench, build."""
+"""The `fewstep` command line: serve, worker, bench, build."""
 
 from __future__ import annotations
 
@@ -91,12 +91,21 @@ def _serve(args: argparse.Namespace) -> int:
         "model_repo": args.model_repo,
         "batching": args.batching,
         "max_queue_delay_ms": args.max_queue_delay_ms,
+        "queue": args.queue,
+        "worker": False if args.no_worker else None,
     }
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
         Repository(settings.model_repo).specs()  # fail fast on a broken repository
     except (ValidationError, RepositoryError, OSError) as err:
         print(f"fewstep: {err}", file=sys.stderr)
+        return 2
+    if not settings.worker and settings.queue == "memory":
+        print(
+            "fewstep: --no-worker needs a queue that workers share: add --queue "
+            "redis://HOST:6379/0 and run `fewstep worker` with the same queue",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     uvicorn.run(
@@ -124,8 +133,66 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--max-queue-delay-ms", type=float, default=None, help="static batching wait"
     )
+    serve.add_argument(
+        "--queue", default=None, help="'memory' (default) or redis://HOST:PORT/DB, shared"
+    )
+    serve.add_argument(
+        "--no-worker", action="store_true", help="API only: `fewstep worker`s run the jobs"
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=_serve)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvloop
+    from pydantic import ValidationError
+
+    from engines.repository import Repository, RepositoryError
+    from service.config import Settings
+    from service.worker.process import run_worker
+
+    overrides = {
+        "queue": args.queue,
+        "model_repo": args.model_repo,
+        "models": args.models.split(",") if args.models else None,
+        "batching": args.batching,
+    }
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+        Repository(settings.model_repo).specs()  # fail fast on a broken repository
+    except (ValidationError, RepositoryError, OSError) as err:
+        print(f"fewstep: {err}", file=sys.stderr)
+        return 2
+    if settings.queue == "memory":
+        print(
+            "fewstep: a worker process needs the queue the API uses: "
+            "--queue redis://HOST:6379/0 (or FEWSTEP_QUEUE)",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    return uvloop.run(run_worker(settings, metrics_port=args.metrics_port))
+
+
+def _add_worker(commands: argparse._SubParsersAction) -> None:
+    worker = commands.add_parser(
+        "worker",
+        help="run a worker on a shared Redis queue (any number, on any machine); "
+        "SIGTERM: finish the jobs in hand, then exit 0",
+    )
+    worker.add_argument("--queue", default=None, help="redis://HOST:PORT/DB, as the API's")
+    worker.add_argument("--models", default=None, help="comma-separated names (default: all)")
+    worker.add_argument("--model-repo", default=None, help="model repository folder")
+    worker.add_argument("--batching", choices=["continuous", "static"], default=None)
+    worker.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)"
+    )
+    worker.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    worker.set_defaults(run=_worker)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     samplers.set_defaults(run=_bench_samplers)
     _add_build(commands)
     _add_serve(commands)
+    _add_worker(commands)
     return parser
 
 

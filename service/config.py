@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REPO = Path(__file__).resolve().parents[1] / "model_repo"
@@ -40,3 +40,30 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(65536, ge=1024)
     retained_jobs: int = Field(10000, ge=1, description="finished jobs kept for GET and results")
     warmup: bool = True
+
+    # Distributed mode: a Redis Streams queue shared by API and worker processes.
+    queue: str = Field(
+        "memory", description="'memory' (in-process) or redis://HOST:PORT/DB (shared)"
+    )
+    worker: bool = Field(True, description="run a worker in the API process (serve)")
+    redis_prefix: str = Field("fewstep:", min_length=1, description="prefix of every Redis key")
+    redis_timeout_s: float = Field(
+        2.0, gt=0, description="a Redis call slower than this answers 503"
+    )
+    claim_timeout_s: float = Field(
+        30.0, gt=0, description="a job whose worker is silent this long goes to another"
+    )
+    max_deliveries: int = Field(
+        3, ge=1, description="a job handed out this often without a result is dead-lettered"
+    )
+    result_ttl_s: float = Field(86400.0, ge=1, description="results and job records kept for")
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_url(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"queue must be 'memory' or a Redis URL such as redis://127.0.0.1:6379/0, "
+                f"got {value!r}"
+            )
+        return value

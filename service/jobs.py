@@ -51,6 +51,9 @@ class Job:
     idempotency_key: str | None = None
     id: str = field(default_factory=new_job_id)
     submit_time: float = field(default_factory=time.time)
+    # set by the queue when it hands the job out: 2 and more means an earlier holder died
+    # with it, so the worker runs it alone (a poison job takes no neighbours down again)
+    delivery: int = 1
 
     @property
     def rows(self) -> int:

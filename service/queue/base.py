@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Protocol
 
 from service.jobs import Job, JobEvent, JobResult, JobState, JobStatus
@@ -21,22 +21,41 @@ class JobQueue(Protocol):
         Raises QueueFull (with retry_after) when the queue holds too many samples."""
         ...
 
-    async def claim(self, max_samples: int, timeout: float) -> list[Job]:
+    async def claim(
+        self, max_samples: int, timeout: float, models: Collection[tuple[str, int]] | None = None
+    ) -> list[Job]:
         """Take queued jobs (highest priority, then oldest) whose samples fit, waiting up
-        to `timeout` seconds for the first; they become running."""
+        to `timeout` seconds for the first; they become running. `models` ((name, version)
+        pairs) limits the claim to what the caller has loaded; None takes any model. Each
+        job's `delivery` says how many times it has been handed out (2+: its earlier
+        holder died with it)."""
+        ...
+
+    heartbeat_s: float | None
+    """How often a worker must call heartbeat() for the jobs it holds (None: never)."""
+
+    async def heartbeat(self, job_ids: Collection[str]) -> list[str]:
+        """Keep the claims on these running jobs alive; returns those the caller lost
+        (its claim lapsed and another worker took the job over, which now finishes it)."""
         ...
 
     async def complete(self, result: JobResult) -> None:
-        """Store the one result of a job (succeeded, failed or canceled) and wake waiters."""
+        """Store the one result of a job (succeeded, failed or canceled) and wake waiters;
+        a second result for the same job is ignored. The job leaves the queue only now."""
         ...
 
     async def cancel(self, job_id: str) -> JobState | None:
         """Cancel a queued or running job; returns its state after, None if unknown."""
         ...
 
-    async def is_canceled(self, job_id: str) -> bool: ...
+    async def is_canceled(self, job_id: str) -> bool:
+        """Whether the client canceled this running job (the worker asks between steps)."""
+        ...
 
-    async def publish(self, event: JobEvent) -> None: ...
+    async def publish(self, event: JobEvent) -> None:
+        """Add a progress event; it may reach events() a moment later, always before the
+        terminal one. Events after the result are dropped."""
+        ...
 
     def events(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent]:
         """Every event after seq `after`, replayed then live, ending with a terminal one."""

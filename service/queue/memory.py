@@ -8,7 +8,7 @@ import heapq
 import itertools
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 
 from service.errors import Conflict, QueueFull
@@ -65,6 +65,7 @@ class MemoryQueue:
         self._by_priority: Counter[int] = Counter()  # queued jobs per priority
         self._wakeup = asyncio.Event()
         self.drain = DrainRate()
+        self.heartbeat_s: float | None = None  # claims live as long as the process
 
     async def start(self) -> None:
         return None
@@ -132,7 +133,9 @@ class MemoryQueue:
         self._queued_jobs -= 1
         self._by_priority[entry.job.priority] -= 1
 
-    async def claim(self, max_samples: int, timeout: float) -> list[Job]:
+    async def claim(
+        self, max_samples: int, timeout: float, models: Collection[tuple[str, int]] | None = None
+    ) -> list[Job]:
         deadline = time.monotonic() + timeout
         while not self._heap:
             remaining = deadline - time.monotonic()
@@ -149,7 +152,9 @@ class MemoryQueue:
             entry = self._entries.get(item[3])
             if entry is None or entry.state is not JobState.QUEUED:
                 continue
-            if entry.job.n > budget:
+            if entry.job.n > budget or (
+                models is not None and (entry.job.model, entry.job.version) not in models
+            ):
                 skipped.append(item)
                 continue
             budget -= entry.job.n
@@ -188,6 +193,9 @@ class MemoryQueue:
             entry.state = JobState.CANCELED  # the worker sees it between steps
             entry.touch()
         return entry.state
+
+    async def heartbeat(self, job_ids: Collection[str]) -> list[str]:
+        return []  # one process: a claim cannot lapse
 
     async def is_canceled(self, job_id: str) -> bool:
         entry = self._entries.get(job_id)

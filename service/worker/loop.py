@@ -13,9 +13,11 @@ import base64
 import logging
 import math
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 
 from engines.noise import row_seeds
+from service.errors import QueueUnavailable
 from service.jobs import Job, JobEvent, JobResult, JobState
 from service.media import ENCODINGS
 from service.metrics import BatchStats, Metrics
@@ -37,8 +39,12 @@ class Worker:
         max_active_samples: int = 0,
         inline_compute_ms: float = 2.0,
         device: str = "cpu",
+        claim_models: Collection[tuple[str, int]] | None = None,
     ) -> None:
+        """`claim_models`: claim only jobs of these (name, version) pairs, for a worker that
+        shares the queue with others; None claims every job (the embedded worker)."""
         self.queue, self.models, self.metrics = queue, models, metrics
+        self.claim_models = claim_models
         self.device = device
         self.static, self.max_queue_delay = static, max_queue_delay_ms / 1000
         biggest = max((m.spec.max_batch_size for m in models.values()), default=1)
@@ -50,6 +56,8 @@ class Worker:
         self.inline_compute = inline_compute_ms / 1000
         self._recent: dict[str, float] = {}  # model -> moving average of step seconds
         self._stopping = False
+        self._beat_s = queue.heartbeat_s
+        self._next_beat = 0.0
 
     def stop(self) -> None:
         """Stop claiming; run() returns once the jobs in hand are finished."""
@@ -57,20 +65,41 @@ class Worker:
 
     async def run(self, burst: bool = False) -> None:
         """Serve until stop(); with burst, return as soon as the queue is drained."""
+        outage = 0.0
         try:
             while True:
-                if not self._stopping:
-                    await self._admit()
-                if not self.actives:
-                    if self._stopping or (burst and (await self.queue.depth())[0] == 0):
-                        return
+                try:
+                    if not self._stopping:
+                        await self._admit()
+                    if not self.actives:
+                        if self._stopping or (burst and (await self.queue.depth())[0] == 0):
+                            return
+                        continue
+                    if self._beat_s is not None and time.monotonic() >= self._next_beat:
+                        await self._heartbeat()
+                    await self._tick()
+                    outage = 0.0
+                except QueueUnavailable as exc:
+                    # the queue comes back by itself; the jobs in hand wait, none is lost
+                    outage = min(max(outage * 2, 0.1), 2.0)
+                    log.warning("%s; retrying in %.1f s", exc.message, outage)
+                    await asyncio.sleep(outage)
                     continue
-                await self._tick()
                 # A tick computed inline may never suspend; yield so the API can read
                 # requests and write responses between steps (else the loop starves).
                 await asyncio.sleep(0)
         finally:
             self._executor.shutdown(wait=False)
+
+    async def _heartbeat(self) -> None:
+        """Keep the claims on the jobs in hand alive; drop the ones another worker took
+        over after our claim lapsed (that worker stores their result)."""
+        self._next_beat = time.monotonic() + self._beat_s
+        lost = set(await self.queue.heartbeat([a.job.id for a in self.actives]))
+        for active in [a for a in self.actives if a.job.id in lost]:
+            log.warning("job %s was taken over by another worker; dropping it", active.job.id)
+            self.actives.remove(active)
+            self.metrics.active_jobs.labels(active.job.model).dec()
 
     async def _compute(self, batch: list[Active]):
         """step_batch on the event loop if this model's passes are short, else in the thread."""
@@ -93,12 +122,14 @@ class Worker:
         free = self.capacity - sum(a.rows for a in self.actives)
         if free <= 0:
             return
-        jobs = await self.queue.claim(free, 0.05 if not self.actives else 0.0)
+        jobs = await self.queue.claim(free, 0.05 if not self.actives else 0.0, self.claim_models)
         if self.static and jobs:
             deadline = time.monotonic() + self.max_queue_delay
             while sum(j.n for j in jobs) < self.capacity and time.monotonic() < deadline:
                 more = await self.queue.claim(
-                    self.capacity - sum(j.n for j in jobs), deadline - time.monotonic()
+                    self.capacity - sum(j.n for j in jobs),
+                    deadline - time.monotonic(),
+                    self.claim_models,
                 )
                 if not more:
                     break
@@ -221,4 +252,17 @@ class Worker:
             error_code=code,
         )
         self.metrics.observe_result(job, result)
-        await self.queue.complete(result)
+        await self._store(result)
+
+    async def _store(self, result: JobResult) -> None:
+        """Hand the result to the queue, retrying while the queue is unavailable: the job
+        is acknowledged only once its result is stored, so it is never lost."""
+        delay = 0.05
+        while True:
+            try:
+                await self.queue.complete(result)
+                return
+            except QueueUnavailable as exc:
+                log.warning("storing the result of %s: %s", result.job_id, exc.message)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)

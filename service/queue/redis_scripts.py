@@ -1,0 +1,357 @@
+"""The Lua scripts of the Redis Streams backend: each queue operation is one atomic script.
+
+Atomicity is what keeps the books straight across processes: admission (counters), the
+state of a job (queued -> running -> succeeded / failed / canceled), its stream entry, its
+events and its one result change together or not at all, whichever process dies when.
+Every script receives the key prefix as ARGV[1] and the consumer group as ARGV[2]; key
+names come from `keys.lua_prelude()`.
+"""
+
+from __future__ import annotations
+
+from service.queue.keys import lua_prelude
+
+HELPERS = r"""
+local GROUP = ARGV[2]
+
+local function fields(flat)
+  local f = {}
+  for i = 1, #flat, 2 do f[flat[i]] = flat[i + 1] end
+  return f
+end
+
+-- the group's last-delivered id in `stream`, and its lag (false when Redis cannot tell)
+local function cursor(stream)
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local f = fields(g)
+    if f['name'] == GROUP then return f['last-delivered-id'], f['lag'] end
+  end
+  return '0-0', false
+end
+
+-- the first entry after `after` (the group has not been given it), or nil
+local function peek(stream, after)
+  local e = redis.call('XRANGE', stream, '(' .. after, '+', 'COUNT', 1)[1]
+  if e then
+    local f = fields(e[2])
+    return {entry = e[1], id = f['id'], n = tonumber(f['n'])}
+  end
+end
+
+-- is stream id a older than b ("ms-seq" compared as numbers)
+local function older(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  if tonumber(am) ~= tonumber(bm) then return tonumber(am) < tonumber(bm) end
+  return tonumber(as) < tonumber(bs)
+end
+
+-- the job streams of these model versions, with their priorities
+local function streams_of(mvs)
+  local out = {}
+  for _, mv in ipairs(mvs) do
+    for _, p in ipairs(redis.call('SMEMBERS', k_priorities(mv))) do
+      local s = k_stream(mv, p)
+      if redis.call('EXISTS', s) == 1 then
+        table.insert(out, {key = s, priority = tonumber(p)})
+      end
+    end
+  end
+  return out
+end
+
+-- queued jobs of `mv` at priority >= prio (the group's lag, or a count where it has none)
+local function undelivered(mv, prio)
+  local jobs = 0
+  for _, s in ipairs(streams_of({mv})) do
+    if s.priority >= prio then
+      local last, lag = cursor(s.key)
+      if type(lag) == 'number' then
+        jobs = jobs + lag
+      else
+        jobs = jobs + #redis.call('XRANGE', s.key, '(' .. last, '+')
+      end
+    end
+  end
+  return jobs
+end
+
+-- jobs and samples that run before entry `entry` of stream `own` (priority prio)
+local function ahead(mv, prio, own, entry)
+  local jobs, samples = 0, 0
+  for _, s in ipairs(streams_of({mv})) do
+    if s.priority > prio or s.key == own then
+      local stop = '+'
+      if s.key == own then stop = '(' .. entry end
+      for _, e in ipairs(redis.call('XRANGE', s.key, '(' .. (cursor(s.key)), stop)) do
+        jobs = jobs + 1
+        samples = samples + tonumber(fields(e[2])['n'])
+      end
+    end
+  end
+  return jobs, samples
+end
+
+local function add_event(id, etype, data, now)
+  local key = k_events(id)
+  local seq = redis.call('XLEN', key) + 1
+  redis.call('XADD', key, '*', 'seq', seq, 'type', etype, 'data', data, 'time', now)
+  return seq
+end
+
+-- store the one result of a job, its terminal event, and tell the API; false if the job
+-- is unknown or already had its result
+local function finish(id, result, state, err, data, ttl, now, inline_max)
+  local job = k_job(id)
+  local h = redis.call('HMGET', job, 'state', 'n', 'idempotency')
+  if not h[1] then return false end
+  if not redis.call('SET', k_result(id), result, 'NX', 'EX', ttl) then return false end
+  local n = tonumber(h[2]) or 0
+  if h[1] == 'queued' then
+    redis.call('HINCRBY', k_counters(), 'jobs', -1)
+    redis.call('HINCRBY', k_counters(), 'samples', -n)
+  end
+  redis.call('HSET', job, 'state', state, 'error', err)
+  add_event(id, state, data, now)
+  redis.call('EXPIRE', job, ttl)
+  redis.call('EXPIRE', k_events(id), ttl)
+  if h[3] and h[3] ~= '' then redis.call('EXPIRE', k_idempotency(h[3]), ttl) end
+  if #result > inline_max then result = '' end
+  redis.call('PUBLISH', k_done(), id .. '\n' .. n .. '\n' .. state .. '\n' .. result)
+  return true
+end
+
+local function drop(stream, entry)
+  redis.call('XACK', stream, GROUP, entry)
+  redis.call('XDEL', stream, entry)
+end
+"""
+
+# ARGV: prefix, group, id, job json, n, fingerprint, max queued samples, model@version,
+# priority, idempotency key or "", now
+SUBMIT = r"""
+local id, data, n, fp = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local limit, mv, prio, idem, now = tonumber(ARGV[7]), ARGV[8], ARGV[9], ARGV[10], ARGV[11]
+if idem ~= '' then
+  local first = redis.call('GET', k_idempotency(idem))
+  if first then
+    local h = redis.call('HMGET', k_job(first), 'fingerprint', 'data')
+    if h[2] then
+      if h[1] ~= fp then return {'conflict'} end
+      return {'existing', h[2]}
+    end
+  end
+end
+local again = redis.call('HGET', k_job(id), 'data')
+if again then return {'existing', again} end  -- the same submission, retried
+local queued = tonumber(redis.call('HGET', k_counters(), 'samples')) or 0
+if queued + n > limit then return {'full', tostring(queued)} end
+local stream = k_stream(mv, prio)
+if redis.call('EXISTS', stream) == 0 then
+  redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')
+end
+local entry = redis.call('XADD', stream, '*', 'id', id, 'n', n)
+redis.call('HSET', k_job(id), 'data', data, 'fingerprint', fp, 'state', 'queued', 'n', n,
+  'model', mv, 'priority', prio, 'stream', stream, 'entry', entry, 'idempotency', idem,
+  'step', 0, 'steps', 0, 'delivery', 0, 'error', '')
+redis.call('SADD', k_priorities(mv), prio)
+redis.call('SADD', k_models(), mv)
+redis.call('HINCRBY', k_counters(), 'jobs', 1)
+redis.call('HINCRBY', k_counters(), 'samples', n)
+if idem ~= '' then redis.call('SET', k_idempotency(idem), id) end
+local position = undelivered(mv, tonumber(prio)) - 1
+add_event(id, 'queued', '{"position": ' .. position .. '}', now)
+redis.call('PUBLISH', k_submitted(mv), id)
+return {'created', tostring(position)}
+"""
+
+# ARGV: prefix, group, consumer, budget (samples), reclaim 0/1, min idle ms, max deliveries,
+# result ttl, now, inline max, dead result head, dead result tail, dead error, dead event
+# data, then the model@version names the caller serves (none: all)
+CLAIM = r"""
+local consumer, budget = ARGV[3], tonumber(ARGV[4])
+local reclaim, min_idle, max_deliveries = ARGV[5] == '1', tonumber(ARGV[6]), tonumber(ARGV[7])
+local ttl, now, inline_max = tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[10])
+local dead_head, dead_tail, dead_error, dead_data = ARGV[11], ARGV[12], ARGV[13], ARGV[14]
+local mvs = {}
+for i = 15, #ARGV do table.insert(mvs, ARGV[i]) end
+if #mvs == 0 then mvs = redis.call('SMEMBERS', k_models()) end
+local streams = streams_of(mvs)
+local out = {}
+
+local function take(stream, entry, id, delivery)
+  local job = k_job(id)
+  redis.call('HSET', job, 'delivery', delivery)
+  local h = redis.call('HMGET', job, 'data', 'state')
+  table.insert(out, {h[1], h[2], delivery, stream, entry})
+end
+
+-- 1. entries whose holder went quiet for min_idle: take them over, or dead-letter them
+if reclaim then
+  for _, s in ipairs(streams) do
+    local pending = redis.call('XPENDING', s.key, GROUP, 'IDLE', min_idle, '-', '+', 100)
+    for _, p in ipairs(pending) do
+      local entry, deliveries = p[1], p[4]
+      local e = redis.call('XRANGE', s.key, entry, entry)[1]
+      if not e then
+        redis.call('XACK', s.key, GROUP, entry)
+      else
+        local f = fields(e[2])
+        local id, n = f['id'], tonumber(f['n'])
+        local job = k_job(id)
+        if not redis.call('HGET', job, 'state') or redis.call('EXISTS', k_result(id)) == 1 then
+          drop(s.key, entry)
+        elseif deliveries >= max_deliveries then
+          redis.call('XADD', k_dead(), 'MAXLEN', '~', 10000, '*', 'id', id, 'stream', s.key,
+            'entry', entry, 'deliveries', deliveries, 'job', redis.call('HGET', job, 'data'),
+            'reason', dead_error, 'time', now)
+          finish(id, dead_head .. id .. dead_tail, 'failed', dead_error, dead_data, ttl, now,
+            inline_max)
+          drop(s.key, entry)
+        elseif n <= budget then
+          if #redis.call('XCLAIM', s.key, GROUP, consumer, min_idle, entry) > 0 then
+            budget = budget - n
+            take(s.key, entry, id, deliveries + 1)
+          end
+        end
+      end
+    end
+  end
+end
+
+-- 2. new entries, highest priority then oldest first, while they fit; the most urgent job
+-- that does not fit waits for room rather than being overtaken
+local heads = {}
+for i, s in ipairs(streams) do heads[i] = peek(s.key, (cursor(s.key))) end
+while true do
+  local best
+  for i, h in pairs(heads) do
+    if best == nil or streams[i].priority > streams[best].priority
+      or (streams[i].priority == streams[best].priority and older(h.entry, heads[best].entry))
+    then best = i end
+  end
+  if best == nil then break end
+  local h, s = heads[best], streams[best].key
+  local state = redis.call('HGET', k_job(h.id), 'state')
+  if state == 'queued' and h.n > budget then break end
+  redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', 1, 'STREAMS', s, '>')
+  if state == 'queued' then
+    redis.call('HSET', k_job(h.id), 'state', 'running')
+    redis.call('HINCRBY', k_counters(), 'jobs', -1)
+    redis.call('HINCRBY', k_counters(), 'samples', -h.n)
+    budget = budget - h.n
+    take(s, h.entry, h.id, 1)
+  else
+    drop(s, h.entry)  -- canceled (or gone) while queued: nothing to run
+  end
+  heads[best] = peek(s, h.entry)
+end
+return out
+"""
+
+# ARGV: prefix, group, id, result json, state, error, terminal event data, ttl, now, inline max
+COMPLETE = r"""
+local id = ARGV[3]
+local h = redis.call('HMGET', k_job(id), 'state', 'stream', 'entry')
+if not h[1] then return 0 end
+local stored = finish(id, ARGV[4], ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9],
+  tonumber(ARGV[10]))
+-- acknowledge only now that the result is stored; a duplicate completion acks as well
+if h[1] ~= 'queued' then drop(h[2], h[3]) end
+if stored then return 1 end
+return 0
+"""
+
+# ARGV: prefix, group, id, canceled result json, error, terminal event data, ttl, now,
+# inline max
+CANCEL = r"""
+local id = ARGV[3]
+local state = redis.call('HGET', k_job(id), 'state')
+if not state then return false end
+if state == 'queued' then
+  finish(id, ARGV[4], 'canceled', ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8],
+    tonumber(ARGV[9]))
+  return 'canceled'
+end
+if state == 'running' then
+  redis.call('HSET', k_job(id), 'state', 'canceled')  -- the worker stops between steps
+  redis.call('PUBLISH', k_cancel(), id)
+  return 'canceled'
+end
+return state
+"""
+
+# ARGV: prefix, group, then per event: id, type, data json, time, step or "", steps or ""
+PUBLISH = r"""
+for i = 3, #ARGV, 6 do
+  local id = ARGV[i]
+  if redis.call('EXISTS', k_result(id)) == 0 and redis.call('EXISTS', k_job(id)) == 1 then
+    add_event(id, ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
+    if ARGV[i + 4] ~= '' then
+      redis.call('HSET', k_job(id), 'step', ARGV[i + 4], 'steps', ARGV[i + 5])
+    end
+  end
+end
+return 0
+"""
+
+# ARGV: prefix, group, consumer, then per held job: stream, entry, id.
+# Returns {ids this consumer no longer holds, ids whose client canceled them}.
+HEARTBEAT = r"""
+local consumer = ARGV[3]
+local lost, canceled = {}, {}
+for i = 4, #ARGV, 3 do
+  local s, entry, id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local p = {}
+  if redis.call('EXISTS', s) == 1 then p = redis.call('XPENDING', s, GROUP, entry, entry, 1) end
+  if #p == 0 or p[1][2] ~= consumer then
+    table.insert(lost, id)
+  else
+    -- resets the idle time without counting a delivery
+    redis.call('XCLAIM', s, GROUP, consumer, 0, entry, 'JUSTID')
+    if redis.call('HGET', k_job(id), 'state') == 'canceled' then table.insert(canceled, id) end
+  end
+end
+return {lost, canceled}
+"""
+
+# ARGV: prefix, group, id. Returns {job json, state, step, steps, error, jobs ahead, samples
+# ahead} (ahead -1 unless queued), or nil.
+STATUS = r"""
+local h = redis.call('HMGET', k_job(ARGV[3]), 'data', 'state', 'step', 'steps', 'error',
+  'model', 'priority', 'stream', 'entry')
+if not h[1] then return false end
+local jobs, samples = -1, -1
+if h[2] == 'queued' then jobs, samples = ahead(h[6], tonumber(h[7]), h[8], h[9]) end
+return {h[1], h[2], h[3], h[4], h[5], jobs, samples}
+"""
+
+# ARGV: prefix, group, consumer. Forget this consumer where it holds nothing (clean exit).
+FORGET_CONSUMER = r"""
+for _, s in ipairs(streams_of(redis.call('SMEMBERS', k_models()))) do
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', s.key, GROUP)) do
+    local f = fields(c)
+    if f['name'] == ARGV[3] and f['pending'] == 0 then
+      redis.call('XGROUP', 'DELCONSUMER', s.key, GROUP, ARGV[3])
+    end
+  end
+end
+return 0
+"""
+
+SCRIPTS = {
+    "submit": SUBMIT,
+    "claim": CLAIM,
+    "complete": COMPLETE,
+    "cancel": CANCEL,
+    "publish": PUBLISH,
+    "heartbeat": HEARTBEAT,
+    "status": STATUS,
+    "forget_consumer": FORGET_CONSUMER,
+}
+
+
+def sources() -> dict[str, str]:
+    """Each script's full source: key names, shared helpers, then its own body."""
+    head = lua_prelude() + HELPERS
+    return {name: head + body for name, body in SCRIPTS.items()}

@@ -1,0 +1,526 @@
+"""The Redis Streams backend: API processes and workers on any machines share one Redis.
+
+Each model version has one stream per priority and one consumer group of all workers;
+every worker process is its own consumer. A job moves through one atomic Lua script per
+step (`redis_scripts.py`):
+
+- submit: admission against the queued-samples counter, Idempotency-Key, XADD, the
+  `queued` event, a wake-up message for idle workers;
+- claim: XREADGROUP of the highest-priority oldest entries that fit the caller's free
+  samples (entries count jobs, jobs carry n samples: the script reads one entry at a time
+  and stops at the first that does not fit); first it takes over entries whose holder went
+  quiet for `claim_timeout` (XPENDING IDLE + XCLAIM) and dead-letters the ones delivered
+  `max_deliveries` times, giving them a failed result that says why;
+- complete: SET NX of the result with a TTL, the terminal event, XACK + XDEL, and a message
+  on the `done` channel, so a result is written exactly once and the entry is acknowledged
+  only after it is stored;
+- heartbeat: the holder re-claims its entries with XCLAIM JUSTID (idle time reset, no
+  delivery counted), learns which it lost and which were canceled.
+
+API processes learn of results from the `done` channel (no polling), workers of new jobs
+and cancellations from `submitted:*` and `cancel`. Pub/sub is at-most-once, so every
+waiter also reads the result key after subscribing, re-reads after a reconnect, and the
+heartbeat re-reads cancellations. A Redis that does not answer within `timeout` raises
+QueueUnavailable (HTTP 503 with Retry-After), never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Collection
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from service.errors import Conflict, QueueFull, QueueUnavailable
+from service.jobs import Job, JobEvent, JobResult, JobState, JobStatus
+from service.queue.keys import GROUP, Keys, model_version
+from service.queue.memory import DrainRate
+from service.queue.redis_scripts import sources
+
+log = logging.getLogger("fewstep.queue")
+
+DOWN = (RedisConnectionError, RedisTimeoutError, OSError)  # Redis is away, not wrong
+INLINE_RESULT_BYTES = 256 * 1024  # results up to this size travel on the done channel
+
+
+def _unavailable(exc: Exception) -> QueueUnavailable:
+    return QueueUnavailable(
+        f"the job queue (Redis) is unavailable: {exc}; nothing was lost, retry after the "
+        "Retry-After interval",
+        retry_after=2,
+    )
+
+
+def _guarded(method):
+    """Translate 'Redis is away' into QueueUnavailable for the API's 503."""
+
+    @functools.wraps(method)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await method(self, *args, **kwargs)
+        except DOWN as exc:
+            raise _unavailable(exc) from exc
+
+    return wrapper
+
+
+def consumer_name() -> str:
+    """Unique per worker process, and says where it runs: host:pid:random."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class RedisStreamsQueue:
+    """JobQueue over Redis Streams; see the module docstring for the protocol."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "fewstep:",
+        max_queued_samples: int = 1024,
+        claim_timeout: float = 30.0,
+        max_deliveries: int = 3,
+        result_ttl: float = 86400.0,
+        timeout: float = 2.0,
+        consumer: str | None = None,
+    ) -> None:
+        self.url, self.keys = url, Keys(prefix)
+        self.max_queued_samples, self.max_deliveries = max_queued_samples, max_deliveries
+        self.claim_timeout, self.timeout = claim_timeout, timeout
+        self.result_ttl = max(1, round(result_ttl))
+        self.heartbeat_s = claim_timeout / 4  # the worker re-claims what it holds this often
+        self.consumer = consumer or consumer_name()
+        self.drain = DrainRate()
+        self.redis: aioredis.Redis | None = None
+        self._sources = sources()
+        self._shas = {k: hashlib.sha1(v.encode()).hexdigest() for k, v in self._sources.items()}
+        self._held: dict[str, tuple[str, str]] = {}  # job id -> (stream, entry) we hold
+        self._canceled: set[str] = set()  # held jobs whose client canceled them
+        self._waiters: dict[str, list[asyncio.Future]] = {}
+        self._outbox: list[JobEvent] = []
+        self._flusher: asyncio.Task | None = None
+        self._write_lock = asyncio.Lock()
+        self._wakeup = asyncio.Event()
+        self._listeners: dict[str, asyncio.Task] = {}
+        self._next_reclaim = 0.0
+        dead = JobResult(
+            "\0", JobState.FAILED, error=self._dead_message(), error_code="dead_lettered"
+        )
+        self._dead_head, self._dead_tail = json.dumps(dead.to_dict()).split("\\u0000")
+
+    def _dead_message(self) -> str:
+        return (
+            f"the job was delivered {self.max_deliveries} times and no worker finished it "
+            "(each time its worker died or lost it), so it was moved to the dead-letter "
+            f"stream {self.keys.dead}; check the workers' logs, then resubmit"
+        )
+
+    # -- connection ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect lazily: an API starts (and answers 503) while Redis is away."""
+        self.redis = aioredis.Redis.from_url(
+            self.url,
+            decode_responses=True,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            # one immediate retry on a fresh connection covers pooled connections that a
+            # Redis restart closed; a timeout is not retried, so a hung Redis costs `timeout`
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+
+    async def close(self) -> None:
+        for task in self._listeners.values():
+            task.cancel()
+        for task in self._listeners.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._listeners.clear()
+        with contextlib.suppress(*DOWN):
+            await self._flush()
+            if not self._held:
+                await self._script("forget_consumer", self.consumer)
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    def _queue_script(self, pipe, name: str, *args) -> None:
+        pipe.evalsha(self._shas[name], 0, self.keys.prefix, GROUP, *args)
+
+    async def _script(self, name: str, *args):
+        """EVALSHA with the prefix and group first; loads the script when Redis lost it
+        (a restart flushes scripts)."""
+        argv = (self.keys.prefix, GROUP, *args)
+        try:
+            return await self.redis.evalsha(self._shas[name], 0, *argv)
+        except NoScriptError:
+            await self._load_scripts()
+            return await self.redis.evalsha(self._shas[name], 0, *argv)
+
+    async def _load_scripts(self) -> None:
+        for name, source in self._sources.items():
+            self._shas[name] = await self.redis.script_load(source)
+
+    # -- submit, status, cancel (API side) -------------------------------------------------
+
+    @_guarded
+    async def submit(self, job: Job, fingerprint: str = "") -> tuple[Job, bool]:
+        self._listen("done")  # completions feed the drain rate behind Retry-After and ETAs
+        reply = await self._script(
+            "submit",
+            job.id,
+            json.dumps(job.to_dict()),
+            job.n,
+            fingerprint,
+            self.max_queued_samples,
+            model_version(job.model, job.version),
+            job.priority,
+            job.idempotency_key or "",
+            time.time(),
+        )
+        if reply[0] == "conflict":
+            raise Conflict(
+                "this Idempotency-Key was used with a different request; "
+                "use a new key for a new request",
+                param="Idempotency-Key",
+            )
+        if reply[0] == "existing":
+            return Job.from_dict(json.loads(reply[1])), False
+        if reply[0] == "full":
+            queued = int(reply[1])
+            excess = queued + job.n - self.max_queued_samples
+            eta = self.drain.seconds_for(excess)
+            raise QueueFull(
+                f"the queue holds {queued} samples (limit {self.max_queued_samples}); "
+                "retry after the Retry-After interval or lower n",
+                retry_after=1.0 if eta is None else min(max(eta, 1.0), 60.0),
+            )
+        return job, True
+
+    @_guarded
+    async def status(self, job_id: str) -> JobStatus | None:
+        reply = await self._script("status", job_id)
+        if reply is None:
+            return None
+        data, state, step, steps, error, jobs_ahead, samples_ahead = reply
+        position = eta = None
+        if int(jobs_ahead) >= 0:
+            position = int(jobs_ahead)
+            eta = self.drain.seconds_for(int(samples_ahead)) if int(samples_ahead) else 0.0
+        job = Job.from_dict(json.loads(data))
+        return JobStatus(job, JobState(state), position, eta, int(step), int(steps), error or None)
+
+    @_guarded
+    async def cancel(self, job_id: str) -> JobState | None:
+        result = JobResult(job_id, JobState.CANCELED, error="canceled by the client")
+        state = await self._script(
+            "cancel",
+            job_id,
+            json.dumps(result.to_dict()),
+            result.error,
+            json.dumps({"error": result.error}),
+            self.result_ttl,
+            time.time(),
+            INLINE_RESULT_BYTES,
+        )
+        if state is None:
+            return None
+        if job_id in self._held:
+            self._canceled.add(job_id)  # held here: the worker sees it at its next step
+        return JobState(state)
+
+    @_guarded
+    async def depth(self) -> tuple[int, int]:
+        jobs, samples = await self.redis.hmget(self.keys.counters, "jobs", "samples")
+        return int(jobs or 0), int(samples or 0)
+
+    # -- results and events ---------------------------------------------------------------
+
+    async def result(self, job_id: str, timeout: float) -> JobResult | None:
+        """The result, waiting up to `timeout` on the done channel. While Redis is away a
+        waiter keeps waiting (its job is safe) and re-reads the result once it is back."""
+        if timeout <= 0:
+            try:
+                raw = await self.redis.get(self.keys.result(job_id))
+            except DOWN as exc:
+                raise _unavailable(exc) from exc
+            return None if raw is None else JobResult.from_dict(json.loads(raw))
+        self._listen("done")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            waiter = loop.create_future()
+            self._waiters.setdefault(job_id, []).append(waiter)
+            try:
+                # read after subscribing: a result stored before that is found here
+                with contextlib.suppress(*DOWN):
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        pipe.get(self.keys.result(job_id)).exists(self.keys.job(job_id))
+                        raw, known = await pipe.execute()
+                    if raw is not None:
+                        return JobResult.from_dict(json.loads(raw))
+                    if not known:
+                        return None
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None
+                try:
+                    payload = await asyncio.wait_for(waiter, remaining)
+                except TimeoutError:
+                    return None
+                if payload:
+                    return JobResult.from_dict(json.loads(payload))
+            finally:
+                waiters = self._waiters.get(job_id, [])
+                if waiter in waiters:
+                    waiters.remove(waiter)
+                if not waiters:
+                    self._waiters.pop(job_id, None)
+
+    async def events(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent]:
+        """Replay from the job's event stream, then block on it for new ones; rides out a
+        Redis outage (the events are kept) instead of ending the client's stream."""
+        key, last, delay = self.keys.events(job_id), "0-0", 0.1
+        block_ms = max(1, int(min(1.0, self.timeout / 2) * 1000))
+        first = True
+        while True:
+            try:
+                if first:
+                    if not await self.redis.exists(self.keys.job(job_id), key):
+                        return
+                    entries = await self.redis.xrange(key, "-", "+")
+                    first = False
+                else:
+                    reply = await self.redis.xread({key: last}, block=block_ms)
+                    entries = reply[0][1] if reply else []
+                    if not entries and not await self.redis.exists(key, self.keys.job(job_id)):
+                        return  # expired
+            except DOWN:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.1
+            for entry_id, f in entries:
+                last = entry_id
+                event = JobEvent(
+                    job_id, f["type"], json.loads(f["data"]), int(f["seq"]), float(f["time"])
+                )
+                if event.seq <= after:
+                    continue
+                yield event
+                if event.terminal:
+                    return
+
+    # -- worker side ------------------------------------------------------------------------
+
+    @_guarded
+    async def claim(
+        self, max_samples: int, timeout: float, models: Collection[tuple[str, int]] | None = None
+    ) -> list[Job]:
+        names = sorted(model_version(m, v) for m, v in models) if models is not None else []
+        self._listen("worker", names)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            self._wakeup.clear()  # before the read, so a submit during it is not missed
+            reclaim = loop.time() >= self._next_reclaim
+            if reclaim:
+                self._next_reclaim = loop.time() + self.claim_timeout / 4
+            rows = await self._script(
+                "claim",
+                self.consumer,
+                max_samples,
+                int(reclaim),
+                int(self.claim_timeout * 1000),
+                self.max_deliveries,
+                self.result_ttl,
+                time.time(),
+                INLINE_RESULT_BYTES,
+                self._dead_head,
+                self._dead_tail,
+                self._dead_message(),
+                json.dumps({"error": self._dead_message()}),
+                *names,
+            )
+            if rows:
+                return [self._hold(*row) for row in rows]
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+
+    def _hold(self, data: str, state: str, delivery: int, stream: str, entry: str) -> Job:
+        job = Job.from_dict(json.loads(data))
+        job.delivery = int(delivery)
+        self._held[job.id] = (stream, entry)
+        if state == JobState.CANCELED.value:
+            self._canceled.add(job.id)
+        return job
+
+    async def heartbeat(self, job_ids: Collection[str]) -> list[str]:
+        """Keep the claims on these held jobs alive; returns the ones this worker lost (its
+        claim lapsed and another worker took them over: that one finishes them)."""
+        args = []
+        for job_id in job_ids:
+            if job_id in self._held:
+                args += [*self._held[job_id], job_id]
+        if not args:
+            return []
+        try:
+            lost, canceled = await self._script("heartbeat", self.consumer, *args)
+        except DOWN as exc:
+            raise _unavailable(exc) from exc
+        self._canceled.update(canceled)
+        for job_id in lost:
+            self._held.pop(job_id, None)
+            self._canceled.discard(job_id)
+        return list(lost)
+
+    async def is_canceled(self, job_id: str) -> bool:
+        if job_id in self._held:
+            return job_id in self._canceled
+        try:
+            state, done = await self.redis.hget(self.keys.job(job_id), "state"), False
+            if state == JobState.CANCELED.value:
+                done = bool(await self.redis.exists(self.keys.result(job_id)))
+        except DOWN as exc:
+            raise _unavailable(exc) from exc
+        return state == JobState.CANCELED.value and not done
+
+    async def publish(self, event: JobEvent) -> None:
+        """Buffer the event; the buffer goes out in one round trip at the end of the
+        worker's tick (or with the job's result), not one per event."""
+        self._outbox.append(event)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_quietly())
+
+    async def _flush_quietly(self) -> None:
+        with contextlib.suppress(*DOWN):  # kept in the outbox, sent with the next flush
+            await self._flush()
+
+    def _queue_events(self, pipe, events: list[JobEvent]) -> None:
+        args = []
+        for e in events:
+            step = e.data.get("step", "") if e.type == "step" else ""
+            steps = e.data.get("steps", "") if e.type == "step" else ""
+            args += [e.job_id, e.type, json.dumps(e.data), e.time, step, steps]
+        self._queue_script(pipe, "publish", *args)
+
+    async def _flush(self, then=None):
+        """Send buffered events, then `then(pipe)`'s commands, in one pipeline, in order."""
+        async with self._write_lock:
+            events, self._outbox = self._outbox, []
+            if not events and then is None:
+                return None
+            try:
+                for attempt in (1, 2):
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        if events:
+                            self._queue_events(pipe, events)
+                        if then is not None:
+                            then(pipe)
+                        try:
+                            return await pipe.execute()
+                        except NoScriptError:
+                            if attempt == 2:
+                                raise
+                            await self._load_scripts()
+            except BaseException:
+                self._outbox[:0] = events
+                raise
+
+    @_guarded
+    async def complete(self, result: JobResult) -> None:
+        data = (
+            {"nfe": result.nfe} if result.state is JobState.SUCCEEDED else {"error": result.error}
+        )
+        args = (
+            result.job_id,
+            json.dumps(result.to_dict()),
+            result.state.value,
+            result.error or "",
+            json.dumps(data),
+            self.result_ttl,
+            time.time(),
+            INLINE_RESULT_BYTES,
+        )
+        await self._flush(lambda pipe: self._queue_script(pipe, "complete", *args))
+        self._held.pop(result.job_id, None)
+        self._canceled.discard(result.job_id)
+
+    # -- pub/sub ----------------------------------------------------------------------------
+
+    def _listen(self, role: str, models: list[str] | None = None) -> None:
+        """Start the subscriber this role needs, once: 'done' for result waiters and the
+        drain rate, 'worker' for new jobs of the worker's models and cancellations."""
+        task = self._listeners.get(role)
+        if task is not None and not task.done():
+            return
+        if role == "done":
+            channels, patterns = [self.keys.done], []
+        elif models:
+            channels, patterns = [self.keys.cancel, *map(self.keys.submitted, models)], []
+        else:
+            channels, patterns = [self.keys.cancel], [self.keys.submitted("*")]
+        self._listeners[role] = asyncio.get_running_loop().create_task(
+            self._subscribe(channels, patterns), name=f"fewstep-redis-{role}"
+        )
+
+    async def _subscribe(self, channels: list[str], patterns: list[str]) -> None:
+        delay = 0.1
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                if channels:
+                    await pubsub.subscribe(*channels)
+                if patterns:
+                    await pubsub.psubscribe(*patterns)
+                delay = 0.1
+                self._recheck()  # anything sent while we were not listening
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    if message is not None:
+                        self._dispatch(message["channel"], message["data"])
+            except DOWN as exc:
+                log.warning("redis subscriber lost its connection (%s); reconnecting", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def _dispatch(self, channel: str, data: str) -> None:
+        if channel == self.keys.done:
+            job_id, n, state, payload = data.split("\n", 3)
+            if state == JobState.SUCCEEDED.value:
+                self.drain.add(int(n))
+            for waiter in self._waiters.get(job_id, ()):
+                if not waiter.done():
+                    waiter.set_result(payload)
+        elif channel == self.keys.cancel:
+            if data in self._held:
+                self._canceled.add(data)
+        else:
+            self._wakeup.set()
+
+    def _recheck(self) -> None:
+        """After (re)subscribing: waiters re-read their result, idle claims look again."""
+        self._wakeup.set()
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result("")

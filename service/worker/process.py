@@ -1,0 +1,67 @@
+"""`fewstep worker`: a worker process on a shared queue, without the HTTP API.
+
+It loads the models from the repository, claims only their jobs, and runs the same Worker
+as the embedded service. SIGTERM or SIGINT: stop claiming, finish the jobs in hand, store
+their results (which acknowledges them), and exit 0, so nothing is handed out again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from service.config import Settings
+from service.metrics import Metrics
+from service.queue.factory import make_queue
+from service.worker.loop import Worker
+
+log = logging.getLogger("fewstep.worker")
+
+
+async def run_worker(settings: Settings, loaded: dict | None = None, metrics_port: int = 0) -> int:
+    """Serve jobs until SIGTERM / SIGINT. `loaded` ({(name, version): LoadedModel}) skips the
+    repository (test fixtures)."""
+    from service.app import load_models, resolve_device, tune_gc
+
+    metrics = Metrics()
+    models = loaded
+    if models is None:
+        models, _, _ = await asyncio.to_thread(load_models, settings, metrics)
+    queue = make_queue(settings)
+    await queue.start()
+    worker = Worker(
+        queue,
+        models,
+        metrics,
+        static=settings.batching == "static",
+        max_queue_delay_ms=settings.max_queue_delay_ms,
+        max_active_samples=settings.max_active_samples,
+        inline_compute_ms=settings.inline_compute_ms,
+        device=resolve_device(settings.device),
+        claim_models=set(models),
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _stopper(worker, sig))
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, registry=metrics.registry)
+    tune_gc()
+    consumer = getattr(queue, "consumer", "in-process")
+    log.info("fewstep worker %s ready: %s", consumer, ", ".join(f"{n}@{v}" for n, v in models))
+    try:
+        await worker.run()
+    finally:
+        await queue.close()
+    log.info("fewstep worker %s stopped", consumer)
+    return 0
+
+
+def _stopper(worker: Worker, sig: signal.Signals):
+    def stop() -> None:
+        log.info("%s: no new jobs; finishing %d in hand", sig.name, len(worker.actives))
+        worker.stop()
+
+    return stop
