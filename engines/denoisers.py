@@ -159,6 +159,23 @@ class LCMDenoiser:
         return c_out * x0 + c_skip * x_vp
 
 
+class DiscreteTimeEDM:
+    """An EDM denoiser seen as an x0-prediction network on a discrete VP schedule.
+
+    Called as net(x_vp, t, cond) (what LCMDenoiser calls with prediction="x0"), it
+    evaluates the EDM denoiser at sigma(t): an LCM student can then start as an exact copy
+    of its EDM-preconditioned teacher.
+    """
+
+    def __init__(self, edm: Denoiser, schedule: VPSchedule) -> None:
+        self.edm, self.schedule = edm, schedule
+
+    def __call__(self, x_vp: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
+        sigma = self.schedule.sigma(t.to(torch.float64))
+        alpha = expand(1 / torch.sqrt(1 + sigma**2), x_vp)
+        return self.edm(x_vp / alpha, sigma.to(x_vp.dtype), cond)
+
+
 class FlowDenoiser:
     """Rectified-flow / flow-matching velocity model: x_t = (1 - t) x0 + t eps, v = eps - x0.
 

@@ -20,9 +20,27 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
 
-from engines.denoisers import Denoiser
+from engines.denoisers import (
+    CFGDenoiser,
+    ConsistencyDenoiser,
+    Denoiser,
+    DiscreteTimeEDM,
+    EDMDenoiser,
+    LCMDenoiser,
+)
+from engines.nets import (
+    Autoencoder,
+    AutoencoderConfig,
+    ConfigError,
+    UNet,
+    UNetConfig,
+    config_from_dict,
+)
 from engines.samplers import INFO, SAMPLERS
+from engines.schedules import DiscreteVP, consistency_sigmas, karras_sigmas, lcm_sigmas
 from engines.teleport import GaussianStats
 
 MODEL_FILE = "model.yaml"
@@ -55,6 +73,21 @@ class SamplingSpec:
 
 
 @dataclass(frozen=True)
+class LatentConsistency:
+    """An LCM's discrete schedule (SD's scaled-linear betas) and boundary scalings."""
+
+    timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    original_steps: int = 50
+    timestep_scaling: float = 10.0
+    boundary_sigma_data: float = 0.5
+
+    def vp(self) -> DiscreteVP:
+        return DiscreteVP.scaled_linear(self.timesteps, self.beta_start, self.beta_end)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One version of a model as its model.yaml describes it."""
 
@@ -69,6 +102,22 @@ class ModelSpec:
     sampling: SamplingSpec
     max_batch_size: int
     max_n: int
+    network: UNetConfig | None = None  # kinds edm, cm, lcm: the UNet to rebuild
+    sigma_data: float | None = None  # EDM preconditioning's sigma_data
+    # kind lcm, and latent edm teachers: shape is the latent's, the decoder maps to data
+    autoencoder: AutoencoderConfig | None = None
+    schedule: LatentConsistency | None = None  # kind lcm: its discrete VP schedule
+
+    def grid(self, steps: int) -> Tensor:
+        """The sigma grid for `steps` steps: consistency picks for 'cm', LCM timesteps for
+        'lcm', else the Karras grid of `sampling`."""
+        s = self.sampling
+        if self.kind == "cm":
+            picks = sorted({min(round(i * 44 / steps), 39) for i in range(steps)})
+            return consistency_sigmas(picks, 40, s.sigma_min, s.sigma_max, s.rho)
+        if self.kind == "lcm":
+            return lcm_sigmas(self.schedule.vp(), steps, self.schedule.original_steps)
+        return karras_sigmas(steps, s.sigma_min, s.sigma_max, s.rho)
 
     def label_id(self, prompt: str) -> int | None:
         """Class id of a label or synonym (case and surrounding space ignored), else None."""
@@ -89,6 +138,22 @@ class LoadedModel:
     gaussian: GaussianStats | None
     fingerprint: str  # "sha256:<16 hex>" over the files the load read
     runtime: str = "torch"
+    decoder: Callable[[Tensor], Tensor] | None = None  # latent models: latents -> data
+    modules: tuple[torch.nn.Module, ...] = ()  # networks inside the denoiser and decoder
+
+    def decode(self, x: Tensor) -> Tensor:
+        """The final sample in data space: the decoder applied to latents, else x itself.
+
+        The sampler runs on spec.shape (latents for kind 'lcm'); whoever turns a finished
+        sample into pixels calls this first. Intermediate previews stay in sampler space.
+        """
+        return x if self.decoder is None else self.decoder(x)
+
+    def to(self, device: str | torch.device) -> LoadedModel:
+        """Move the networks to a device (statistics are cast per call); returns self."""
+        for module in self.modules:
+            module.to(device)
+        return self
 
     def warmup(self, batch_sizes: Sequence[int] = (1, 8)) -> float:
         """Run the denoiser once per batch size on zeros; return the seconds it took."""
@@ -101,7 +166,10 @@ class LoadedModel:
         return time.perf_counter() - start
 
 
-Loader = Callable[[ModelSpec, Path], tuple[Denoiser, GaussianStats | None, list[Path]]]
+# A loader returns (denoiser, gaussian, files read), optionally followed by the networks it
+# built and a decoder from sampler space to data space (latent models).
+Loader = Callable[[ModelSpec, Path], tuple]
+NET_KINDS = ("edm", "cm", "lcm")
 
 
 @dataclass(frozen=True)
@@ -285,6 +353,7 @@ def parse_model_yaml(path: Path, name: str, versions: Sequence[int]) -> ModelSpe
         lambda v: isinstance(v, list) and len(v) == 2 and all(map(_is_number, v)) and v[0] < v[1],
     )
     max_batch_size = f.integer("max_batch_size", 1)
+    nets = _parse_networks(f, kind, labels)
     return ModelSpec(
         name=name,
         version=version,
@@ -297,16 +366,52 @@ def parse_model_yaml(path: Path, name: str, versions: Sequence[int]) -> ModelSpe
         sampling=_parse_sampling(path, f.get("sampling", "a mapping", lambda v: True), kind),
         max_batch_size=max_batch_size,
         max_n=f.integer("max_n", 1),
+        **nets,
     )
 
 
+def _parse_networks(f: _Fields, kind: str, labels: tuple[str, ...]) -> dict[str, object]:
+    """network / sigma_data (kinds edm, cm, lcm) and autoencoder / schedule (kind lcm)."""
+    wanted = {
+        "network": kind in NET_KINDS,
+        "sigma_data": kind in NET_KINDS,
+        "autoencoder": kind in ("edm", "lcm"),
+        "schedule": kind == "lcm",
+    }
+    for key, needed in wanted.items():
+        if not needed and key in f.data:
+            raise f.error(key, f"absent: a {kind!r} model has no {key}")
+    if kind not in NET_KINDS:
+        return {}
+    out: dict[str, object] = {"sigma_data": f.number("sigma_data", "a number > 0", lambda v: v > 0)}
+    for key, cls in (
+        ("network", UNetConfig),
+        ("autoencoder", AutoencoderConfig),
+        ("schedule", LatentConsistency),
+    ):
+        if wanted[key] and (key in f.data or kind == "lcm" or key == "network"):
+            raw = f.get(key, f"a mapping of {cls.__name__} fields", lambda v: True)
+            try:
+                out[key] = config_from_dict(cls, raw)
+            except ConfigError as err:
+                raise RepositoryError(f"{f.path}: {key}: {err}") from None
+    network = out["network"]
+    if network.classes != len(labels):
+        raise f.error("network", f"a network with classes: {len(labels)} (one per label)")
+    return out
+
+
 def _load_gaussian(
-    spec: ModelSpec, folder: Path
+    spec: ModelSpec, folder: Path, name: str = "stats.safetensors"
 ) -> tuple[Denoiser, GaussianStats | None, list[Path]]:
-    path = folder / "stats.safetensors"
+    path = folder / name
     rebuild = "rebuild it with `fewstep build gaussian`"
+    if spec.kind != "gaussian":
+        rebuild = "rerun the recipe in the model card, or set sampling.teleport_sigma to null"
     if not path.is_file():
-        raise RepositoryError(f"{path} not found; a 'gaussian' version folder needs it: {rebuild}")
+        raise RepositoryError(
+            f"{path} not found; a {spec.kind!r} version folder needs it: {rebuild}"
+        )
     try:
         stats = GaussianStats.load(path)
     except (OSError, ValueError, KeyError, SafetensorError) as err:
@@ -330,7 +435,97 @@ def _load_gaussian(
     return stats.denoiser(), stats, [path]
 
 
-KINDS: dict[str, Kind] = {"gaussian": Kind(("ode", "sde"), guidance=False, load=_load_gaussian)}
+def _read_tensors(path: Path, what: str) -> dict[str, Tensor]:
+    rebuild = "retrain it with `fewstep train` (see the model card's recipe)"
+    if not path.is_file():
+        raise RepositoryError(f"{path} not found; this version folder needs {what}: {rebuild}")
+    try:
+        return load_file(str(path))
+    except (OSError, ValueError, SafetensorError) as err:
+        raise RepositoryError(f"{path}: unreadable {what} ({err}); {rebuild}") from None
+
+
+def _build(module: torch.nn.Module, path: Path, what: str) -> torch.nn.Module:
+    """Load weights into a freshly built module; a mismatch names the file and the config."""
+    try:
+        module.load_state_dict(_read_tensors(path, what))
+    except RuntimeError as err:
+        first = str(err).splitlines()[1:2] or [str(err)]
+        raise RepositoryError(
+            f"{path}: the weights do not fit the config in model.yaml ({first[0].strip()})"
+        ) from None
+    return module.eval().requires_grad_(False)
+
+
+def _load_unet(spec: ModelSpec, folder: Path) -> tuple[UNet, GaussianStats | None, list[Path]]:
+    path = folder / "weights.safetensors"
+    net = _build(UNet(spec.network), path, "the network weights")
+    files, gaussian = [path], None
+    if spec.sampling.teleport_sigma is not None:
+        _, gaussian, stats_files = _load_gaussian(spec, folder, "teleport.safetensors")
+        files += stats_files
+    return net, gaussian, files
+
+
+def _load_autoencoder(spec: ModelSpec, folder: Path) -> tuple[Autoencoder, Path]:
+    path = folder / "autoencoder.safetensors"
+    return _build(Autoencoder(spec.autoencoder), path, "the autoencoder weights"), path
+
+
+def _load_edm(spec: ModelSpec, folder: Path):
+    net, gaussian, files = _load_unet(spec, folder)
+    denoiser = CFGDenoiser(EDMDenoiser(net, spec.sigma_data), null_label=len(spec.labels))
+    if spec.autoencoder is None:
+        return denoiser, gaussian, files, (net,)
+    autoencoder, path = _load_autoencoder(spec, folder)  # a latent teacher
+    return denoiser, gaussian, [*files, path], (net, autoencoder), autoencoder.decode
+
+
+def _load_cm(spec: ModelSpec, folder: Path):
+    net, gaussian, files = _load_unet(spec, folder)
+    return (
+        ConsistencyDenoiser(net, spec.sigma_data, spec.sampling.sigma_min),
+        gaussian,
+        files,
+        (net,),
+    )
+
+
+class _DefaultGuidance:
+    """Fills cond['guidance_scale'] with `scale` for rows that do not carry one."""
+
+    def __init__(self, inner: Denoiser, scale: float) -> None:
+        self.inner, self.scale = inner, scale
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond=None) -> Tensor:
+        cond = dict(cond or {})
+        cond.setdefault("guidance_scale", torch.full_like(sigma, self.scale))
+        return self.inner(x, sigma, cond)
+
+
+def _load_lcm(spec: ModelSpec, folder: Path):
+    net, gaussian, files = _load_unet(spec, folder)
+    autoencoder, path = _load_autoencoder(spec, folder)
+    sched = spec.schedule
+    lcm = LCMDenoiser(
+        DiscreteTimeEDM(EDMDenoiser(net, spec.sigma_data), sched.vp()),
+        sched.vp(),
+        prediction="x0",
+        timestep_scaling=sched.timestep_scaling,
+        sigma_data=sched.boundary_sigma_data,
+        embedding_dim=spec.network.guidance_dim,
+    )
+    # requests without a guidance scale get w = 0 (scale 1), as for CFG models
+    denoiser = _DefaultGuidance(lcm, 1.0)
+    return denoiser, gaussian, [*files, path], (net, autoencoder), autoencoder.decode
+
+
+KINDS: dict[str, Kind] = {
+    "gaussian": Kind(("ode", "sde"), guidance=False, load=_load_gaussian),
+    "edm": Kind(("ode", "sde"), guidance=True, load=_load_edm),
+    "cm": Kind(("consistency",), guidance=False, load=_load_cm),
+    "lcm": Kind(("consistency",), guidance=True, load=_load_lcm),
+}
 
 
 def fingerprint(files: Sequence[Path]) -> str:
@@ -360,6 +555,14 @@ class Repository:
         for folder in sorted(self.root.iterdir()):
             if folder.is_dir() and not folder.name.startswith((".", "_")):
                 self._models[folder.name] = self._read(folder)
+
+    @classmethod
+    def of_folder(cls, folder: str | Path) -> Repository:
+        """A repository of one model folder alone (its parent may hold anything else)."""
+        repo = cls.__new__(cls)
+        folder = Path(folder)
+        repo.root, repo._models = folder.parent, {folder.name: repo._read(folder)}
+        return repo
 
     def _read(self, folder: Path) -> _Entry:
         if not NAME_PATTERN.fullmatch(folder.name):
@@ -409,5 +612,7 @@ class Repository:
         """Read a version's files, check them against model.yaml, return the runnable model."""
         spec = self.spec(name, version)
         folder = self._entry(name).folder / str(spec.version)
-        denoiser, gaussian, files = KINDS[spec.kind].load(spec, folder)
-        return LoadedModel(spec, denoiser, gaussian, fingerprint(files))
+        denoiser, gaussian, files, *rest = KINDS[spec.kind].load(spec, folder)
+        modules = rest[0] if rest else ()
+        decoder = rest[1] if len(rest) > 1 else None
+        return LoadedModel(spec, denoiser, gaussian, fingerprint(files), "torch", decoder, modules)

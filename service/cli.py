@@ -1,4 +1,4 @@
-"""The `fewstep` command line: serve, worker, bench, build."""
+"""The `fewstep` command line: serve, bench, build, train, eval."""
 
 from __future__ import annotations
 
@@ -195,6 +195,14 @@ def _add_worker(commands: argparse._SubParsersAction) -> None:
     worker.set_defaults(run=_worker)
 
 
+def _add_train_eval(commands: argparse._SubParsersAction) -> None:
+    from engines import quality
+    from engines.training import recipes
+
+    recipes.add_parsers(commands)
+    quality.add_parser(commands)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fewstep", description="Serve few-step generative models."
@@ -221,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build(commands)
     _add_serve(commands)
     _add_worker(commands)
+    _add_train_eval(commands)
     return parser
 
 

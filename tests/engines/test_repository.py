@@ -51,8 +51,9 @@ def rewrite(folder: Path, dotted: str, value) -> Path:
 
 
 BAD_FIELDS = [
-    ("kind", "edm", "kind must be one of ['gaussian'], got 'edm'"),
-    ("kind", DELETE, "kind is missing; it must be one of ['gaussian']"),
+    ("kind", "vae", "kind must be one of ['cm', 'edm', 'gaussian', 'lcm'], got 'vae'"),
+    ("kind", DELETE, "kind is missing; it must be one of ['cm', 'edm', 'gaussian', 'lcm']"),
+    ("network", {"channels": [16]}, "network must be absent: a 'gaussian' model has no network"),
     ("description", "  ", "description must be a non-empty string"),
     ("description", 3, "description must be a non-empty string, got 3"),
     ("shape", [1, 28, -28], "shape must be a non-empty list of positive integers"),
