@@ -117,6 +117,7 @@ class RedisStreamsQueue:
         self._wakeup = asyncio.Event()
         self._listeners: dict[str, asyncio.Task] = {}
         self._next_reclaim = 0.0
+        self._closing = False
         dead = JobResult(
             "\0", JobState.FAILED, error=self._dead_message(), error_code="dead_lettered"
         )
@@ -144,11 +145,14 @@ class RedisStreamsQueue:
         )
 
     async def close(self) -> None:
-        for task in self._listeners.values():
+        # redis-py can swallow a cancellation that lands mid-subscribe, so the subscribers
+        # also watch this flag (they wake at least once a second)
+        self._closing = True
+        tasks = list(self._listeners.values())
+        for task in tasks:
             task.cancel()
-        for task in self._listeners.values():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.timeout + 1.5)
         self._listeners.clear()
         with contextlib.suppress(*DOWN):
             await self._flush()
@@ -482,7 +486,7 @@ class RedisStreamsQueue:
 
     async def _subscribe(self, channels: list[str], patterns: list[str]) -> None:
         delay = 0.1
-        while True:
+        while not self._closing:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 if channels:
@@ -491,8 +495,8 @@ class RedisStreamsQueue:
                     await pubsub.psubscribe(*patterns)
                 delay = 0.1
                 self._recheck()  # anything sent while we were not listening
-                while True:
-                    message = await pubsub.get_message(timeout=None)
+                while not self._closing:
+                    message = await pubsub.get_message(timeout=1.0)
                     if message is not None:
                         self._dispatch(message["channel"], message["data"])
             except DOWN as exc:

@@ -1,19 +1,28 @@
-"""The JobQueue contract, run against the in-process backend (Redis joins with issue 5)."""
+"""The JobQueue contract, run unchanged against the in-process and the Redis Streams backend
+(the real Redis at 127.0.0.1:6379, a fresh key prefix per test, deleted afterwards), then
+what each backend adds: memory's retention, Redis's recovery, dead letters, heartbeats and
+cross-process notification."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
+import redis
 
-from service.errors import Conflict, QueueFull
+from service.errors import Conflict, QueueFull, QueueUnavailable
 from service.jobs import Job, JobEvent, JobResult, JobState
+from service.queue.keys import GROUP, Keys, lua_prelude
 from service.queue.memory import MemoryQueue
+from service.queue.redis_streams import RedisStreamsQueue
+
+from .redisutil import REDIS_URL, delete_prefix, free_port, new_prefix, require_redis
 
 
-def job(n=1, priority=0, key=None, seed=0, t=0.0) -> Job:
+def job(n=1, priority=0, key=None, seed=0, t=0.0, model="toy") -> Job:
     return Job(
-        "toy",
+        model,
         1,
         [0] * n,
         n,
@@ -26,34 +35,55 @@ def job(n=1, priority=0, key=None, seed=0, t=0.0) -> Job:
     )
 
 
-def run(coro):
-    return asyncio.run(coro)
+def run(scenario, *queues):
+    """Start the queues, run scenario(*queues) on one event loop, close them."""
+
+    async def main():
+        for q in queues:
+            await q.start()
+        try:
+            return await scenario(*queues)
+        finally:
+            for q in queues:
+                await q.close()
+
+    return asyncio.run(main())
 
 
-@pytest.fixture
-def queue():
-    return MemoryQueue(max_queued_samples=10, retained_jobs=50)
+@pytest.fixture(params=["memory", "redis"])
+def make(request):
+    """make(max_queued_samples=10) -> a queue of the backend under test, not started."""
+    if request.param == "memory":
+        yield lambda max_queued_samples=10: MemoryQueue(max_queued_samples, retained_jobs=50)
+        return
+    require_redis()
+    prefix = new_prefix()
+    yield lambda max_queued_samples=10: RedisStreamsQueue(
+        REDIS_URL, prefix=prefix, max_queued_samples=max_queued_samples
+    )
+    delete_prefix(prefix)
 
 
-def test_claim_takes_priority_then_age_within_the_sample_budget():
-    queue = MemoryQueue(max_queued_samples=100)
+# -- the contract ---------------------------------------------------------------------------
 
-    async def scenario():
-        a, b, c, d = job(3, t=1), job(3, t=2), job(2, priority=5, t=3), job(5, t=0.5)
-        for j in (a, b, c, d):
+
+def test_claim_takes_priority_then_age_within_the_sample_budget(make):
+    async def scenario(queue):
+        a, b, c = job(3, t=1), job(3, t=2), job(2, priority=5, t=3)
+        for j in (a, b, c):
             await queue.submit(j)
         first = await queue.claim(6, 0)
         second = await queue.claim(10, 0)
-        return [j.id for j in first], [j.id for j in second], (a, b, c, d)
+        return [j.id for j in first], [j.id for j in second], (a, b, c)
 
-    first, second, (a, b, c, d) = run(scenario())
-    # c (priority 5) first; d is older than a but does not fit the 4 samples left
+    first, second, (a, b, c) = run(scenario, make(100))
+    # c (priority 5) first, then the oldest; b does not fit the one sample left
     assert first == [c.id, a.id]
-    assert second == [d.id, b.id]
+    assert second == [b.id]
 
 
-def test_claim_waits_for_a_job_then_gives_up(queue):
-    async def scenario():
+def test_claim_waits_for_a_job_then_gives_up(make):
+    async def scenario(queue):
         empty = await queue.claim(4, 0.05)
         later = job()
 
@@ -62,40 +92,59 @@ def test_claim_waits_for_a_job_then_gives_up(queue):
             await queue.submit(later)
 
         task = asyncio.create_task(submit_soon())
+        begin = time.perf_counter()
         got = await queue.claim(4, 2.0)
+        waited = time.perf_counter() - begin
         await task
-        return empty, got, later
+        return empty, got, later, waited
 
-    empty, got, later = run(scenario())
+    empty, got, later, waited = run(scenario, make())
     assert empty == [] and [j.id for j in got] == [later.id]
+    assert waited < 1.0  # woken by the submission, not by the timeout
+    assert got[0].delivery == 1
 
 
-def test_admission_bound_in_samples_with_retry_after(queue):
-    async def scenario():
+def test_claim_only_the_models_asked_for(make):
+    async def scenario(queue):
+        other, mine = job(model="other", t=1), job(t=2)
+        await queue.submit(other)
+        await queue.submit(mine)
+        got = await queue.claim(10, 0, [("toy", 1)])
+        rest = await queue.claim(10, 0)
+        return [j.id for j in got], [j.id for j in rest], other, mine
+
+    got, rest, other, mine = run(scenario, make())
+    assert got == [mine.id] and rest == [other.id]
+
+
+def test_admission_bound_in_samples_with_retry_after(make):
+    async def scenario(queue):
         await queue.submit(job(8))
         with pytest.raises(QueueFull) as info:
             await queue.submit(job(3))
         await queue.submit(job(2))  # still fits
-        return info.value
+        return info.value, await queue.depth()
 
-    err = run(scenario())
+    err, depth = run(scenario, make())
     assert err.status == 429 and err.retry_after >= 1 and "limit 10" in err.message
+    assert depth == (2, 10)
 
 
-def test_idempotency_key_dedupes_and_detects_a_different_body(queue):
-    async def scenario():
+def test_idempotency_key_dedupes_and_detects_a_different_body(make):
+    async def scenario(queue):
         first, created = await queue.submit(job(key="k"), "body-a")
         again, created_again = await queue.submit(job(key="k"), "body-a")
         with pytest.raises(Conflict):
             await queue.submit(job(key="k"), "body-b")
-        return first, created, again, created_again
+        return first, created, again, created_again, await queue.depth()
 
-    first, created, again, created_again = run(scenario())
+    first, created, again, created_again, depth = run(scenario, make())
     assert created and not created_again and again.id == first.id
+    assert depth == (1, 1)
 
 
-def test_position_and_eta(queue):
-    async def scenario():
+def test_position_and_eta(make):
+    async def scenario(queue):
         jobs = [job(2, t=i) for i in range(3)]
         for j in jobs:
             await queue.submit(j)
@@ -105,7 +154,7 @@ def test_position_and_eta(queue):
         events = [e async for e in _take(queue.events(urgent.id), 1)]
         return statuses, events
 
-    statuses, events = run(scenario())
+    statuses, events = run(scenario, make())
     assert [s.position for s in statuses] == [1, 2, 3, 0]
     assert statuses[3].estimated_start_seconds == 0.0
     assert events[0].type == "queued" and events[0].data["position"] == 0
@@ -121,11 +170,11 @@ async def _take(aiter, count):
         yield item
 
 
-def test_cancel_queued_and_running(queue):
-    async def scenario():
-        waiting, running = job(t=2), job(t=1)
-        await queue.submit(waiting)
+def test_cancel_queued_and_running(make):
+    async def scenario(queue):
+        running, waiting = job(t=1), job(t=2)
         await queue.submit(running)
+        await queue.submit(waiting)
         (claimed,) = await queue.claim(1, 0)
         assert claimed.id == running.id
         assert await queue.cancel(waiting.id) is JobState.CANCELED
@@ -135,13 +184,14 @@ def test_cancel_queued_and_running(queue):
         await queue.complete(JobResult(running.id, JobState.CANCELED, error="canceled"))
         assert not await queue.is_canceled(running.id)
         assert await queue.cancel("job_nope") is None
+        assert await queue.claim(10, 0) == []  # the canceled queued job never runs
         return await queue.depth()
 
-    assert run(scenario()) == (0, 0)
+    assert run(scenario, make()) == (0, 0)
 
 
-def test_one_result_per_job_and_events_replay(queue):
-    async def scenario():
+def test_one_result_per_job_and_events_replay(make):
+    async def scenario(queue):
         j = job()
         await queue.submit(j)
         await queue.claim(1, 0)
@@ -149,22 +199,50 @@ def test_one_result_per_job_and_events_replay(queue):
         await queue.complete(JobResult(j.id, JobState.SUCCEEDED, outputs=[b"png"], nfe=2))
         await queue.complete(JobResult(j.id, JobState.FAILED, error="duplicate"))
         await queue.publish(JobEvent(j.id, "step", {"step": 2, "steps": 2}))  # too late: dropped
+        await asyncio.sleep(0.05)
         events = [e async for e in queue.events(j.id)]
         resumed = [e async for e in queue.events(j.id, after=2)]
         return (await queue.result(j.id, 0)), events, resumed, await queue.status(j.id)
 
-    result, events, resumed, status = run(scenario())
+    result, events, resumed, status = run(scenario, make())
     assert result.state is JobState.SUCCEEDED and result.outputs == [b"png"]
     assert [e.type for e in events] == ["queued", "step", "succeeded"]
     assert [e.seq for e in events] == [1, 2, 3] and [e.type for e in resumed] == ["succeeded"]
     assert status.step == 1 and status.position is None
 
 
-def test_result_waits_and_times_out(queue):
-    async def scenario():
+def test_events_arrive_live(make):
+    async def scenario(queue):
+        j = job()
+        await queue.submit(j)
+        seen = []
+
+        async def follow():
+            async for event in queue.events(j.id):
+                seen.append(event.type)
+
+        follower = asyncio.create_task(follow())
+        await asyncio.sleep(0.05)
+        await queue.claim(1, 0)
+        await queue.publish(JobEvent(j.id, "started", {"steps": 2}))
+        await queue.publish(JobEvent(j.id, "step", {"step": 1, "steps": 2}))
+        await asyncio.sleep(0.05)
+        live = list(seen)
+        await queue.complete(JobResult(j.id, JobState.SUCCEEDED, nfe=2))
+        await asyncio.wait_for(follower, 5)
+        return live, seen
+
+    live, seen = run(scenario, make())
+    assert live == ["queued", "started", "step"]
+    assert seen == ["queued", "started", "step", "succeeded"]
+
+
+def test_result_waits_and_times_out(make):
+    async def scenario(queue):
         j = job()
         await queue.submit(j)
         missing = await queue.result(j.id, 0.05)
+        await queue.claim(1, 0)
 
         async def finish_soon():
             await asyncio.sleep(0.02)
@@ -173,23 +251,207 @@ def test_result_waits_and_times_out(queue):
         task = asyncio.create_task(finish_soon())
         done = await queue.result(j.id, 2.0)
         await task
-        return missing, done
+        return missing, done, await queue.result("job_unknown", 0.5)
 
-    missing, done = run(scenario())
-    assert missing is None and done.state is JobState.SUCCEEDED
+    missing, done, unknown = run(scenario, make())
+    assert missing is None and done.state is JobState.SUCCEEDED and unknown is None
 
 
-def test_finished_jobs_beyond_retention_are_forgotten():
-    async def scenario():
-        q = MemoryQueue(max_queued_samples=100, retained_jobs=3)
+def test_heartbeat_keeps_what_the_worker_holds(make):
+    async def scenario(queue):
+        j = job()
+        await queue.submit(j)
+        await queue.claim(1, 0)
+        return await queue.heartbeat([j.id])
+
+    assert run(scenario, make()) == []
+
+
+# -- memory only ------------------------------------------------------------------------------
+
+
+def test_memory_claim_skips_a_job_that_does_not_fit():
+    async def scenario(queue):
+        a, b, d = job(3, t=1), job(3, t=2), job(5, t=0.5)
+        for j in (a, b, d):
+            await queue.submit(j)
+        first = await queue.claim(4, 0)
+        return [j.id for j in first], a
+
+    first, a = run(scenario, MemoryQueue(max_queued_samples=100))
+    assert first == [a.id]  # d is older but needs 5 samples: a fits and overtakes it
+
+
+def test_memory_forgets_finished_jobs_beyond_retention():
+    queue = MemoryQueue(max_queued_samples=100, retained_jobs=3)
+
+    async def scenario(q):
         jobs = [job(key=f"k{i}") for i in range(5)]
         for j in jobs[:4]:
             await q.submit(j)
             await q.claim(1, 0)
             await q.complete(JobResult(j.id, JobState.SUCCEEDED))
         await q.submit(jobs[4])
-        return q, jobs
+        return [await q.status(j.id) for j in jobs]
 
-    q, jobs = run(scenario())
-    assert run(q.status(jobs[0].id)) is None and run(q.status(jobs[1].id)) is None
-    assert run(q.status(jobs[4].id)).state is JobState.QUEUED
+    statuses = run(scenario, queue)
+    assert statuses[0] is None and statuses[1] is None
+    assert statuses[4].state is JobState.QUEUED
+
+
+# -- redis only --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def prefix():
+    require_redis()
+    value = new_prefix()
+    yield value
+    delete_prefix(value)
+
+
+def rq(prefix, **kw) -> RedisStreamsQueue:
+    kw.setdefault("max_queued_samples", 100)
+    return RedisStreamsQueue(REDIS_URL, prefix=prefix, **kw)
+
+
+def test_redis_key_names_are_the_same_in_python_and_lua(prefix):
+    keys = Keys(prefix)
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    lua = lua_prelude() + (
+        "return {k_stream('m@1', '-3'), k_job('j'), k_result('j'), k_events('j'), "
+        "k_idempotency('i'), k_counters(), k_dead(), k_done(), k_cancel(), k_submitted('m@1'), "
+        "k_priorities('m@1'), k_models()}"
+    )
+    got = client.eval(lua, 0, prefix)
+    want = [keys.stream("m@1", -3), keys.job("j"), keys.result("j"), keys.events("j")]
+    want += [keys.idempotency("i"), keys.counters, keys.dead, keys.done, keys.cancel]
+    want += [keys.submitted("m@1"), keys.priorities("m@1"), keys.models]
+    assert got == want and all(k.startswith(prefix) for k in got)
+
+
+def test_redis_claim_does_not_let_small_jobs_overtake_the_oldest(prefix):
+    async def scenario(queue):
+        big, small = job(5, t=1), job(1, t=2)
+        await queue.submit(big)
+        await queue.submit(small)
+        blocked = await queue.claim(4, 0)
+        both = await queue.claim(6, 0)
+        return blocked, [j.id for j in both], big, small
+
+    blocked, both, big, small = run(scenario, rq(prefix))
+    assert blocked == [] and both == [big.id, small.id]
+
+
+def test_redis_a_silent_holder_loses_its_jobs_to_a_live_worker(prefix):
+    """Reclaim after claim_timeout (delivery 2), while heartbeats keep a live holder's."""
+
+    async def scenario(dead, live, beating):
+        lost_job, kept_job = job(t=1), job(t=2)
+        await dead.submit(lost_job)
+        await dead.claim(1, 0)  # then says nothing: as if killed
+        await beating.submit(kept_job)
+        await beating.claim(1, 0)
+        assert await live.claim(10, 0) == []  # not yet idle long enough
+        for _ in range(4):
+            await asyncio.sleep(0.15)
+            assert await beating.heartbeat([kept_job.id]) == []
+        taken = await live.claim(10, 0)
+        # the dead holder comes back: its heartbeat says it lost the job
+        lost = await dead.heartbeat([lost_job.id])
+        await live.complete(JobResult(lost_job.id, JobState.SUCCEEDED, nfe=2))
+        await dead.complete(JobResult(lost_job.id, JobState.FAILED, error="late duplicate"))
+        return taken, lost, lost_job, await live.result(lost_job.id, 0), live
+
+    queues = [rq(prefix, claim_timeout=0.4) for _ in range(3)]
+    taken, lost, lost_job, result, live = run(scenario, *queues)
+    assert [j.id for j in taken] == [lost_job.id] and taken[0].delivery == 2
+    assert lost == [lost_job.id]
+    assert result.state is JobState.SUCCEEDED  # the late duplicate did not overwrite it
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    events = client.xrange(live.keys.events(lost_job.id))
+    assert [e[1]["type"] for e in events].count("succeeded") == 1
+    assert len(events) == 2  # queued, succeeded: the duplicate wrote nothing
+    stream = live.keys.stream("toy@1", 0)
+    assert client.xpending(stream, GROUP)["pending"] == 1  # only kept_job, still held
+
+
+def test_redis_dead_letters_a_job_delivered_too_often(prefix):
+    async def scenario(*holders):
+        poison, fine = job(t=1), job(t=2)
+        await holders[0].submit(poison)
+        for holder in holders[:3]:
+            (got,) = await holder.claim(1, 0)  # each holder dies with it
+            assert got.id == poison.id
+            await asyncio.sleep(0.25)
+        await holders[0].submit(fine)
+        survivor = holders[3]
+        taken = await survivor.claim(10, 0)
+        return poison, fine, taken, await survivor.result(poison.id, 1), survivor
+
+    holders = [rq(prefix, claim_timeout=0.2, max_deliveries=3) for _ in range(4)]
+    poison, fine, taken, result, survivor = run(scenario, *holders)
+    assert [j.id for j in taken] == [fine.id]
+    assert result.state is JobState.FAILED and result.error_code == "dead_lettered"
+    assert "delivered 3 times" in result.error and survivor.keys.dead in result.error
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    (entry,) = client.xrange(survivor.keys.dead)
+    assert entry[1]["id"] == poison.id and entry[1]["deliveries"] == "3"
+
+
+def test_redis_results_and_cancellations_cross_processes(prefix):
+    """One queue object per process: the API's waits without polling, the worker's hears
+    the cancellation by pub/sub."""
+
+    async def scenario(api, worker):
+        a, b = job(t=1), job(t=2)
+        await api.submit(a)
+        await api.submit(b)
+        await worker.claim(10, 0)
+        waiting = asyncio.create_task(api.result(a.id, 10))
+        await asyncio.sleep(0.1)
+        begin = time.perf_counter()
+        await worker.complete(JobResult(a.id, JobState.SUCCEEDED, outputs=[b"x"], nfe=2))
+        result = await waiting
+        latency = time.perf_counter() - begin
+        await api.cancel(b.id)
+        for _ in range(100):
+            if await worker.is_canceled(b.id):
+                break
+            await asyncio.sleep(0.01)
+        return result, latency, await worker.is_canceled(b.id), (await api.status(b.id)).state
+
+    result, latency, canceled, state = run(scenario, rq(prefix), rq(prefix))
+    assert result.outputs == [b"x"] and latency < 0.1
+    assert canceled and state is JobState.CANCELED
+
+
+def test_redis_forgets_finished_jobs_after_their_ttl(prefix):
+    async def scenario(queue):
+        j = job(key="once")
+        await queue.submit(j)
+        await queue.claim(1, 0)
+        await queue.complete(JobResult(j.id, JobState.SUCCEEDED))
+        kept = await queue.status(j.id)
+        await asyncio.sleep(2.1)
+        again, created = await queue.submit(job(key="once"))
+        return kept, await queue.status(j.id), created
+
+    kept, gone, created = run(scenario, rq(prefix, result_ttl=1))
+    assert kept.state is JobState.SUCCEEDED and gone is None and created
+
+
+def test_redis_unreachable_answers_queue_unavailable_fast():
+    queue = RedisStreamsQueue(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+
+    async def scenario(q):
+        begin = time.perf_counter()
+        with pytest.raises(QueueUnavailable) as info:
+            await q.submit(job())
+        with pytest.raises(QueueUnavailable):
+            await q.status("job_x")
+        return info.value, time.perf_counter() - begin
+
+    err, took = run(scenario, queue)
+    assert err.status == 503 and err.retry_after and "unavailable" in err.message
+    assert took < 2

@@ -1,0 +1,54 @@
+"""Real fewstep processes over the tiny fixture models, configured like production through
+FEWSTEP_* variables (FEWSTEP_QUEUE, FEWSTEP_REDIS_PREFIX, FEWSTEP_CLAIM_TIMEOUT_S, ...):
+
+    python -m tests.service.fixture_proc worker   # service.worker.process.run_worker
+    python -m tests.service.fixture_proc api PORT # create_app, uvicorn, no worker
+
+The worker also serves 'poison-model', whose forward pass kills its own process (SIGKILL,
+as a segfaulting kernel would) whenever a 'light' row is in the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+import uvicorn
+import uvloop
+
+from service.app import create_app
+from service.config import Settings
+from service.worker.process import run_worker
+from tests.service.conftest import fixture_models, toy_model, toy_stats
+
+
+def kills_for_light(stats):
+    def denoiser(x, sigma, cond):
+        if (cond["label"] == 1).any():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return stats.denoise(x, sigma, cond["label"])
+
+    return denoiser
+
+
+def models() -> dict:
+    loaded = fixture_models()
+    poison = toy_model("poison-model", kills_for_light(toy_stats()))
+    loaded[poison.spec.name, poison.spec.version] = poison
+    return loaded
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(message)s")
+    if argv[0] == "worker":
+        return uvloop.run(run_worker(Settings(warmup=False), loaded=models()))
+    port = int(argv[1])
+    app = create_app(Settings(warmup=False, worker=False, grpc=False), loaded=models())
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
