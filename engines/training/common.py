@@ -90,20 +90,22 @@ class Checkpoints:
     def __init__(self, work: str | Path) -> None:
         self.path = Path(work) / "checkpoint.pt"
 
-    def save(self, step: int, **state: nn.Module | torch.optim.Optimizer) -> None:
+    def save(self, step: int, seconds: float, **state: nn.Module | torch.optim.Optimizer) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save({"step": step, **{k: v.state_dict() for k, v in state.items()}}, tmp)
+        modules = {k: v.state_dict() for k, v in state.items()}
+        torch.save({"step": step, "seconds": seconds, **modules}, tmp)
         tmp.replace(self.path)
 
-    def load(self, **state: nn.Module | torch.optim.Optimizer) -> int:
-        """Restore into the given objects; return the step to continue from (0: none)."""
+    def load(self, **state: nn.Module | torch.optim.Optimizer) -> tuple[int, float]:
+        """Restore into the given objects; return the step to continue from (0: none) and
+        the training seconds spent before it."""
         if not self.path.is_file():
-            return 0
+            return 0, 0.0
         saved = torch.load(self.path, map_location="cpu", weights_only=True)
         for key, obj in state.items():
             obj.load_state_dict(saved[key])
-        return int(saved["step"])
+        return int(saved["step"]), float(saved.get("seconds", 0.0))
 
 
 class Progress:
@@ -138,9 +140,12 @@ def train_loop(
     state: dict[str, nn.Module | torch.optim.Optimizer],
     log: Log = print,
 ) -> float:
-    """Run step_fn(step) -> loss from the checkpoint (if resuming) to cfg.steps; seconds."""
+    """Run step_fn(step) -> loss from the checkpoint (if resuming) to cfg.steps.
+
+    Returns the training seconds of the whole run, earlier (resumed) parts included.
+    """
     ckpt = Checkpoints(cfg.work)
-    start = ckpt.load(**state) if cfg.resume else 0
+    start, before = ckpt.load(**state) if cfg.resume else (0, 0.0)
     if cfg.resume:
         log(f"resuming at step {start} from {ckpt.path}" if start else "no checkpoint: fresh")
     progress = Progress(cfg.steps, start, cfg.log_every, log)
@@ -150,8 +155,8 @@ def train_loop(
             raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr")
         progress.update(step, loss)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            ckpt.save(step + 1, **state)
-    return progress.seconds
+            ckpt.save(step + 1, before + progress.seconds, **state)
+    return before + progress.seconds
 
 
 def autocast(cfg: RunConfig):

@@ -165,7 +165,7 @@ Fingerprint `{fingerprint}`. Weights are the EMA weights, float32 safetensors.
 ## Training
 
 {common.hardware(p.run)}, device `{p.run.device}`; {p.seconds / 60:.1f} min training wall
-time (this session; a resumed run counts only its own part); {today}.
+time (all parts of a resumed run); {today}.
 
 ## Quality
 
