@@ -340,14 +340,15 @@ def test_fewstep_serve_speaks_grpc_on_its_port():
         label.set_data_from_numpy(np.array([b"sneaker", b"bag"], dtype=object))
         image = client.infer("fashion-gaussian", [label]).as_numpy("image")
         assert image.shape == (2, 28, 28, 1) and image.dtype == np.uint8
+        # both at once: each pays a second or two of Python start-up
         clash = start_serve("--port", str(free_port()), "--grpc-port", str(grpc_port))
-        out, _ = clash.communicate(timeout=60)
-        assert clash.returncode != 0 and f"cannot serve gRPC on 127.0.0.1:{grpc_port}" in out
         http_port = free_port()
         http_only = start_serve(
             "--port", str(http_port), "--grpc-port", str(grpc_port), "--no-grpc"
         )
         try:
+            out, _ = clash.communicate(timeout=60)
+            assert clash.returncode != 0 and f"cannot serve gRPC on 127.0.0.1:{grpc_port}" in out
             # HTTP answers once the lifespan has started, which is where gRPC would bind
             deadline = time.monotonic() + 60
             while http_only.poll() is None and time.monotonic() < deadline:
