@@ -51,9 +51,11 @@ class Job:
     idempotency_key: str | None = None
     id: str = field(default_factory=new_job_id)
     submit_time: float = field(default_factory=time.time)
-    # set by the queue when it hands the job out: 2 and more means an earlier holder died
-    # with it, so the worker runs it alone (a poison job takes no neighbours down again)
+    # Set by the queue when it hands the job out. delivery: 2 and more means an earlier
+    # holder died with it. alone: its last allowed try; the worker holds nothing else
+    # meanwhile, so a poison job takes no other job down with it again.
     delivery: int = 1
+    alone: bool = False
 
     @property
     def rows(self) -> int:

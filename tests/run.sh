@@ -9,6 +9,21 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
 fi
 
+# Redis 7 for the distributed-mode tests (tests/service/test_queue.py, test_distributed.py,
+# test_faults.py): start one on 127.0.0.1:6379 unless one answers there already.
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server
+fi
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  for _ in $(seq 100); do
+    redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+fi
+
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

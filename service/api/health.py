@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.errors import NotReady
+from service.errors import NotReady, QueueUnavailable
 
 from .state import State
 
@@ -26,5 +28,9 @@ async def readyz(state: State) -> dict:
 
 @router.get("/metrics")
 async def metrics(state: State) -> Response:
-    state.metrics.set_depth(*await state.queue.depth())
+    # queue_depth / queue_lag: the backlog an autoscaler reads (with Redis, of every API
+    # and worker sharing the queue); while the queue is unreachable they keep their last
+    # value and the other metrics are still served
+    with contextlib.suppress(QueueUnavailable):
+        state.metrics.set_depth(*await state.queue.depth())
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -167,14 +167,15 @@ return {'created', tostring(position)}
 
 # ARGV: prefix, group, consumer, budget (samples), reclaim 0/1, min idle ms, max deliveries,
 # result ttl, now, inline max, dead result head, dead result tail, dead error, dead event
-# data, then the model@version names the caller serves (none: all)
+# data, caller idle 0/1, then the model@version names the caller serves (none: all)
 CLAIM = r"""
 local consumer, budget = ARGV[3], tonumber(ARGV[4])
 local reclaim, min_idle, max_deliveries = ARGV[5] == '1', tonumber(ARGV[6]), tonumber(ARGV[7])
 local ttl, now, inline_max = tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[10])
 local dead_head, dead_tail, dead_error, dead_data = ARGV[11], ARGV[12], ARGV[13], ARGV[14]
+local idle = ARGV[15] == '1'
 local mvs = {}
-for i = 15, #ARGV do table.insert(mvs, ARGV[i]) end
+for i = 16, #ARGV do table.insert(mvs, ARGV[i]) end
 if #mvs == 0 then mvs = redis.call('SMEMBERS', k_models()) end
 local streams = streams_of(mvs)
 local out = {}
@@ -209,9 +210,13 @@ if reclaim then
             inline_max)
           drop(s.key, entry)
         elseif n <= budget then
-          if #redis.call('XCLAIM', s.key, GROUP, consumer, min_idle, entry) > 0 then
+          -- its last allowed try goes to an idle worker, which takes nothing else with it
+          local last_try = deliveries > 0 and deliveries + 1 >= max_deliveries
+          if (not last_try or (idle and #out == 0))
+            and #redis.call('XCLAIM', s.key, GROUP, consumer, min_idle, entry) > 0 then
             budget = budget - n
             take(s.key, entry, id, deliveries + 1)
+            if last_try then return out end
           end
         end
       end

@@ -357,6 +357,7 @@ class RedisStreamsQueue:
                 self._dead_tail,
                 self._dead_message(),
                 json.dumps({"error": self._dead_message()}),
+                int(not self._held),
                 *names,
             )
             if rows:
@@ -370,6 +371,7 @@ class RedisStreamsQueue:
     def _hold(self, data: str, state: str, delivery: int, stream: str, entry: str) -> Job:
         job = Job.from_dict(json.loads(data))
         job.delivery = int(delivery)
+        job.alone = job.delivery > 1 and job.delivery >= self.max_deliveries
         self._held[job.id] = (stream, entry)
         if state == JobState.CANCELED.value:
             self._canceled.add(job.id)

@@ -57,6 +57,7 @@ class Worker:
         self._recent: dict[str, float] = {}  # model -> moving average of step seconds
         self._stopping = False
         self._beat_s = queue.heartbeat_s
+        self._alone = 0  # jobs in hand on their last try: claim nothing beside them
         self._next_beat = 0.0
 
     def stop(self) -> None:
@@ -98,8 +99,7 @@ class Worker:
         lost = set(await self.queue.heartbeat([a.job.id for a in self.actives]))
         for active in [a for a in self.actives if a.job.id in lost]:
             log.warning("job %s was taken over by another worker; dropping it", active.job.id)
-            self.actives.remove(active)
-            self.metrics.active_jobs.labels(active.job.model).dec()
+            self._drop(active)
 
     async def _compute(self, batch: list[Active]):
         """step_batch on the event loop if this model's passes are short, else in the thread."""
@@ -117,8 +117,9 @@ class Worker:
         return outcomes, seconds
 
     async def _admit(self) -> None:
-        if self.static and self.actives:
-            return  # static batching: a batch runs to the end before the next is formed
+        if (self.static and self.actives) or self._alone:
+            # static batching: a batch runs to the end before the next is formed
+            return
         free = self.capacity - sum(a.rows for a in self.actives)
         if free <= 0:
             return
@@ -161,8 +162,12 @@ class Worker:
             await self._finish_job(job, JobState.FAILED, "invalid_parameter", str(exc))
             return
         self.actives.append(active)
+        self._alone += job.alone
         self.metrics.active_jobs.labels(job.model).inc()
-        await self.queue.publish(JobEvent(job.id, "started", {"steps": active.nfe_total}))
+        data = {"steps": active.nfe_total}
+        if job.delivery > 1:
+            data["delivery"] = job.delivery  # an earlier worker died with it
+        await self.queue.publish(JobEvent(job.id, "started", data))
 
     async def _tick(self) -> None:
         for active in list(self.actives):
@@ -224,9 +229,13 @@ class Worker:
         if outcome.kind == "done":
             await self._finish(active, JobState.SUCCEEDED, None, None, outcome.outputs)
 
-    async def _finish(self, active: Active, state: JobState, code, message, outputs=()) -> None:
+    def _drop(self, active: Active) -> None:
         self.actives.remove(active)
+        self._alone -= active.job.alone
         self.metrics.active_jobs.labels(active.job.model).dec()
+
+    async def _finish(self, active: Active, state: JobState, code, message, outputs=()) -> None:
+        self._drop(active)
         await self._finish_job(active.job, state, code, message, list(outputs), active)
 
     async def _finish_job(

@@ -45,10 +45,6 @@ class Active:
     def group(self, static: bool) -> tuple:
         job = self.job
         key = (job.model, job.version, tuple(self.pending[0].shape[1:]) if self.pending else ())
-        if job.delivery > 1:
-            # handed out again after its worker died: it may be what killed it, so it
-            # shares no forward pass (the others of that batch then finish, it fails alone)
-            key += (job.id,)
         return key + ((job.sampler, job.steps, job.guidance_scale, job.teleport) if static else ())
 
 

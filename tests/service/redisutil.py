@@ -61,8 +61,10 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("redis-server is missing: apt-get install redis-server")
         self.proc = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", ""]
-            + ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.folder)],
+            [
+                *(binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", ""),
+                *("--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.folder)),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -434,7 +434,7 @@ def test_redis_forgets_finished_jobs_after_their_ttl(prefix):
         await queue.complete(JobResult(j.id, JobState.SUCCEEDED))
         kept = await queue.status(j.id)
         await asyncio.sleep(2.1)
-        again, created = await queue.submit(job(key="once"))
+        _, created = await queue.submit(job(key="once"))
         return kept, await queue.status(j.id), created
 
     kept, gone, created = run(scenario, rq(prefix, result_ttl=1))
