@@ -43,7 +43,9 @@ def models() -> dict:
 def main(argv: list[str]) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(message)s")
     if argv[0] == "worker":
-        return uvloop.run(run_worker(Settings(warmup=False), loaded=models()))
+        settings = Settings(warmup=False)
+        loaded = {k: m for k, m in models().items() if k[0] in (settings.models or [k[0]])}
+        return uvloop.run(run_worker(settings, loaded=loaded))
     port = int(argv[1])
     app = create_app(Settings(warmup=False, worker=False, grpc=False), loaded=models())
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
