@@ -5,9 +5,10 @@
 The request: one fashion-gaussian image (label "sneaker"), 1 euler step, a new seed each
 time. The same server answers it as the OpenAI-style endpoint (JSON, a base64 PNG), as OIP
 HTTP with binary tensors and with JSON tensors (bodies built by tritonclient, sent with the
-same httpx client as the OpenAI requests), as OIP gRPC (tritonclient.grpc.aio), and, for
-reference, through tritonclient.http.aio itself. Each row is a closed loop of
-`concurrency` clients for `--seconds`, after a warm-up.
+same aiohttp session as the OpenAI requests), as OIP gRPC (tritonclient.grpc.aio), and, for
+reference, through tritonclient.http.aio itself (aiohttp too, plus its own encoding). Each
+row is a closed loop of `concurrency` clients for `--seconds`, in `--rounds` interleaved
+parts, each after a short warm-up.
 
 Where the time goes, per request: `server job` is the server's own submit-to-result time
 (queue wait, sampling, encoding; reported in every response), `protocol` is the client's
@@ -31,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
@@ -102,32 +104,48 @@ def oip_inputs(module, seed: int, binary: bool = True) -> list:
     ]
 
 
-def openai_call(client: httpx.AsyncClient) -> Call:
+# Bodies are made once per seed of a pool, so the load generator spends its CPU on sending
+# and reading, the same for every HTTP row.
+SEEDS = 256
+
+
+def openai_call(session: aiohttp.ClientSession, url: str) -> Call:
+    bodies = [
+        json.dumps(
+            {"model": MODEL, "prompt": LABEL, "steps": STEPS, "sampler": SAMPLER, "seed": seed}
+        ).encode()
+        for seed in range(SEEDS)
+    ]
+    headers = {"Content-Type": "application/json"}
+
     async def call(seed: int) -> float:
-        body = {"model": MODEL, "prompt": LABEL, "steps": STEPS, "sampler": SAMPLER, "seed": seed}
-        r = await client.post("/v1/images/generations", json=body)
-        r.raise_for_status()
-        data = r.json()
+        async with session.post(url, data=bodies[seed % SEEDS], headers=headers) as r:
+            r.raise_for_status()
+            data = json.loads(await r.read())
         assert base64.b64decode(data["data"][0]["b64_json"])[:4] == b"\x89PNG"
         return data["timings"]["total_seconds"]
 
     return call
 
 
-def oip_http_call(client: httpx.AsyncClient, binary: bool) -> Call:
-    url = f"/v2/models/{MODEL}/infer"
+def oip_http_call(session: aiohttp.ClientSession, url: str, binary: bool) -> Call:
+    """OIP over plain HTTP with the request bodies tritonclient makes."""
     output = [httpclient.InferRequestedOutput("image", binary_data=binary)]
-
-    async def call(seed: int) -> float:
+    requests = []
+    for seed in range(SEEDS):
         body, json_size = httpclient.InferenceServerClient.generate_request_body(
             oip_inputs(httpclient, seed, binary), outputs=output
         )
-        headers = {} if json_size is None else {"Inference-Header-Content-Length": str(json_size)}
-        r = await client.post(url, content=body, headers=headers)
-        r.raise_for_status()
-        length = r.headers.get("Inference-Header-Content-Length")
-        header = json.loads(r.content[: int(length)] if length else r.content)
-        image = r.content[int(length) :] if length else bytes(header["outputs"][0]["data"])
+        length = {} if json_size is None else {"Inference-Header-Content-Length": str(json_size)}
+        requests.append((body, length))
+
+    async def call(seed: int) -> float:
+        body, headers = requests[seed % SEEDS]
+        async with session.post(url, data=body, headers=headers) as r:
+            r.raise_for_status()
+            length, content = r.headers.get("Inference-Header-Content-Length"), await r.read()
+        header = json.loads(content[: int(length)] if length else content)
+        image = content[int(length) :] if length else bytes(header["outputs"][0]["data"])
         assert len(image) == 28 * 28
         return header["parameters"]["total_seconds"]
 
@@ -199,12 +217,13 @@ async def measure(
     rounds: int,
     only_openai: bool = False,
 ) -> list[Row]:
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    http = httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits)
-    protocols = [("OpenAI-style POST /v1/images/generations", openai_call(http))]
-    closers = [http.aclose]
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
+    images = server.url + "/v1/images/generations"
+    infer = f"{server.url}/v2/models/{MODEL}/infer"
+    protocols = [("OpenAI-style POST /v1/images/generations", openai_call(session, images))]
+    closers = [session.close]
     if only_openai:
-        protocols = [("OpenAI-style, server started with --no-grpc", openai_call(http))]
+        protocols = [("OpenAI-style, server started with --no-grpc", openai_call(session, images))]
     else:
         grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
         triton_http = aiohttpclient.InferenceServerClient(
@@ -212,8 +231,8 @@ async def measure(
         )
         closers += [grpc.close, triton_http.close]
         protocols += [
-            ("OIP HTTP, binary tensors", oip_http_call(http, binary=True)),
-            ("OIP HTTP, JSON tensors", oip_http_call(http, binary=False)),
+            ("OIP HTTP, binary tensors", oip_http_call(session, infer, binary=True)),
+            ("OIP HTTP, JSON tensors", oip_http_call(session, infer, binary=False)),
             ("OIP gRPC (tritonclient.grpc.aio)", grpc_call(grpc)),
             ("OIP HTTP, binary (tritonclient.http.aio)", tritonclient_http_call(triton_http)),
         ]

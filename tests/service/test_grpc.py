@@ -397,3 +397,28 @@ def test_not_ready_until_the_models_are_loaded():
         await server.stop(grace=1)
 
     asyncio.run(main())
+
+
+def test_a_full_queue_is_429_over_http_and_resource_exhausted_over_grpc():
+    """One job running (the worker holds 2 rows), one queued (the queue holds 2 samples):
+    for about a second both OIP surfaces refuse more, with a Retry-After."""
+    settings = {"max_active_samples": 2, "max_queued_samples": 2}
+    with (
+        serve(grpc=True, grpc_port=0, host="127.0.0.1", **settings) as server,
+        httpx.Client(base_url=server.url, timeout=30) as c,
+    ):
+        job = {"model": "slow-model", "prompt": "dark", "n": 2, "steps": 20}
+        ids = [c.post("/v1/jobs", json=job).json()["id"] for _ in range(2)]
+        label = {"name": "label", "datatype": "BYTES", "shape": [1], "data": ["dark"]}
+        r = c.post("/v2/models/slow-model/infer", json={"inputs": [label]})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert "the queue holds 2 samples (limit 2)" in r.json()["error"]
+        with grpc.insecure_channel(f"127.0.0.1:{server.app.state.grpc_port}") as channel:
+            request = service_pb2.ModelInferRequest(model_name="slow-model")
+            request.inputs.add(name="label", datatype="BYTES", shape=[1])
+            request.raw_input_contents.append(b"\x04\0\0\0dark")
+            err = bad_call(service_pb2_grpc.GRPCInferenceServiceStub(channel), request)
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert int(dict(err.trailing_metadata())["retry-after"]) >= 1
+        for job_id in ids:
+            c.delete(f"/v1/jobs/{job_id}")
