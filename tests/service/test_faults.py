@@ -152,7 +152,8 @@ def test_3_redis_away_answers_503_then_recovers_without_losing_jobs(tmp_path):
         pool = concurrent.futures.ThreadPoolExecutor(1)
         try:
             with httpx.Client(base_url=url, timeout=60) as c:
-                ids = [c.post("/v1/jobs", json={**SLOW, "steps": 20}).json()["id"] for _ in range(4)]
+                slow_job = {**SLOW, "steps": 20}
+                ids = [c.post("/v1/jobs", json=slow_job).json()["id"] for _ in range(4)]
                 waiting = pool.submit(
                     httpx.post, url + "/v1/images/generations", json={**SLOW, "steps": 20},
                     timeout=90,
@@ -207,7 +208,8 @@ def test_4_a_poison_job_is_dead_lettered_and_its_neighbours_complete(prefix, tmp
         with httpx.Client(base_url=url, timeout=60) as c:
             job = {"model": "poison-model", "steps": 3, "sampler": "euler"}
             poison = c.post("/v1/jobs", json={**job, "prompt": "light"}).json()["id"]
-            fine = [c.post("/v1/jobs", json={**job, "prompt": "dark"}).json()["id"] for _ in range(4)]
+            dark = {**job, "prompt": "dark"}
+            fine = [c.post("/v1/jobs", json=dark).json()["id"] for _ in range(4)]
             for k in range(2):
                 workers.append(fixture_worker(env, tmp_path / f"worker-{k}.log"))
 
