@@ -212,46 +212,50 @@ async def closed_loop(call: Call, concurrency: int, seconds: float, seed0: int) 
 
 async def measure(
     server: ServerProcess,
+    plain: ServerProcess,
     concurrencies: list[int],
     seconds: float,
     rounds: int,
-    only_openai: bool = False,
 ) -> list[Row]:
+    """Every protocol on `server`, and the OpenAI-style endpoint on `plain` (started with
+    --no-grpc: what serving gRPC next to HTTP costs the OpenAI path)."""
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
-    images = server.url + "/v1/images/generations"
     infer = f"{server.url}/v2/models/{MODEL}/infer"
-    protocols = [("OpenAI-style POST /v1/images/generations", openai_call(session, images))]
-    closers = [session.close]
-    if only_openai:
-        protocols = [("OpenAI-style, server started with --no-grpc", openai_call(session, images))]
-    else:
-        grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
-        triton_http = aiohttpclient.InferenceServerClient(
-            f"127.0.0.1:{server.port}", conn_limit=256
-        )
-        closers += [grpc.close, triton_http.close]
-        protocols += [
-            ("OIP HTTP, binary tensors", oip_http_call(session, infer, binary=True)),
-            ("OIP HTTP, JSON tensors", oip_http_call(session, infer, binary=False)),
-            ("OIP gRPC (tritonclient.grpc.aio)", grpc_call(grpc)),
-            ("OIP HTTP, binary (tritonclient.http.aio)", tritonclient_http_call(triton_http)),
-        ]
+    grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    triton_http = aiohttpclient.InferenceServerClient(f"127.0.0.1:{server.port}", conn_limit=256)
+    protocols = [
+        (
+            "OpenAI-style POST /v1/images/generations",
+            server,
+            openai_call(session, server.url + "/v1/images/generations"),
+        ),
+        ("OIP HTTP, binary tensors", server, oip_http_call(session, infer, binary=True)),
+        ("OIP HTTP, JSON tensors", server, oip_http_call(session, infer, binary=False)),
+        ("OIP gRPC (tritonclient.grpc.aio)", server, grpc_call(grpc)),
+        ("OIP HTTP, binary (tritonclient.http.aio)", server, tritonclient_http_call(triton_http)),
+        (
+            "OpenAI-style, server started with --no-grpc",
+            plain,
+            openai_call(session, plain.url + "/v1/images/generations"),
+        ),
+    ]
     rows = []
     try:
         for concurrency in concurrencies:
             # rounds interleave the protocols, so a change in background load (this machine
             # is shared) spreads over all rows instead of biasing one
-            parts: dict[str, list[Row]] = {name: [] for name, _ in protocols}
+            parts: dict[str, list[Row]] = {name: [] for name, _, _ in protocols}
             for _ in range(rounds):
-                for i, (name, call) in enumerate(protocols):
+                for i, (name, target, call) in enumerate(protocols):
                     print(f"  {name}, concurrency {concurrency} ...", file=sys.stderr, flush=True)
                     parts[name].append(
-                        await measure_one(server, name, call, concurrency, seconds / rounds, i)
+                        await measure_one(target, name, call, concurrency, seconds / rounds, i)
                     )
             rows += [merge(part) for part in parts.values()]
     finally:
-        for close in closers:
-            await close()
+        await session.close()
+        await grpc.close()
+        await triton_http.close()
     return rows
 
 
@@ -316,14 +320,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    with ServerProcess() as server:
-        rows = uvloop.run(measure(server, concurrencies, args.seconds, args.rounds))
-    # the OpenAI path once more on a server without gRPC: what serving gRPC costs it
-    with ServerProcess(grpc=False) as server:
-        rows += uvloop.run(
-            measure(server, concurrencies, args.seconds, args.rounds, only_openai=True)
-        )
-    rows.sort(key=lambda r: r.concurrency)
+    with ServerProcess() as server, ServerProcess(grpc=False) as plain:
+        rows = uvloop.run(measure(server, plain, concurrencies, args.seconds, args.rounds))
     print(report(rows, args.seconds))
     return 0
 
