@@ -104,7 +104,8 @@ class ConsistencyDenoiser(EDMDenoiser):
 def guidance_embedding(w: Tensor, dim: int) -> Tensor:
     """LCM's sinusoidal embedding of w (Luo et al. 2023), fed to the UNet as timestep_cond."""
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float64) * -(math.log(10000.0) / (half - 1)))
+    steps = torch.arange(half, dtype=torch.float64, device=w.device)
+    freqs = torch.exp(steps * -(math.log(10000.0) / (half - 1)))
     angles = (w.to(torch.float64) * 1000.0)[:, None] * freqs[None, :]
     emb = torch.cat([angles.sin(), angles.cos()], dim=1)
     if dim % 2:
@@ -138,7 +139,8 @@ class LCMDenoiser:
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
         alpha, sigma_vp = (expand(v, x) for v in edm_to_vp(sigma.to(torch.float64)))
-        t = self.schedule.t(sigma.to(torch.float64))
+        # discrete schedules keep their tables on the CPU
+        t = self.schedule.t(sigma.detach().cpu().to(torch.float64)).to(x.device)
         x_vp = x * alpha
         if self.embedding_dim is not None:
             if cond is None or "guidance_scale" not in cond:
@@ -171,7 +173,7 @@ class DiscreteTimeEDM:
         self.edm, self.schedule = edm, schedule
 
     def __call__(self, x_vp: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
-        sigma = self.schedule.sigma(t.to(torch.float64))
+        sigma = self.schedule.sigma(t.detach().cpu().to(torch.float64)).to(x_vp.device)
         alpha = expand(1 / torch.sqrt(1 + sigma**2), x_vp)
         return self.edm(x_vp / alpha, sigma.to(x_vp.dtype), cond)
 

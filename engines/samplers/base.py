@@ -130,7 +130,8 @@ def drive(gen: SamplerGen, denoiser: Denoiser, cond: Cond = None) -> Tensor:
     try:
         x, sigma = next(gen)
         while True:
-            x, sigma = gen.send(denoiser(x, torch.full((len(x),), sigma, dtype=x.dtype), cond))
+            sigmas = torch.full((len(x),), sigma, dtype=x.dtype, device=x.device)
+            x, sigma = gen.send(denoiser(x, sigmas, cond))
     except StopIteration as stop:
         return stop.value
 
