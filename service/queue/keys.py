@@ -21,7 +21,6 @@ Layout (P = prefix, MV = "model@version"):
     P dead               dead-letter stream: jobs delivered too often without a result
     P done               channel: "ID\\nN\\nSTATE\\nRESULT-JSON-or-empty" when a job finishes
     P cancel             channel: ID of a running job whose client canceled it
-    P submitted:MV       channel: ID of a job just queued for MV (wakes idle workers)
 """
 
 from __future__ import annotations
@@ -42,7 +41,6 @@ TEMPLATES = {
     "dead": "dead",
     "done": "done",
     "cancel": "cancel",
-    "submitted": "submitted:{mv}",
 }
 
 
@@ -96,9 +94,6 @@ class Keys:
     @property
     def cancel(self) -> str:
         return self._name("cancel")
-
-    def submitted(self, mv: str) -> str:
-        return self._name("submitted", mv=mv)
 
     @property
     def pattern(self) -> str:

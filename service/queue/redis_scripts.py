@@ -161,7 +161,6 @@ redis.call('HINCRBY', k_counters(), 'samples', n)
 if idem ~= '' then redis.call('SET', k_idempotency(idem), id) end
 local position = undelivered(mv, tonumber(prio)) - 1
 add_event(id, 'queued', '{"position": ' .. position .. '}', now)
-redis.call('PUBLISH', k_submitted(mv), id)
 return {'created', tostring(position)}
 """
 
@@ -188,6 +187,7 @@ local function take(stream, entry, id, delivery)
 end
 
 -- 1. entries whose holder went quiet for min_idle: take them over, or dead-letter them
+-- (one its holder read but never marked running is marked now)
 if reclaim then
   for _, s in ipairs(streams) do
     local pending = redis.call('XPENDING', s.key, GROUP, 'IDLE', min_idle, '-', '+', 100)
@@ -215,6 +215,11 @@ if reclaim then
           if (not last_try or (idle and #out == 0))
             and #redis.call('XCLAIM', s.key, GROUP, consumer, min_idle, entry) > 0 then
             budget = budget - n
+            if redis.call('HGET', job, 'state') == 'queued' then
+              redis.call('HSET', job, 'state', 'running')
+              redis.call('HINCRBY', k_counters(), 'jobs', -1)
+              redis.call('HINCRBY', k_counters(), 'samples', -n)
+            end
             take(s.key, entry, id, deliveries + 1)
             if last_try then return out end
           end
@@ -251,6 +256,40 @@ while true do
   end
   heads[best] = peek(s, h.entry)
 end
+return out
+"""
+
+# ARGV: prefix, group, then stream, entry pairs an idle worker's blocking XREADGROUP got.
+# Marks them running (canceled ones are acknowledged and dropped); rows as CLAIM's.
+TAKE = r"""
+local out = {}
+for i = 3, #ARGV, 2 do
+  local s, entry = ARGV[i], ARGV[i + 1]
+  local e = redis.call('XRANGE', s, entry, entry)[1]
+  local f = e and fields(e[2]) or {}
+  local job = f['id'] and k_job(f['id'])
+  if job and redis.call('HGET', job, 'state') == 'queued' then
+    redis.call('HSET', job, 'state', 'running', 'delivery', 1)
+    redis.call('HINCRBY', k_counters(), 'jobs', -1)
+    redis.call('HINCRBY', k_counters(), 'samples', -tonumber(f['n']))
+    table.insert(out, {redis.call('HGET', job, 'data'), 'running', 1, s, entry})
+  else
+    drop(s, entry)  -- canceled (or gone) while queued: nothing to run
+  end
+end
+return out
+"""
+
+# ARGV: prefix, group. The job streams of the model versions that follow (none: all),
+# highest priority first.
+STREAMS = r"""
+local mvs = {}
+for i = 3, #ARGV do table.insert(mvs, ARGV[i]) end
+if #mvs == 0 then mvs = redis.call('SMEMBERS', k_models()) end
+local streams = streams_of(mvs)
+table.sort(streams, function(a, b) return a.priority > b.priority end)
+local out = {}
+for _, s in ipairs(streams) do table.insert(out, s.key) end
 return out
 """
 
@@ -347,6 +386,8 @@ return 0
 SCRIPTS = {
     "submit": SUBMIT,
     "claim": CLAIM,
+    "take": TAKE,
+    "streams": STREAMS,
     "complete": COMPLETE,
     "cancel": CANCEL,
     "publish": PUBLISH,

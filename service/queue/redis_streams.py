@@ -17,10 +17,11 @@ step (`redis_scripts.py`):
 - heartbeat: the holder re-claims its entries with XCLAIM JUSTID (idle time reset, no
   delivery counted), learns which it lost and which were canceled.
 
-API processes learn of results from the `done` channel (no polling), workers of new jobs
-and cancellations from `submitted:*` and `cancel`. Pub/sub is at-most-once, so every
-waiter also reads the result key after subscribing, re-reads after a reconnect, and the
-heartbeat re-reads cancellations. A Redis that does not answer within `timeout` raises
+API processes learn of results from the `done` channel (no polling), workers of
+cancellations from `cancel`; an idle worker blocks in XREADGROUP, so Redis hands it the
+next job the moment it is queued. Pub/sub is at-most-once, so every waiter also reads the
+result key after subscribing, re-reads after a reconnect, and the heartbeat re-reads
+cancellations. A Redis that does not answer within `timeout` raises
 QueueUnavailable (HTTP 503 with Retry-After), never a hang.
 """
 
@@ -114,7 +115,7 @@ class RedisStreamsQueue:
         self._outbox: list[JobEvent] = []
         self._flusher: asyncio.Task | None = None
         self._write_lock = asyncio.Lock()
-        self._wakeup = asyncio.Event()
+        self._streams: tuple[float, list[str], list[str]] = (0.0, [], [])  # expiry, for, keys
         self._listeners: dict[str, asyncio.Task] = {}
         self._next_reclaim = 0.0
         self._closing = False
@@ -339,7 +340,6 @@ class RedisStreamsQueue:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            self._wakeup.clear()  # before the read, so a submit during it is not missed
             reclaim = loop.time() >= self._next_reclaim
             if reclaim:
                 self._next_reclaim = loop.time() + self.claim_timeout / 4
@@ -365,8 +365,39 @@ class RedisStreamsQueue:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            if self._held:  # (static batching topping up a batch) look again shortly
+                await asyncio.sleep(min(remaining, 0.005))
+                continue
+            rows = await self._wait_for_entry(names, remaining)
+            if rows:
+                return [self._hold(*row) for row in rows]
+
+    async def _wait_for_entry(self, names: list[str], timeout: float) -> list:
+        """An idle worker blocks in XREADGROUP, so Redis hands the next entry to exactly one
+        waiting worker the moment it is added: one hop, and no herd of workers woken to
+        race for it. The TAKE script then marks it running (if the worker dies before,
+        the entry is pending and is reclaimed like any other)."""
+        loop = asyncio.get_running_loop()
+        expiry, known_for, streams = self._streams
+        if loop.time() >= expiry or known_for != names:
+            streams = await self._script("streams", *names)
+            # a stream created meanwhile (new model or priority) is seen within a second
+            self._streams = (loop.time() + (1.0 if streams else 0.0), names, streams)
+        if not streams:
+            await asyncio.sleep(min(timeout, 0.05))
+            return []
+        block_s = min(timeout, 0.25, self.timeout / 2)
+        reply = await self.redis.xreadgroup(
+            GROUP,
+            self.consumer,
+            dict.fromkeys(streams, ">"),
+            count=1,
+            block=max(1, int(block_s * 1000)),
+        )
+        pairs = [
+            x for stream, entries in reply or () for entry, _ in entries for x in (stream, entry)
+        ]
+        return await self._script("take", *pairs) if pairs else []
 
     def _hold(self, data: str, state: str, delivery: int, stream: str, entry: str) -> Job:
         job = Job.from_dict(json.loads(data))
@@ -478,10 +509,8 @@ class RedisStreamsQueue:
             return
         if role == "done":
             channels, patterns = [self.keys.done], []
-        elif models:
-            channels, patterns = [self.keys.cancel, *map(self.keys.submitted, models)], []
         else:
-            channels, patterns = [self.keys.cancel], [self.keys.submitted("*")]
+            channels, patterns = [self.keys.cancel], []
         self._listeners[role] = asyncio.get_running_loop().create_task(
             self._subscribe(channels, patterns), name=f"fewstep-redis-{role}"
         )
@@ -517,15 +546,11 @@ class RedisStreamsQueue:
             for waiter in self._waiters.get(job_id, ()):
                 if not waiter.done():
                     waiter.set_result(payload)
-        elif channel == self.keys.cancel:
-            if data in self._held:
-                self._canceled.add(data)
-        else:
-            self._wakeup.set()
+        elif channel == self.keys.cancel and data in self._held:
+            self._canceled.add(data)
 
     def _recheck(self) -> None:
-        """After (re)subscribing: waiters re-read their result, idle claims look again."""
-        self._wakeup.set()
+        """After (re)subscribing: result waiters re-read their result."""
         for waiters in self._waiters.values():
             for waiter in waiters:
                 if not waiter.done():
