@@ -108,9 +108,7 @@ def main() -> int:
     from engines.repository import Repository
 
     labels = list(Repository(ROOT / "model_repo").load(mixed.model).spec.labels)
-    single = [
-        dict(b, n=1, steps=1, sampler="euler") for b in mixed.bodies(400, labels, args.seed)
-    ]
+    single = [dict(b, n=1, steps=1, sampler="euler") for b in mixed.bodies(400, labels, args.seed)]
     heavy = saturation.bodies(400, labels, args.seed + 1)
     prefix = f"fewstep-bench-{uuid.uuid4().hex[:12]}:"
     names = ("embedded", f"distributed (1 API + {args.workers} workers)")
@@ -158,9 +156,7 @@ def main() -> int:
             f"| {name} | {len(ms)} | {percentile(ms, 50):.2f} | {percentile(ms, 95):.2f} | "
             f"{percentile(ms, 99):.2f} |"
         )
-    print(
-        f"\nthe Redis hop adds p50 {added[names[1]] - added[names[0]]:.2f} ms (goal <= 1 ms)\n"
-    )
+    print(f"\nthe Redis hop adds p50 {added[names[1]] - added[names[0]]:.2f} ms (goal <= 1 ms)\n")
     print(
         f"## Saturation ({saturation.name}: n=8, dpmpp_2m, 8 steps), {args.concurrency} "
         f"clients, closed loop, {args.rounds} x {args.seconds:.0f} s\n"
