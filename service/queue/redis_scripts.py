@@ -150,7 +150,7 @@ local stream = k_stream(mv, prio)
 if redis.call('EXISTS', stream) == 0 then
   redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')
 end
-local entry = redis.call('XADD', stream, '*', 'id', id, 'n', n)
+local entry = redis.call('XADD', stream, '*', 'id', id, 'n', n, 'job', data)
 redis.call('HSET', k_job(id), 'data', data, 'fingerprint', fp, 'state', 'queued', 'n', n,
   'model', mv, 'priority', prio, 'stream', stream, 'entry', entry, 'idempotency', idem,
   'step', 0, 'steps', 0, 'delivery', 0, 'error', '')
@@ -259,8 +259,8 @@ end
 return out
 """
 
-# ARGV: prefix, group, then stream, entry pairs an idle worker's blocking XREADGROUP got.
-# Marks them running (canceled ones are acknowledged and dropped); rows as CLAIM's.
+# ARGV: prefix, group, then stream, entry pairs an idle worker's blocking XREADGROUP got
+# (and has started on). Marks them running; returns the ids of those canceled meanwhile.
 TAKE = r"""
 local out = {}
 for i = 3, #ARGV, 2 do
@@ -272,9 +272,9 @@ for i = 3, #ARGV, 2 do
     redis.call('HSET', job, 'state', 'running', 'delivery', 1)
     redis.call('HINCRBY', k_counters(), 'jobs', -1)
     redis.call('HINCRBY', k_counters(), 'samples', -tonumber(f['n']))
-    table.insert(out, {redis.call('HGET', job, 'data'), 'running', 1, s, entry})
   else
-    drop(s, entry)  -- canceled (or gone) while queued: nothing to run
+    drop(s, entry)  -- canceled (or gone) while queued: the worker stops it
+    if f['id'] then table.insert(out, f['id']) end
   end
 end
 return out

@@ -37,6 +37,7 @@ import os
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection
 
 import redis.asyncio as aioredis
@@ -112,7 +113,14 @@ class RedisStreamsQueue:
         self._held: dict[str, tuple[str, str]] = {}  # job id -> (stream, entry) we hold
         self._canceled: set[str] = set()  # held jobs whose client canceled them
         self._waiters: dict[str, list[asyncio.Future]] = {}
+        # jobs this process submitted while the done channel was subscribed, with the
+        # subscription's number: their completion cannot be missed, so result() need not
+        # read the result key first (one round trip less per synchronous request)
+        self._fresh: OrderedDict[str, int] = OrderedDict()
+        self._early: OrderedDict[str, str] = OrderedDict()  # fresh ones done before result()
+        self._done_epoch = 0  # counts subscriptions of the done channel; odd: subscribed
         self._outbox: list[JobEvent] = []
+        self._takes: list[str] = []  # stream, entry, ... read by XREADGROUP, not yet marked
         self._flusher: asyncio.Task | None = None
         self._write_lock = asyncio.Lock()
         self._streams: tuple[float, list[str], list[str]] = (0.0, [], [])  # expiry, for, keys
@@ -204,6 +212,10 @@ class RedisStreamsQueue:
             )
         if reply[0] == "existing":
             return Job.from_dict(json.loads(reply[1])), False
+        if reply[0] == "created" and self._done_epoch % 2:
+            self._fresh[job.id] = self._done_epoch
+            if len(self._fresh) > 10000:
+                self._fresh.popitem(last=False)
         if reply[0] == "full":
             queued = int(reply[1])
             excess = queued + job.n - self.max_queued_samples
@@ -266,19 +278,27 @@ class RedisStreamsQueue:
         self._listen("done")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        epoch = self._done_epoch
+        fresh = self._fresh.pop(job_id, None) == epoch
+        early = self._early.pop(job_id, None)
+        if early:
+            return JobResult.from_dict(json.loads(early))
+        fresh = fresh and early is None  # "": done, but the result was too big to inline
         while True:
             waiter = loop.create_future()
             self._waiters.setdefault(job_id, []).append(waiter)
             try:
                 # read after subscribing: a result stored before that is found here
-                with contextlib.suppress(*DOWN):
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        pipe.get(self.keys.result(job_id)).exists(self.keys.job(job_id))
-                        raw, known = await pipe.execute()
-                    if raw is not None:
-                        return JobResult.from_dict(json.loads(raw))
-                    if not known:
-                        return None
+                if not fresh or self._done_epoch != epoch:
+                    with contextlib.suppress(*DOWN):
+                        async with self.redis.pipeline(transaction=False) as pipe:
+                            pipe.get(self.keys.result(job_id)).exists(self.keys.job(job_id))
+                            raw, known = await pipe.execute()
+                        if raw is not None:
+                            return JobResult.from_dict(json.loads(raw))
+                        if not known:
+                            return None
+                fresh = False
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return None
@@ -373,9 +393,10 @@ class RedisStreamsQueue:
                 return [self._hold(*row) for row in rows]
 
     async def _wait_for_entry(self, names: list[str], timeout: float) -> list:
-        """An idle worker blocks in XREADGROUP, so Redis hands the next entry to exactly one
-        waiting worker the moment it is added: one hop, and no herd of workers woken to
-        race for it. The TAKE script then marks it running (if the worker dies before,
+        """An idle worker blocks in XREADGROUP, so Redis hands the next entry (which carries
+        the job) to exactly one waiting worker the moment it is added: one hop, and no herd
+        of workers woken to race for it. The worker starts at once; the TAKE script that
+        marks the job running goes out with its first events (if the worker dies before,
         the entry is pending and is reclaimed like any other)."""
         loop = asyncio.get_running_loop()
         expiry, known_for, streams = self._streams
@@ -394,10 +415,15 @@ class RedisStreamsQueue:
             count=1,
             block=max(1, int(block_s * 1000)),
         )
-        pairs = [
-            x for stream, entries in reply or () for entry, _ in entries for x in (stream, entry)
-        ]
-        return await self._script("take", *pairs) if pairs else []
+        rows = []
+        for stream, entries in reply or ():
+            for entry, fields in entries:
+                if fields:  # None: deleted since; TAKE acknowledges it
+                    rows.append((fields["job"], JobState.RUNNING.value, 1, stream, entry))
+                self._takes += [stream, entry]
+        if self._takes:
+            self._flush_soon()
+        return rows
 
     def _hold(self, data: str, state: str, delivery: int, stream: str, entry: str) -> Job:
         job = Job.from_dict(json.loads(data))
@@ -442,6 +468,9 @@ class RedisStreamsQueue:
         """Buffer the event; the buffer goes out in one round trip at the end of the
         worker's tick (or with the job's result), not one per event."""
         self._outbox.append(event)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_quietly())
 
@@ -461,23 +490,31 @@ class RedisStreamsQueue:
         """Send buffered events, then `then(pipe)`'s commands, in one pipeline, in order."""
         async with self._write_lock:
             events, self._outbox = self._outbox, []
-            if not events and then is None:
+            takes, self._takes = self._takes, []
+            if not events and not takes and then is None:
                 return None
             try:
                 for attempt in (1, 2):
                     async with self.redis.pipeline(transaction=False) as pipe:
+                        if takes:
+                            self._queue_script(pipe, "take", *takes)
                         if events:
                             self._queue_events(pipe, events)
                         if then is not None:
                             then(pipe)
                         try:
-                            return await pipe.execute()
+                            replies = await pipe.execute()
                         except NoScriptError:
                             if attempt == 2:
                                 raise
                             await self._load_scripts()
+                            continue
+                        if takes:  # canceled while queued: the worker stops them
+                            self._canceled.update(i for i in replies[0] if i in self._held)
+                        return replies
             except BaseException:
                 self._outbox[:0] = events
+                self._takes[:0] = takes
                 raise
 
     @_guarded
@@ -512,10 +549,10 @@ class RedisStreamsQueue:
         else:
             channels, patterns = [self.keys.cancel], []
         self._listeners[role] = asyncio.get_running_loop().create_task(
-            self._subscribe(channels, patterns), name=f"fewstep-redis-{role}"
+            self._subscribe(channels, patterns, role == "done"), name=f"fewstep-redis-{role}"
         )
 
-    async def _subscribe(self, channels: list[str], patterns: list[str]) -> None:
+    async def _subscribe(self, channels: list[str], patterns: list[str], done: bool) -> None:
         delay = 0.1
         while not self._closing:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
@@ -528,11 +565,16 @@ class RedisStreamsQueue:
                 self._recheck()  # anything sent while we were not listening
                 while not self._closing:
                     message = await pubsub.get_message(timeout=1.0)
+                    if done and not self._done_epoch % 2:
+                        # the first read took the subscription's confirmation
+                        self._done_epoch += 1
                     if message is not None:
                         self._dispatch(message["channel"], message["data"])
             except DOWN as exc:
                 log.warning("redis subscriber lost its connection (%s); reconnecting", exc)
             finally:
+                if done and self._done_epoch % 2:
+                    self._done_epoch += 1  # even: not subscribed
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
             await asyncio.sleep(delay)
@@ -543,9 +585,15 @@ class RedisStreamsQueue:
             job_id, n, state, payload = data.split("\n", 3)
             if state == JobState.SUCCEEDED.value:
                 self.drain.add(int(n))
-            for waiter in self._waiters.get(job_id, ()):
+            waiters = self._waiters.get(job_id, ())
+            for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(payload)
+            if not waiters and job_id in self._fresh:
+                # done before its submitter asked (a fast job, a busy API): keep it for result()
+                self._early[job_id] = payload
+                if len(self._early) > 10000:
+                    self._early.popitem(last=False)
         elif channel == self.keys.cancel and data in self._held:
             self._canceled.add(data)
 
