@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import json
+import signal
 
 import httpx
 import numpy as np
@@ -25,6 +26,8 @@ from service.app import create_app
 from service.config import Settings
 
 from .conftest import fixture_models, serve, toy_spec, toy_stats
+from .redisutil import REDIS_URL, delete_prefix, new_prefix, require_redis
+from .test_distributed import fixture_api, fixture_worker
 
 
 def plain_model() -> LoadedModel:
@@ -462,3 +465,27 @@ def test_server_keeps_working_after_bad_requests(server, triton):
 def test_tiny_model_limits_come_from_its_spec(triton):
     with pytest.raises(InferenceServerException, match="makes at most 2 per request"):
         triton.infer("tiny-model", [tensor("label", [b"dark"] * 3, "BYTES")])
+
+
+def test_over_the_redis_queue_results_equal_the_embedded_servers(triton, tmp_path):
+    """OIP on an API process without a worker, a worker process and Redis between them:
+    raw-pixel jobs cross the queue, and the pixels are the embedded server's."""
+    require_redis()
+    prefix = new_prefix()
+    env = {"FEWSTEP_QUEUE": REDIS_URL, "FEWSTEP_REDIS_PREFIX": prefix}
+    worker = fixture_worker(env, tmp_path / "worker.log")
+    api = None
+    try:
+        api, url = fixture_api(env, tmp_path / "api.log")
+        remote = httpclient.InferenceServerClient(url.removeprefix("http://"))
+        got = remote.infer("toy", toy_inputs(["dark", "light"], 77))
+        want = triton.infer("toy", toy_inputs(["dark", "light"], 77))
+        np.testing.assert_array_equal(got.as_numpy("image"), want.as_numpy("image"))
+        assert got.as_numpy("seed").tolist() == [77, 78]
+        remote.close()
+    finally:
+        worker.signal(signal.SIGTERM)
+        worker.wait(30)
+        if api is not None:
+            api.kill()
+        delete_prefix(prefix)
