@@ -9,7 +9,10 @@ from service.jobs import Job, JobEvent, JobResult, JobState, JobStatus
 
 
 class JobQueue(Protocol):
-    """Submit, claim, complete, cancel, events, results; the same for memory and Redis."""
+    """Submit, claim, complete, cancel, events, results; the same for memory and Redis.
+
+    A shared backend that does not answer raises QueueUnavailable (HTTP 503 + Retry-After)
+    from any method; the caller may retry as it is."""
 
     async def start(self) -> None: ...
 

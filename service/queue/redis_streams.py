@@ -117,7 +117,8 @@ class RedisStreamsQueue:
         # subscription's number: their completion cannot be missed, so result() need not
         # read the result key first (one round trip less per synchronous request)
         self._fresh: OrderedDict[str, int] = OrderedDict()
-        self._early: OrderedDict[str, str] = OrderedDict()  # fresh ones done before result()
+        # jobs whose completion arrived while nobody waited (a fast job, a busy API)
+        self._unclaimed_done: OrderedDict[str, None] = OrderedDict()
         self._done_epoch = 0  # counts subscriptions of the done channel; odd: subscribed
         self._outbox: list[JobEvent] = []
         self._takes: list[str] = []  # stream, entry, ... read by XREADGROUP, not yet marked
@@ -280,10 +281,7 @@ class RedisStreamsQueue:
         deadline = loop.time() + timeout
         epoch = self._done_epoch
         fresh = self._fresh.pop(job_id, None) == epoch
-        early = self._early.pop(job_id, None)
-        if early:
-            return JobResult.from_dict(json.loads(early))
-        fresh = fresh and early is None  # "": done, but the result was too big to inline
+        fresh = fresh and job_id not in self._unclaimed_done
         while True:
             waiter = loop.create_future()
             self._waiters.setdefault(job_id, []).append(waiter)
@@ -589,11 +587,10 @@ class RedisStreamsQueue:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(payload)
-            if not waiters and job_id in self._fresh:
-                # done before its submitter asked (a fast job, a busy API): keep it for result()
-                self._early[job_id] = payload
-                if len(self._early) > 10000:
-                    self._early.popitem(last=False)
+            if not waiters:  # result() must then read the result key
+                self._unclaimed_done[job_id] = None
+                if len(self._unclaimed_done) > 10000:
+                    self._unclaimed_done.popitem(last=False)
         elif channel == self.keys.cancel and data in self._held:
             self._canceled.add(data)
 

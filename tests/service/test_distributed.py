@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from .conftest import serve
 from .redisutil import (
     REDIS_URL,
     Process,
@@ -126,4 +127,22 @@ def test_a_job_waits_for_a_worker_that_serves_its_model(tmp_path):
         toy_only.signal(signal.SIGTERM)
         toy_only.wait(30)
         api.kill()
+        delete_prefix(prefix)
+
+
+def test_serve_with_its_own_worker_on_a_shared_queue():
+    """`fewstep serve --queue redis://...` (no --no-worker): API and worker in one process,
+    on the shared queue, so further workers can join it."""
+    require_redis()
+    prefix = new_prefix()
+    try:
+        with (
+            serve(queue=REDIS_URL, redis_prefix=prefix) as server,
+            httpx.Client(base_url=server.url, timeout=30) as c,
+        ):
+            r = c.post("/v1/images/generations", json={"model": "toy", "prompt": "light", "n": 2})
+            assert r.status_code == 200 and len(r.json()["data"]) == 2
+            job = c.post("/v1/jobs", json={"model": "toy", "prompt": "dark"}).json()
+            assert c.get(f"/v1/jobs/{job['id']}/result", params={"wait": 30}).status_code == 200
+    finally:
         delete_prefix(prefix)
