@@ -243,7 +243,8 @@ def test_4_a_poison_job_is_dead_lettered_and_its_neighbours_complete(prefix, tmp
 def test_5_an_api_restart_loses_no_accepted_job(prefix, tmp_path):
     """The real CLIs on the shipped model: jobs accepted by one API process (no worker is
     running yet) are answered by its successor after a SIGKILL."""
-    first, url = api_process(REDIS_URL, prefix, tmp_path / "api-1.log")
+    env = {"FEWSTEP_MODELS": '["fashion-gaussian"]'}
+    first, url = api_process(REDIS_URL, prefix, tmp_path / "api-1.log", env=env)
     body = {"model": "fashion-gaussian", "prompt": "sneaker", "n": 2, "steps": 4}
     with httpx.Client(base_url=url, timeout=30) as c:
         ids = [c.post("/v1/jobs", json={**body, "seed": s}).json()["id"] for s in range(5)]
@@ -253,11 +254,11 @@ def test_5_an_api_restart_loses_no_accepted_job(prefix, tmp_path):
     worker = Process(
         ["-m", "service.cli", "worker", "--queue", REDIS_URL, "--log-level", "info"],
         tmp_path / "worker.log",
-        {"FEWSTEP_REDIS_PREFIX": prefix},
+        {"FEWSTEP_REDIS_PREFIX": prefix, **env},
     )
     second = None
     try:
-        second, url = api_process(REDIS_URL, prefix, tmp_path / "api-2.log")
+        second, url = api_process(REDIS_URL, prefix, tmp_path / "api-2.log", env=env)
         worker.wait_for_log("ready")
         with httpx.Client(base_url=url, timeout=60) as c:
             for i in ids:
