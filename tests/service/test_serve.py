@@ -54,7 +54,8 @@ def test_openai_sdk_against_the_shipped_model(served):
         assert image.size == (28, 28) and image.mode == "L"
         assert item.revised_prompt == "sneaker"
     models = httpx.get(url + "/v1/models").json()["data"]
-    assert [m["id"] for m in models] == ["fashion-gaussian"] and models[0]["teleport"] is True
+    gaussian = next(m for m in models if m["id"] == "fashion-gaussian")
+    assert gaussian["teleport"] is True and gaussian["size"] == "28x28"
 
 
 def test_openai_sdk_surfaces_a_clear_error(served):
