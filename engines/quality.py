@@ -202,8 +202,9 @@ def table_cells(repo: Repository) -> list[tuple[str, str, int, bool, float]]:
         s = spec.sampling
         if spec.kind in ("gaussian", "edm"):
             for target in TABLE_NFES:
+                solver = "dpmpp_2m" if target > 1 else "euler"  # its first step is Euler's
                 for tp in (False, True) if s.teleport_sigma is not None else (False,):
-                    cells.append((name, "dpmpp_2m", target, tp, 1.0))
+                    cells.append((name, solver, target, tp, 1.0))
             if spec.kind == "edm":
                 cells.append((name, "heun", steps_for_nfe("heun", 35), False, 1.0))
                 cells.append((name, "dpmpp_2m", 10, False, 2.0))

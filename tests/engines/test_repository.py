@@ -154,7 +154,7 @@ def test_missing_repository_and_unknown_models(tmp_path, shipped):
     with pytest.raises(RepositoryError, match="model repository folder not found"):
         Repository(tmp_path / "nowhere")
     repo, _ = shipped
-    with pytest.raises(ModelNotFoundError, match=r"no model 'mnist'; .*\['fashion-gaussian'\]"):
+    with pytest.raises(ModelNotFoundError, match=r"no model 'mnist'; .*'fashion-gaussian'"):
         repo.load("mnist")
     with pytest.raises(ModelNotFoundError, match=r"has no version 7; it has \[1\]"):
         repo.load("fashion-gaussian", 7)
@@ -217,7 +217,7 @@ def test_label_id_matches_labels_and_synonyms(shipped, prompt, label):
 
 def test_shipped_package_matches_its_spec_and_card(shipped):
     repo, model = shipped
-    assert repo.names() == ["fashion-gaussian"] and repo.default_version("fashion-gaussian") == 1
+    assert "fashion-gaussian" in repo.names() and repo.default_version("fashion-gaussian") == 1
     spec = model.spec
     assert (spec.name, spec.version, spec.kind) == ("fashion-gaussian", 1, "gaussian")
     assert spec.labels == FASHION_LABELS and spec.shape == (1, 28, 28)
