@@ -14,8 +14,12 @@ DEFAULTS = {
     "cd": {"out": "model_repo/fashion-cd", "steps": 1000, "lr": 1e-4},
     "classifier": {"out": "model_repo/_classifiers/fashion-cnn", "steps": 2000},
     "autoencoder": {"out": "runs/autoencoder", "steps": 2000},
-    "lcm-teacher": {"out": "model_repo/fashion-latent-edm", "steps": 3000, "channels": "64,128"},
-    "lcm": {"out": "model_repo/fashion-lcm", "steps": 1000, "lr": 1e-4},
+    "lcm-teacher": {
+        "out": "runs/latent_repo/fashion-latent-edm",
+        "steps": 3000,
+        "channels": "64,128",
+    },
+    "lcm": {"out": "runs/latent_repo/fashion-lcm", "steps": 1000, "lr": 1e-4},
 }
 HELP = {
     "edm-teacher": "EDM teacher UNet with CFG label dropout and teleport statistics",
@@ -66,7 +70,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         p = recipes.add_parser(name, help=HELP[name])
         _common(p, name)
         if name in ("cd", "lcm"):
-            default = "model_repo/fashion-edm" if name == "cd" else "model_repo/fashion-latent-edm"
+            default = (
+                "model_repo/fashion-edm" if name == "cd" else "runs/latent_repo/fashion-latent-edm"
+            )
             p.add_argument("--teacher", default=default, help=f"teacher package ({default})")
             p.add_argument("--grid", type=int, default=18 if name == "cd" else 50)
             p.add_argument("--ema", type=float, default=0.95)
