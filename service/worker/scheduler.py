@@ -61,7 +61,7 @@ def start(job: Job, model, dtype: torch.dtype = torch.float32, device: str = "cp
         sigmas = teleport_sigmas(s.sigma_max, follower)
         name, opts = "teleport", {"gaussian": model.gaussian, "labels": labels, "then": job.sampler}
     else:
-        sigmas = karras_sigmas(job.steps, s.sigma_min, s.sigma_max, s.rho)
+        sigmas = spec.grid(job.steps)  # Karras, or the consistency / LCM picks of its kind
         name, opts = job.sampler, {}
     noise = RowNoise(row_seeds(job.seed, job.n))
     x = noise.randn((job.n, *spec.shape), dtype=dtype, device=device) * float(sigmas[0])

@@ -125,3 +125,25 @@ def test_device_resolution_on_a_cpu_machine():
     assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
     with pytest.raises(SystemExit, match="sees no GPU"):
         resolve_device("cuda")
+
+
+def test_start_uses_the_models_own_grid():
+    """A consistency model samples on its consistency picks, not a plain Karras grid."""
+    from dataclasses import replace
+
+    import torch
+
+    from .conftest import toy_spec
+
+    sampling = replace(
+        toy_spec("x").sampling,
+        samplers=("cm_multistep",),
+        default_sampler="cm_multistep",
+        teleport_sigma=None,
+    )
+    model = toy_model("toy", kind="cm", sampling=sampling)
+    active = start(job(1, sampler="cm_multistep", steps=2), model)
+    seen = [active.pending[1]]
+    seen.append(active.gen.send(torch.zeros_like(active.pending[0]))[1])
+    expected = model.spec.grid(2)
+    assert seen == expected[:-1].tolist() and seen[1] > 0.01  # not [80, 0.002]
