@@ -19,7 +19,7 @@ from service.config import Settings
 from service.errors import FewstepError, InvalidRequest, PayloadTooLarge
 from service.metrics import Metrics
 from service.queue.factory import make_queue
-from service.worker.loop import Worker
+from service.worker.loop import Worker, build_worker
 
 log = logging.getLogger("fewstep")
 
@@ -156,17 +156,6 @@ def specs_of(models: dict) -> tuple[dict, dict]:
     return specs, {name: max(versions) for name, versions in specs.items()}
 
 
-def resolve_device(device: str) -> str:
-    """'auto' is CUDA when torch sees a GPU, else the CPU."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fewstep: FEWSTEP_DEVICE=cuda but torch sees no GPU; use auto or cpu")
-    return device
-
-
 def tune_gc() -> None:
     """Keep the garbage collector off the request path.
 
@@ -207,18 +196,9 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
             state.specs, state.default_versions = specs, defaults
         else:
             state.specs, state.default_versions = specs_of(models)
-        worker = Worker(
-            queue,
-            models,
-            metrics,
-            static=settings.batching == "static",
-            max_queue_delay_ms=settings.max_queue_delay_ms,
-            max_active_samples=settings.max_active_samples,
-            inline_compute_ms=settings.inline_compute_ms,
-            device=resolve_device(settings.device),
-            # with a shared queue, other workers may serve other models
-            claim_models=None if settings.queue == "memory" else set(models),
-        )
+        # with a shared queue, other workers may serve other models
+        claim = None if settings.queue == "memory" else set(models)
+        worker = build_worker(queue, models, metrics, settings, claim)
         workers.append(worker)
         tune_gc()
         state.ready = True

@@ -275,3 +275,29 @@ class Worker:
                 log.warning("storing the result of %s: %s", result.job_id, exc.message)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' is CUDA when torch sees a GPU, else the CPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fewstep: FEWSTEP_DEVICE=cuda but torch sees no GPU; use auto or cpu")
+    return device
+
+
+def build_worker(queue, models: dict, metrics: Metrics, settings, claim_models=None) -> Worker:
+    """The worker `fewstep serve` and `fewstep worker` run, configured from Settings."""
+    return Worker(
+        queue,
+        models,
+        metrics,
+        static=settings.batching == "static",
+        max_queue_delay_ms=settings.max_queue_delay_ms,
+        max_active_samples=settings.max_active_samples,
+        inline_compute_ms=settings.inline_compute_ms,
+        device=resolve_device(settings.device),
+        claim_models=claim_models,
+    )

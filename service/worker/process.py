@@ -14,7 +14,7 @@ import signal
 from service.config import Settings
 from service.metrics import Metrics
 from service.queue.factory import make_queue
-from service.worker.loop import Worker
+from service.worker.loop import Worker, build_worker
 
 log = logging.getLogger("fewstep.worker")
 
@@ -22,7 +22,7 @@ log = logging.getLogger("fewstep.worker")
 async def run_worker(settings: Settings, loaded: dict | None = None, metrics_port: int = 0) -> int:
     """Serve jobs until SIGTERM / SIGINT. `loaded` ({(name, version): LoadedModel}) skips the
     repository (test fixtures)."""
-    from service.app import load_models, resolve_device, tune_gc
+    from service.app import load_models, tune_gc
 
     metrics = Metrics()
     models = loaded
@@ -30,17 +30,7 @@ async def run_worker(settings: Settings, loaded: dict | None = None, metrics_por
         models, _, _ = await asyncio.to_thread(load_models, settings, metrics)
     queue = make_queue(settings)
     await queue.start()
-    worker = Worker(
-        queue,
-        models,
-        metrics,
-        static=settings.batching == "static",
-        max_queue_delay_ms=settings.max_queue_delay_ms,
-        max_active_samples=settings.max_active_samples,
-        inline_compute_ms=settings.inline_compute_ms,
-        device=resolve_device(settings.device),
-        claim_models=set(models),
-    )
+    worker = build_worker(queue, models, metrics, settings, set(models))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _stopper(worker, sig))

@@ -118,7 +118,7 @@ def test_device_resolution_on_a_cpu_machine():
     import pytest
     import torch
 
-    from service.app import resolve_device
+    from service.worker.loop import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
