@@ -24,10 +24,10 @@ from torch import Tensor
 
 from engines.data import fashion_root, load_fashion_mnist
 from engines.nets import Classifier, ClassifierConfig, config_from_dict
-from engines.noise import RowNoise, row_seeds
+from engines.noise import row_seeds
 from engines.repository import LoadedModel, Repository
-from engines.samplers import create, drive, nfe
-from engines.schedules import karras_sigmas, teleport_sigmas
+from engines.samplers import drive
+from engines.sampling import start_sampler
 
 CLASSIFIER = Path("model_repo/_classifiers/fashion-cnn")
 TABLE_NFES = (1, 2, 4, 5, 8, 10)
@@ -121,14 +121,6 @@ class Reference:
         )
 
 
-def grid(model: LoadedModel, steps: int, teleport: bool) -> tuple[str, Tensor]:
-    s = model.spec.sampling
-    if teleport:
-        follower = karras_sigmas(steps, s.sigma_min, s.teleport_sigma, s.rho)
-        return "teleport", teleport_sigmas(s.sigma_max, follower)
-    return "", model.spec.grid(steps)
-
-
 @torch.inference_mode()
 def generate(
     model: LoadedModel,
@@ -144,20 +136,12 @@ def generate(
     """n conditional samples (labels i % classes) in data space, labels, NFE, seconds."""
     classes = max(len(model.spec.labels), 1)
     labels = torch.arange(n) % classes
-    wrapper, sigmas = grid(model, steps, teleport)
     out, start, used = [], time.perf_counter(), 0
     for i in range(0, n, batch):
         y = labels[i : i + batch]
-        noise = RowNoise(row_seeds(seed + i, len(y)))
-        x = noise.randn((len(y), *model.spec.shape), device=device) * float(sigmas[0])
-        cond = {"label": y.to(device)}
-        if guidance != 1.0:
-            cond["guidance_scale"] = torch.full((len(y),), guidance, device=device)
-        if wrapper:
-            opts = {"gaussian": model.gaussian, "labels": y.to(device), "then": sampler}
-            gen, used = create("teleport", x, sigmas, noise, **opts), nfe("teleport", sigmas, opts)
-        else:
-            gen, used = create(sampler, x, sigmas, noise), nfe(sampler, sigmas)
+        gen, cond, used = start_sampler(
+            model, sampler, steps, row_seeds(seed + i, len(y)), y, teleport, guidance, device=device
+        )
         out.append(model.decode(drive(gen, model.denoiser, cond)).float().cpu())
     seconds = time.perf_counter() - start
     lo, hi = model.spec.data_range

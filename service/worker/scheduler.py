@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from engines.denoisers import Guided
-from engines.noise import RowNoise, row_seeds
-from engines.samplers import SamplerGen, cat_cond, create, nfe, split_rows
-from engines.schedules import karras_sigmas, teleport_sigmas
+from engines.noise import row_seeds
+from engines.samplers import SamplerGen, cat_cond, split_rows
+from engines.sampling import start_sampler
 from service.jobs import Job
 from service.media import ENCODINGS, encode_images
 
@@ -53,27 +53,20 @@ def start(job: Job, model, dtype: torch.dtype = torch.float32, device: str = "cp
 
     Raises SamplerError / ScheduleError (bad arguments) before any compute is used.
     """
-    spec = model.spec
-    s = spec.sampling
     labels = torch.tensor(job.labels, dtype=torch.long) if job.labels else None
-    if job.teleport:
-        follower = karras_sigmas(job.steps, s.sigma_min, s.teleport_sigma, s.rho)
-        sigmas = teleport_sigmas(s.sigma_max, follower)
-        name, opts = "teleport", {"gaussian": model.gaussian, "labels": labels, "then": job.sampler}
-    else:
-        sigmas = spec.grid(job.steps)  # Karras, or the consistency / LCM picks of its kind
-        name, opts = job.sampler, {}
-    noise = RowNoise(row_seeds(job.seed, job.n))
-    x = noise.randn((job.n, *spec.shape), dtype=dtype, device=device) * float(sigmas[0])
-    cond: dict[str, Tensor] | None = None
-    if labels is not None:
-        cond = {"label": labels.to(device)}
-        if job.guidance_scale != 1.0:
-            cond["guidance_scale"] = torch.full(
-                (job.n,), job.guidance_scale, dtype=dtype, device=device
-            )
-    gen = create(name, x, sigmas, noise, **opts)
-    active = Active(job, model, gen, cond, nfe(name, sigmas, opts))
+    seeds = row_seeds(job.seed, job.n)
+    gen, cond, total = start_sampler(
+        model,
+        job.sampler,
+        job.steps,
+        seeds,
+        labels,
+        job.teleport,
+        job.guidance_scale,
+        dtype,
+        device,
+    )
+    active = Active(job, model, gen, cond, total)
     active.pending = next(gen)
     return active
 
