@@ -20,68 +20,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
-import httpx
 import redis
 import uvloop
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from loadtest.procs import Processes, fewstep, free_port  # noqa: E402
 from loadtest.run import HEADER, Scenario, closed_loop, percentile, row  # noqa: E402
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Deployment:
+def Deployment(name: str, model: str, queue: str, workers: int, prefix: str) -> Processes:
     """One API process (and its worker processes, if any), started and stopped together."""
-
-    def __init__(self, name: str, model: str, queue: str, workers: int, prefix: str) -> None:
-        self.name, self.port = name, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "FEWSTEP_MODELS": f'["{model}"]', "FEWSTEP_REDIS_PREFIX": prefix}
-        serve = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1"]
-        serve += ["--port", str(self.port), "--no-grpc", "--log-level", "warning"]
-        if queue != "memory":
-            serve += ["--queue", queue, "--no-worker"]
-        worker = [sys.executable, "-m", "service.cli", "worker", "--queue", queue]
-        worker += ["--log-level", "warning"]
-        self.procs = [subprocess.Popen(serve, cwd=ROOT, env=env)]
-        self.procs += [subprocess.Popen(worker, cwd=ROOT, env=env) for _ in range(workers)]
-
-    def __enter__(self) -> Deployment:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz").status_code == 200:
-                    return self
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError(f"{self.name} on {self.url} did not become ready")
-
-    def __exit__(self, *exc) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            proc.wait(30)
-
-    def cpu_seconds(self) -> float:
-        total = 0.0
-        for proc in self.procs:
-            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
+    port = free_port()
+    serve = fewstep("serve", "--host", "127.0.0.1", "--port", str(port), "--no-grpc")
+    if queue != "memory":
+        serve += ["--queue", queue, "--no-worker"]
+    worker = fewstep("worker", "--queue", queue)
+    env = {"FEWSTEP_MODELS": f'["{model}"]', "FEWSTEP_REDIS_PREFIX": prefix}
+    return Processes([serve] + [worker] * workers, port, env, name=name)
 
 
 def warm(url: str, bodies: list[dict]) -> None:

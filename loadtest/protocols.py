@@ -24,8 +24,6 @@ import asyncio
 import base64
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -33,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import httpx
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 import tritonclient.http as httpclient
@@ -41,45 +38,22 @@ import tritonclient.http.aio as aiohttpclient
 import uvloop
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from loadtest.procs import Processes, fewstep, free_port  # noqa: E402
+
 MODEL = "fashion-gaussian"
 LABEL, STEPS, SAMPLER = "sneaker", 1, "euler"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
+def ServerProcess(grpc: bool = True) -> Processes:
     """`fewstep serve` with HTTP and (unless grpc=False) gRPC on free loopback ports."""
-
-    def __init__(self, grpc: bool = True) -> None:
-        self.port, self.grpc_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "FEWSTEP_MODELS": f'["{MODEL}"]'}
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1"]
-        cmd += ["--port", str(self.port), "--grpc-port", str(self.grpc_port)]
-        cmd += [] if grpc else ["--no-grpc"]
-        self.proc = subprocess.Popen([*cmd, "--log-level", "warning"], cwd=ROOT, env=env)
-
-    def __enter__(self) -> ServerProcess:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/v2/health/ready").status_code == 200:
-                    return self
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError(f"server on {self.url} did not become ready")
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    port, grpc_port = free_port(), free_port()
+    cmd = fewstep("serve", "--host", "127.0.0.1", "--port", str(port))
+    cmd += ["--grpc-port", str(grpc_port)] if grpc else ["--no-grpc"]
+    server = Processes([cmd], port, {"FEWSTEP_MODELS": f'["{MODEL}"]'}, "/v2/health/ready")
+    server.grpc_port = grpc_port
+    return server
 
 
 # -- one request per protocol: send it, check it, return the server's job seconds ------------

@@ -21,8 +21,6 @@ import argparse
 import asyncio
 import os
 import random
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engines.repository import Repository  # noqa: E402
+from loadtest.procs import Processes, fewstep, free_port  # noqa: E402
 from service.jobs import Job  # noqa: E402
 from service.worker.scheduler import forward, pick_batch, start  # noqa: E402
 
@@ -116,35 +115,12 @@ def raw_engine(model, bodies: list[dict], batch_size: int) -> tuple[float, float
 # -- servers -----------------------------------------------------------------------------
 
 
-class ServerProcess:
-    def __init__(self, batching: str, model: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "FEWSTEP_MODELS": f'["{model}"]'}
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1"]
-        cmd += ["--port", str(self.port), "--batching", batching, "--log-level", "warning"]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
-
-    def __enter__(self) -> ServerProcess:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz").status_code == 200:
-                    return self
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError(f"server on {self.url} did not become ready")
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
-
-    def cpu_seconds(self) -> float:
-        """user + system CPU time of the server process so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def ServerProcess(batching: str, model: str) -> Processes:
+    """`fewstep serve` with one model and the given batching mode, HTTP only."""
+    port = free_port()
+    cmd = fewstep("serve", "--host", "127.0.0.1", "--port", str(port), "--no-grpc")
+    cmd += ["--batching", batching]
+    return Processes([cmd], port, {"FEWSTEP_MODELS": f'["{model}"]'})
 
 
 @dataclass

@@ -1,0 +1,66 @@
+"""Real fewstep processes for the load tests: started together, ready-checked, stopped."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fewstep(*args: str) -> list[str]:
+    """The command line of `fewstep ARGS` in this interpreter, quiet."""
+    return [sys.executable, "-m", "service.cli", *args, "--log-level", "warning"]
+
+
+class Processes:
+    """Processes serving one URL; ready once GET url + ready_path answers 200."""
+
+    def __init__(
+        self,
+        commands: list[list[str]],
+        port: int,
+        env: dict[str, str],
+        ready_path: str = "/readyz",
+        name: str = "server",
+    ) -> None:
+        self.port, self.name, self.ready_path = port, name, ready_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.procs = [subprocess.Popen(c, cwd=ROOT, env={**os.environ, **env}) for c in commands]
+
+    def __enter__(self):
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + self.ready_path).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        self.__exit__()
+        raise RuntimeError(f"{self.name} on {self.url} did not become ready")
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(30)
+
+    def cpu_seconds(self) -> float:
+        """user + system CPU time of all the processes so far."""
+        total = 0
+        for proc in self.procs:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
