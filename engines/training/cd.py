@@ -38,6 +38,19 @@ class CDSettings:
     teacher_guidance: float = 1.0
 
 
+def student_update(loss, opt, nets, ema: float, serve_ema: float, step: int) -> float:
+    """One optimiser step of a distilled student, then its two EMA copies: the target the
+    loss compares against, and the served weights (warmed up over the first steps)."""
+    student, target, served = nets
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    opt.step()
+    common.ema_update(target, student, ema)
+    common.ema_update(served, student, min(serve_ema, (1 + step) / (10 + step)))
+    return loss.item()
+
+
 def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
     """sqrt(|a - b|^2 + c^2) - c per row, averaged (c scaled by sqrt(dim) by the caller)."""
     return (torch.sqrt((a - b).flatten(1).square().sum(1) + c * c) - c).mean()
@@ -107,13 +120,7 @@ def run(
             goal = f_target(x_hat, t_next, cond).float()
         with common.autocast(run_cfg):
             loss = pseudo_huber(f_student(x_t, t, cond).float(), goal, c)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        common.ema_update(target, student, s.ema)
-        common.ema_update(served, student, min(s.serve_ema, (1 + i) / (10 + i)))
-        return loss.item()
+        return student_update(loss, opt, (student, target, served), s.ema, s.serve_ema, i)
 
     state = {"student": student, "target": target, "served": served, "opt": opt}
     seconds = common.train_loop(run_cfg, step, state, log)

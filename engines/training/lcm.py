@@ -94,13 +94,7 @@ def run(
             goal = f_target(x_prev, sigma_prev, cond).float()
         with common.autocast(run_cfg):
             loss = cd.pseudo_huber(f_student(x_t, sigma, cond).float(), goal, c)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        common.ema_update(target, student, s.ema)
-        common.ema_update(served, student, min(s.serve_ema, (1 + i) / (10 + i)))
-        return loss.item()
+        return cd.student_update(loss, opt, (student, target, served), s.ema, s.serve_ema, i)
 
     state = {"student": student, "target": target, "served": served, "opt": opt}
     seconds = common.train_loop(run_cfg, step, state, log)
