@@ -41,6 +41,7 @@ from engines.nets import (
 )
 from engines.samplers import INFO, SAMPLERS
 from engines.schedules import DiscreteVP, consistency_sigmas, karras_sigmas, lcm_sigmas
+from engines.speech.spec import SpeechSpec, parse_speech
 from engines.teleport import GaussianStats
 
 MODEL_FILE = "model.yaml"
@@ -107,6 +108,7 @@ class ModelSpec:
     # kind lcm, and latent edm teachers: shape is the latent's, the decoder maps to data
     autoencoder: AutoencoderConfig | None = None
     schedule: LatentConsistency | None = None  # kind lcm: its discrete VP schedule
+    speech: SpeechSpec | None = None  # kind speech: network, grid, voices, text limits
 
     def grid(self, steps: int) -> Tensor:
         """The sigma grid for `steps` steps: consistency picks for 'cm', LCM timesteps for
@@ -117,6 +119,8 @@ class ModelSpec:
             return consistency_sigmas(picks, 40, s.sigma_min, s.sigma_max, s.rho)
         if self.kind == "lcm":
             return lcm_sigmas(self.schedule.vp(), steps, self.schedule.original_steps)
+        if self.kind == "speech":
+            return self.speech.grid(steps, s.sigma_min, s.sigma_max, s.rho)
         return karras_sigmas(steps, s.sigma_min, s.sigma_max, s.rho)
 
     def label_id(self, prompt: str) -> int | None:
@@ -140,6 +144,7 @@ class LoadedModel:
     runtime: str = "torch"
     decoder: Callable[[Tensor], Tensor] | None = None  # latent models: latents -> data
     modules: tuple[torch.nn.Module, ...] = ()  # networks inside the denoiser and decoder
+    speech: object | None = None  # kind speech: engines.speech.model.Speech (text -> audio)
 
     def decode(self, x: Tensor) -> Tensor:
         """The final sample in data space: the decoder applied to latents, else x itself.
@@ -157,6 +162,8 @@ class LoadedModel:
 
     def warmup(self, batch_sizes: Sequence[int] = (1, 8)) -> float:
         """Run the denoiser once per batch size on zeros; return the seconds it took."""
+        if self.speech is not None:
+            return self.speech.warmup()
         start = time.perf_counter()
         for rows in batch_sizes:
             x = torch.zeros(rows, *self.spec.shape)
@@ -367,7 +374,21 @@ def parse_model_yaml(path: Path, name: str, versions: Sequence[int]) -> ModelSpe
         max_batch_size=max_batch_size,
         max_n=f.integer("max_n", 1),
         **nets,
+        **_parse_speech_section(f, kind),
     )
+
+
+def _parse_speech_section(f: _Fields, kind: str) -> dict[str, object]:
+    """speech (kind speech only): its network, grid levels, voices and text limits."""
+    if kind != "speech":
+        if "speech" in f.data:
+            raise f.error("speech", f"absent: a {kind!r} model has no speech section")
+        return {}
+    raw = f.get("speech", "a mapping of SpeechSpec fields", lambda v: True)
+    try:
+        return {"speech": parse_speech(raw)}
+    except ValueError as err:
+        raise RepositoryError(f"{f.path}: speech: {err}") from None
 
 
 def _parse_networks(f: _Fields, kind: str, labels: tuple[str, ...]) -> dict[str, object]:
@@ -520,11 +541,22 @@ def _load_lcm(spec: ModelSpec, folder: Path):
     return denoiser, gaussian, [*files, path], (net, autoencoder), autoencoder.decode
 
 
+def _load_speech(spec: ModelSpec, folder: Path):
+    from engines.nets.tts import TTS
+    from engines.speech.model import Speech
+
+    path = folder / "weights.safetensors"
+    tts = _build(TTS(spec.speech.network), path, "the network weights")
+    speech = Speech(spec, tts)
+    return speech.denoiser, None, [path], (tts,), None, speech
+
+
 KINDS: dict[str, Kind] = {
     "gaussian": Kind(("ode", "sde"), guidance=False, load=_load_gaussian),
     "edm": Kind(("ode", "sde"), guidance=True, load=_load_edm),
     "cm": Kind(("consistency",), guidance=False, load=_load_cm),
     "lcm": Kind(("consistency",), guidance=True, load=_load_lcm),
+    "speech": Kind(("ode", "sde", "consistency"), guidance=False, load=_load_speech),
 }
 
 
@@ -615,4 +647,7 @@ class Repository:
         denoiser, gaussian, files, *rest = KINDS[spec.kind].load(spec, folder)
         modules = rest[0] if rest else ()
         decoder = rest[1] if len(rest) > 1 else None
-        return LoadedModel(spec, denoiser, gaussian, fingerprint(files), "torch", decoder, modules)
+        speech = rest[2] if len(rest) > 2 else None
+        return LoadedModel(
+            spec, denoiser, gaussian, fingerprint(files), "torch", decoder, modules, speech
+        )

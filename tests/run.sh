@@ -9,6 +9,14 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
 fi
 
+# Speech: Festival with the HTS voice cmu_us_slt_arctic_hts (the front end and teacher voice)
+# and WordNet's example sentences (the speech corpus recipe's text).
+if ! command -v festival >/dev/null || [ ! -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ] \
+  || [ ! -f /usr/share/wordnet/data.noun ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    festival festvox-us-slt-hts wordnet-base
+fi
+
 # Redis 7 for the distributed-mode tests (tests/service/test_queue.py, test_distributed.py,
 # test_faults.py): start one on 127.0.0.1:6379 unless one answers there already.
 if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then

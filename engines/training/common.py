@@ -154,8 +154,10 @@ def train_loop(
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr")
         progress.update(step, loss)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 >= cfg.steps:
             ckpt.save(step + 1, before + progress.seconds, **state)
+        if step + 1 >= cfg.steps:  # step_fn may shorten the run (a wall-clock budget)
+            break
     return before + progress.seconds
 
 

@@ -79,6 +79,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         if name in ("lcm-teacher", "lcm"):
             p.add_argument("--autoencoder", default="runs/autoencoder")
         p.set_defaults(run=main)
+    from engines.training import speech_cli
+
+    speech_cli.add_parsers(recipes)
 
 
 def command(args: argparse.Namespace) -> str:

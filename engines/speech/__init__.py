@@ -1,0 +1,1 @@
+"""Speech: Festival front end, log-mel features, vocoder, the offline corpus recipe."""

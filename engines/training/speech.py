@@ -1,0 +1,328 @@
+"""`fewstep train speech-teacher | prodiff | comospeech`: the speech models' recipes.
+
+Teacher (Grad-TTS prior + EDM, Karras et al. 2022): L = lambda(sigma) |D(x + sigma n,
+sigma | mu) - x|^2 on random mel crops + |mu_frames - x|^2 + |log d_hat - log(1 + d)|^2,
+sigma drawn from EDM's lognormal mixed with a log-uniform over [sigma_min, sigma_max], so
+the top of the range, where 1- and 2-step samplers start, is trained too.
+
+ProDiff (Huang et al. 2022): the student predicts x0 at the levels it samples at; its one
+step sigma_i -> sigma_{i+1} learns the teacher's two DDIM steps (progressive distillation,
+Salimans & Ho 2022: an N-step teacher gives an N/2-step student), target
+x0* = (x_teacher - (s'/s) x) / (1 - s'/s).
+
+CoMoSpeech (Ye et al. 2023): consistency distillation from the teacher's Heun steps on a
+Karras grid, EMA target, consistency boundary scalings; the student starts from the teacher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from engines.denoisers import Denoiser, EDMDenoiser, expand
+from engines.nets.tts import TTS, TTSConfig, length_regulate
+from engines.repository import Repository
+from engines.schedules import karras_sigmas
+from engines.speech import corpus
+from engines.speech.model import SpeechConsistencyDenoiser
+from engines.training import common, package_speech
+from engines.training.cd import heun_step, student_update
+
+
+@dataclasses.dataclass
+class TeacherSettings:
+    sigma_min: float = 0.002
+    sigma_max: float = 20.0
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_mix: float = 0.5  # share of noise levels drawn log-uniformly over the whole range
+    crop: int = 128  # denoiser frames per row (the encoder sees whole utterances)
+    ema: float = 0.999
+
+
+@dataclasses.dataclass
+class ProDiffSettings:
+    sigmas: tuple[float, ...] = (20.0, 1.0)  # the student's levels (then 0)
+    crop: int = 128
+
+
+@dataclasses.dataclass
+class CMSettings:
+    grid: int = 18
+    ema: float = 0.95
+    serve_ema: float = 0.999
+    sigma_min: float = 0.002
+    sigma_max: float = 20.0
+    rho: float = 7.0
+    crop: int = 128
+
+
+@dataclasses.dataclass
+class Batch:
+    phone: Tensor
+    stress: Tensor
+    final: Tensor
+    durations: Tensor
+    mel: Tensor  # (B, n_mels, T), standardised
+    frames: Tensor  # (B,)
+
+    def to(self, device: str) -> Batch:
+        return Batch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+
+def pad(rows: list[Tensor], value: float = 0) -> Tensor:
+    """Right-pad 1-D or (C, T) tensors along their last axis and stack them."""
+    size = max(r.shape[-1] for r in rows)
+    return torch.stack(
+        [torch.nn.functional.pad(r, (0, size - r.shape[-1]), value=value) for r in rows]
+    )
+
+
+def make_batch(utts: list[dict], mean: Tensor, std: Tensor) -> Batch:
+    mels = [(u["mel"].float() - mean[:, None]) / std[:, None] for u in utts]
+    return Batch(
+        pad([u["phone"] for u in utts]),
+        pad([u["stress"] for u in utts]),
+        pad([u["final"] for u in utts]),
+        pad([u["durations"] for u in utts]),
+        pad(mels),
+        torch.tensor([m.shape[-1] for m in mels]),
+    )
+
+
+def mel_stats(utts: list[dict]) -> tuple[Tensor, Tensor]:
+    """Per-bin mean and standard deviation of the training log-mels (sigma_data = 1)."""
+    allm = torch.cat([u["mel"].float() for u in utts], dim=1)
+    return allm.mean(1), allm.std(1).clamp(min=1e-3)
+
+
+def crop(x: Tensor, mu: Tensor, mask: Tensor, frames: Tensor, size: int, gen: torch.Generator):
+    """Random `size`-frame windows of each row (rows shorter than size keep their padding)."""
+    size = min(size, x.shape[-1])
+    room = (frames - size).clamp(min=0).cpu()
+    start = (torch.rand(len(frames), generator=gen) * (room + 1)).long().to(x.device)
+    idx = (start[:, None] + torch.arange(size, device=x.device)[None, :]).clamp(max=x.shape[-1] - 1)
+
+    def take(t: Tensor) -> Tensor:
+        return torch.gather(t, 2, idx.unsqueeze(1).expand(-1, t.shape[1], -1))
+
+    return take(x), take(mu), take(mask)
+
+
+def masked_mse(a: Tensor, b: Tensor, mask: Tensor, weight: Tensor | None = None) -> Tensor:
+    err = (a - b).square() * mask
+    if weight is not None:
+        err = err * expand(weight, err)
+    return err.sum() / (mask.sum() * a.shape[1]).clamp(min=1)
+
+
+def encode_batch(model: TTS, b: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """mu over frames (ground-truth durations), frame mask, predicted log-durations, phone mask."""
+    mu, logdur, pmask = model.encoder(b.phone, b.stress, b.final)
+    mu_f, fmask = length_regulate(mu, b.durations)
+    return mu_f, fmask, logdur, pmask
+
+
+def sample_sigma(n: int, s: TeacherSettings, gen: torch.Generator) -> Tensor:
+    lognormal = (torch.randn(n, generator=gen) * s.p_std + s.p_mean).exp()
+    lo, hi = math.log(s.sigma_min), math.log(s.sigma_max)
+    uniform = (lo + torch.rand(n, generator=gen) * (hi - lo)).exp()
+    pick = torch.rand(n, generator=gen) < s.sigma_mix
+    return torch.where(pick, uniform, lognormal).clamp(s.sigma_min, s.sigma_max)
+
+
+class Data:
+    """The corpus' training utterances as seeded batches."""
+
+    def __init__(self, path: str, limit: int = 0) -> None:
+        data = corpus.load(path)
+        self.utts = data["train"][: limit or None]
+        self.test = data["test"]
+        self.voice = data["voice"]
+        self.path = path
+        self.mean, self.std = mel_stats(self.utts)
+
+    def batch(self, run: common.RunConfig, step: int) -> Batch:
+        idx = common.batch_indices(len(self.utts), run.batch, run.seed, step)
+        return make_batch([self.utts[i] for i in idx], self.mean, self.std).to(run.device)
+
+    def hours(self) -> float:
+        return sum(u["mel"].shape[1] for u in self.utts) * 256 / 22050 / 3600
+
+
+class Timed:
+    """Stops a step loop after `minutes` of wall time (0: never) by shortening run.steps."""
+
+    def __init__(self, run: common.RunConfig, minutes: float) -> None:
+        self.run, self.deadline = run, time.monotonic() + minutes * 60 if minutes else None
+        self.done = 0
+
+    def tick(self, step: int) -> None:
+        self.done = step + 1
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.run.steps = step + 1  # train_loop checkpoints and ends after this step
+
+
+def run_teacher(
+    run: common.RunConfig, net: TTSConfig, s: TeacherSettings, minutes: float, log=print
+) -> Path:
+    data = Data(run.data, run.limit)
+    torch.manual_seed(run.seed)
+    model = TTS(net).to(run.device)
+    model.set_stats(data.mean, data.std)
+    ema = common.frozen_copy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=run.lr)
+    denoiser = EDMDenoiser(model.denoiser, 1.0)
+    timer = Timed(run, minutes)
+    log(
+        f"TTS {common.count_params(model) / 1e6:.2f}M parameters; "
+        f"{len(data.utts)} utterances, {data.hours():.2f} h"
+    )
+
+    def step(i: int) -> float:
+        b = data.batch(run, i)
+        gen = common.step_generator(run.seed, i)
+        common.warmup_lr(opt, run.lr, i)
+        mu_f, fmask, logdur, pmask = encode_batch(model, b)
+        prior = masked_mse(mu_f, b.mel, fmask)
+        dur = masked_mse(logdur.unsqueeze(1), torch.log1p(b.durations.float()).unsqueeze(1), pmask)
+        x, mu_c, m_c = crop(b.mel, mu_f, fmask, b.frames, s.crop, gen)
+        sigma = sample_sigma(len(x), s, gen).to(run.device)
+        noise = common.randn(x.shape, gen, run.device)
+        x0 = denoiser(x + noise * expand(sigma, x), sigma, {"mu": mu_c, "mask": m_c})
+        diff = masked_mse(x0, x, m_c, (sigma**2 + 1) / sigma**2)
+        loss = diff + prior + dur
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        common.ema_update(ema, model, min(s.ema, (1 + i) / (10 + i)))
+        timer.tick(i)
+        return loss.item()
+
+    seconds = common.train_loop(run, step, {"model": model, "ema": ema, "opt": opt}, log)
+    return package_speech.write(
+        package_speech.SpeechPackage("teacher", run, net, ema, (s,), seconds, data, timer.done),
+        log,
+    )
+
+
+def load_teacher(folder: str, device: str):
+    loaded = Repository.of_folder(folder).load(Path(folder).name)
+    if loaded.spec.kind != "speech" or loaded.spec.speech.parameterisation != "edm":
+        raise ValueError(f"{folder} is not a speech teacher package (kind speech, edm)")
+    return loaded, loaded.modules[0].to(device)
+
+
+def ddim(denoiser: Denoiser, x: Tensor, sigma: float, sigma_next: float, cond: dict) -> Tensor:
+    """One deterministic DDIM (Euler) step of the PF-ODE in x0 form."""
+    sig = torch.full((len(x),), sigma, device=x.device)
+    x0 = denoiser(x, sig, cond)
+    return x0 + (sigma_next / sigma) * (x - x0)
+
+
+def run_prodiff(
+    run: common.RunConfig, teacher_dir: str, s: ProDiffSettings, minutes: float, log=print
+) -> Path:
+    teacher_model, teacher = load_teacher(teacher_dir, run.device)
+    data = Data(run.data, run.limit)
+    net = teacher_model.spec.speech.network
+    student = TTS(net).to(run.device)
+    student.load_state_dict(teacher.state_dict())
+    student.encoder.requires_grad_(False)
+    served = common.frozen_copy(student)
+    opt = torch.optim.Adam(student.denoiser.parameters(), lr=run.lr)
+    f_teacher, f_student = EDMDenoiser(teacher.denoiser, 1.0), EDMDenoiser(student.denoiser, 1.0)
+    levels = [*s.sigmas, 0.0]
+    timer = Timed(run, minutes)
+    log(f"ProDiff student at sigmas {list(s.sigmas)} from {teacher_dir}")
+
+    def step(i: int) -> float:
+        b = data.batch(run, i)
+        gen = common.step_generator(run.seed, i)
+        common.warmup_lr(opt, run.lr, i, warmup=100)
+        with torch.no_grad():
+            mu_f, fmask, _, _ = encode_batch(teacher, b)
+            x, mu_c, m_c = crop(b.mel, mu_f, fmask, b.frames, s.crop, gen)
+            cond = {"mu": mu_c, "mask": m_c}
+            k = int(torch.randint(0, len(s.sigmas), (1,), generator=gen))
+            hi, lo = levels[k], levels[k + 1]
+            mid = math.sqrt(hi * lo) if lo > 0 else hi * 0.25
+            x_t = x + hi * common.randn(x.shape, gen, run.device)
+            x_mid = ddim(f_teacher, x_t, hi, mid, cond)
+            x_lo = ddim(f_teacher, x_mid, mid, lo, cond)
+            target = (x_lo - (lo / hi) * x_t) / (1 - lo / hi)
+        sigma = torch.full((len(x),), hi, device=run.device)
+        loss = masked_mse(f_student(x_t, sigma, cond), target, m_c)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.denoiser.parameters(), 1.0)
+        opt.step()
+        common.ema_update(served, student, min(0.999, (1 + i) / (10 + i)))
+        timer.tick(i)
+        return loss.item()
+
+    seconds = common.train_loop(run, step, {"student": student, "served": served, "opt": opt}, log)
+    notes = (
+        f"Distilled from the teacher package `{teacher_dir}` (fingerprint "
+        f"`{teacher_model.fingerprint}`): progressive distillation of the teacher's 4-step DDIM "
+        f"path into 2 x0 steps at sigma {list(s.sigmas)}, {timer.done} steps."
+    )
+    pkg = package_speech.SpeechPackage(
+        "prodiff", run, net, served, (s,), seconds, data, timer.done, notes, sigmas=s.sigmas
+    )
+    return package_speech.write(pkg, log)
+
+
+def run_comospeech(
+    run: common.RunConfig, teacher_dir: str, s: CMSettings, minutes: float, log=print
+) -> Path:
+    teacher_model, teacher = load_teacher(teacher_dir, run.device)
+    data = Data(run.data, run.limit)
+    net = teacher_model.spec.speech.network
+    student = TTS(net).to(run.device)
+    student.load_state_dict(teacher.state_dict())
+    student.encoder.requires_grad_(False)
+    target, served = common.frozen_copy(student), common.frozen_copy(student)
+    f_teacher = EDMDenoiser(teacher.denoiser, 1.0)
+    f_student = SpeechConsistencyDenoiser(student.denoiser, 1.0, s.sigma_min)
+    f_target = SpeechConsistencyDenoiser(target.denoiser, 1.0, s.sigma_min)
+    opt = torch.optim.Adam(student.denoiser.parameters(), lr=run.lr)
+    ts = karras_sigmas(s.grid - 1, s.sigma_min, s.sigma_max, s.rho, final_zero=False).flip(0)
+    ts = ts.float().to(run.device)
+    timer = Timed(run, minutes)
+    log(f"CoMoSpeech consistency distillation on a {s.grid}-point grid from {teacher_dir}")
+
+    def step(i: int) -> float:
+        b = data.batch(run, i)
+        gen = common.step_generator(run.seed, i)
+        common.warmup_lr(opt, run.lr, i, warmup=100)
+        with torch.no_grad():
+            mu_f, fmask, _, _ = encode_batch(teacher, b)
+            x, mu_c, m_c = crop(b.mel, mu_f, fmask, b.frames, s.crop, gen)
+            cond = {"mu": mu_c, "mask": m_c}
+            n = torch.randint(0, s.grid - 1, (len(x),), generator=gen).to(run.device)
+            t, t_next = ts[n + 1], ts[n]
+            x_t = x + expand(t, x) * common.randn(x.shape, gen, run.device)
+            x_hat = heun_step(f_teacher, x_t, t, t_next, cond)
+            goal = f_target(x_hat, t_next, cond)
+        loss = masked_mse(f_student(x_t, t, cond), goal, m_c)
+        timer.tick(i)
+        return student_update(loss, opt, (student, target, served), s.ema, s.serve_ema, i)
+
+    state = {"student": student, "target": target, "served": served, "opt": opt}
+    seconds = common.train_loop(run, step, state, log)
+    notes = (
+        f"Distilled from the teacher package `{teacher_dir}` (fingerprint "
+        f"`{teacher_model.fingerprint}`): consistency distillation with the teacher's Heun "
+        f"steps on an {s.grid}-point Karras grid, EMA target {s.ema}, {timer.done} steps."
+    )
+    pkg = package_speech.SpeechPackage(
+        "comospeech", run, net, served, (s,), seconds, data, timer.done, notes
+    )
+    return package_speech.write(pkg, log)

@@ -1,0 +1,98 @@
+"""`fewstep train speech-data | speech-teacher | prodiff | comospeech`: parsers, dispatch."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from engines.nets.tts import TTSConfig
+from engines.training import recipes
+
+CORPUS = "runs/speech-data/corpus.pt"
+TEACHER = "model_repo/speech-teacher"
+DEFAULTS = {
+    "speech-teacher": {"out": TEACHER, "steps": 100_000, "lr": 5e-4, "minutes": 25.0},
+    "prodiff": {"out": "model_repo/speech-prodiff", "steps": 100_000, "lr": 2e-4, "minutes": 10.0},
+    "comospeech": {
+        "out": "model_repo/speech-comospeech",
+        "steps": 100_000,
+        "lr": 2e-4,
+        "minutes": 10.0,
+    },
+}
+HELP = {
+    "speech-teacher": "Grad-TTS-style EDM teacher on the speech corpus",
+    "prodiff": "ProDiff 2-step student (progressive distillation of the speech teacher)",
+    "comospeech": "CoMoSpeech 1-step student (consistency distillation of the speech teacher)",
+}
+
+
+def add_parsers(recipes_parsers: argparse._SubParsersAction) -> None:
+    p = recipes_parsers.add_parser(
+        "speech-data", help="offline speech corpus: WordNet sentences, Festival slt, log-mels"
+    )
+    p.add_argument("--out", default=str(Path(CORPUS).parent), help="corpus folder")
+    p.add_argument("--utterances", type=int, default=2000, help="test ones included (2000)")
+    p.add_argument("--test", type=int, default=40, help="held-out test sentences (40)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="festival processes (2)")
+    p.set_defaults(run=data_main)
+    for name, d in DEFAULTS.items():
+        p = recipes_parsers.add_parser(name, help=HELP[name])
+        p.add_argument("--out", default=d["out"], help=f"package folder (default {d['out']})")
+        p.add_argument("--version", type=int, default=1)
+        p.add_argument("--work", default=None, help="checkpoint folder (default runs/<recipe>)")
+        p.add_argument(
+            "--minutes",
+            type=float,
+            default=d["minutes"],
+            help=f"wall-clock training budget (default {d['minutes']}; 0: --steps)",
+        )
+        p.add_argument("--steps", type=int, default=d["steps"], help="step limit")
+        p.add_argument("--batch", type=int, default=16)
+        p.add_argument("--lr", type=float, default=d["lr"])
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--amp", action="store_true", help=argparse.SUPPRESS)
+        p.add_argument("--limit", type=int, default=0, help="first N utterances (0: all)")
+        p.add_argument("--checkpoint-every", type=int, default=200)
+        p.add_argument("--log-every", type=int, default=50)
+        p.add_argument("--resume", action="store_true")
+        p.add_argument("--data", default=CORPUS, help=f"corpus.pt ({CORPUS})")
+        if name == "speech-teacher":
+            p.add_argument("--width", type=int, default=192)
+            p.add_argument("--dec-width", type=int, default=192)
+            p.add_argument("--dec-blocks", type=int, default=8)
+            p.add_argument("--sigma-mix", type=float, default=0.5)
+        else:
+            p.add_argument("--teacher", default=TEACHER, help=f"teacher package ({TEACHER})")
+        p.set_defaults(run=main)
+
+
+def data_main(args: argparse.Namespace) -> int:
+    from engines.speech import corpus
+
+    corpus.build(Path(args.out), args.utterances, args.test, args.seed, args.workers)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    from engines.training import speech
+
+    run = recipes.run_config(args)
+    if args.recipe == "speech-teacher":
+        net = TTSConfig(width=args.width, dec_width=args.dec_width, dec_blocks=args.dec_blocks)
+        settings = speech.TeacherSettings(sigma_mix=args.sigma_mix)
+        speech.run_teacher(run, net, settings, args.minutes)
+    elif args.recipe == "prodiff":
+        speech.run_prodiff(run, args.teacher, speech.ProDiffSettings(), args.minutes)
+    else:
+        speech.run_comospeech(run, args.teacher, speech.CMSettings(), args.minutes)
+    return 0
+
+
+if __name__ == "__main__":  # without the service's packages: python -m engines.training.speech_cli
+    parser = argparse.ArgumentParser(prog="python -m engines.training.speech_cli")
+    add_parsers(parser.add_subparsers(dest="recipe", required=True))
+    parsed = parser.parse_args()
+    raise SystemExit(parsed.run(parsed))
