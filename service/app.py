@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api import health, images, jobs, models, v2
+from service.api import health, images, jobs, models, speech, v2
 from service.api.state import ServiceState
 from service.config import Settings
 from service.errors import FewstepError, InvalidRequest, PayloadTooLarge
@@ -241,7 +241,7 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
         lifespan=lifespan,
     )
     app.state.fewstep = state
-    for module in (images, jobs, models, health, v2):
+    for module in (images, jobs, models, health, v2, speech):
         app.include_router(module.router)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

@@ -49,6 +49,9 @@ class Job:
     # uint8 pixels [H, W, C] for the Open Inference Protocol's image tensor
     output_format: str = "png"
     idempotency_key: str | None = None
+    # speech models: the request's sentences (one row each) and the duration scale
+    text: list[str] = field(default_factory=list)
+    speed: float = 1.0
     id: str = field(default_factory=new_job_id)
     submit_time: float = field(default_factory=time.time)
     # Set by the queue when it hands the job out. delivery: 2 and more means an earlier
@@ -91,6 +94,8 @@ class JobResult:
     fingerprint: str = ""
     error: str | None = None
     error_code: str | None = None
+    audio_seconds: float = 0.0  # speech: length of the audio made (for the real-time factor)
+    sample_rate: int = 0  # speech: of the audio in outputs
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -60,3 +60,19 @@ ENCODINGS = {
     "png": (encode_images, "image/png"),
     "raw": (raw_pixels, "application/octet-stream"),
 }
+# Speech models render their own audio (engines.speech.model.Speech.render): format -> type.
+# "f32" is raw little-endian float32 samples, the Open Inference Protocol's audio tensor.
+AUDIO_TYPES = {
+    "wav": "audio/wav",
+    "flac": "audio/flac",
+    "pcm": "audio/pcm",
+    "mp3": "audio/mpeg",
+    "opus": "audio/ogg",
+    "f32": "application/octet-stream",
+}
+
+
+def media_type(output_format: str) -> str:
+    if output_format in AUDIO_TYPES:
+        return AUDIO_TYPES[output_format]
+    return ENCODINGS[output_format][1]

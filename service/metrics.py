@@ -131,6 +131,15 @@ class Metrics:
             "model_ready", "1 once a model is loaded and warm", ["model"], namespace=ns, registry=r
         )
 
+        self.real_time_factor = Histogram(
+            "real_time_factor",
+            "Speech: seconds from submission to result per second of audio made",
+            ["model", "sampler"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 10.0),
+            namespace=ns,
+            registry=r,
+        )
+
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_samples.labels(stats.model).observe(stats.rows)
         self.batch_requests.labels(stats.model).observe(stats.requests)
@@ -143,6 +152,9 @@ class Metrics:
         if result.compute_seconds:
             self.queue_wait.labels(job.model).observe(result.queue_seconds)
             self.compute.labels(job.model, job.sampler).observe(result.compute_seconds)
+        if result.audio_seconds:
+            rtf = result.total_seconds / result.audio_seconds
+            self.real_time_factor.labels(job.model, job.sampler).observe(rtf)
 
     def observe_request(
         self, model: str, sampler: str, endpoint: str, status: str, seconds: float | None

@@ -95,6 +95,8 @@ class Signature:
 @cache
 def signature(spec) -> Signature:
     """The OIP inputs and outputs of a model (an engines.repository.ModelSpec)."""
+    if spec.kind == "speech":
+        return speech_signature()
     s = spec.sampling
     first = (
         TensorSpec("label", "BYTES", (-1,), required=True)
@@ -330,6 +332,10 @@ def build_infer_job(
     """Validate an OIP request (its inputs already checked by expect_input) and make
     the Job, through the same build_job as the OpenAI-style endpoint."""
     sig = signature(spec)
+    if spec.kind == "speech":
+        if "text" not in tensors:
+            raise InvalidRequest("input 'text' (BYTES, shape [1]) is missing; send the text")
+        return build_speech_infer_job(state, spec, tensors, parameters)
     for wanted in sig.inputs.values():
         if wanted.required and wanted.name not in tensors:
             raise InvalidRequest(
@@ -377,6 +383,49 @@ def build_infer_job(
         job.labels = [spec.label_id(text) for text in labels]
     job.output_format = "raw"
     return job
+
+
+def speech_signature() -> Signature:
+    """A speech model takes text BYTES [1] (plus seed, steps, sampler, speed) and returns
+    the whole utterance as audio FP32 [samples] in [-1, 1] and its sample_rate INT32 [1]."""
+    inputs = [
+        TensorSpec("text", "BYTES", (1,), required=True),
+        TensorSpec("seed", "INT64", (1,)),
+        TensorSpec("steps", "INT32", (1,)),
+        TensorSpec("sampler", "BYTES", (1,)),
+        TensorSpec("speed", "FP32", (1,)),
+    ]
+    outputs = [TensorSpec("audio", "FP32", (-1,)), TensorSpec("sample_rate", "INT32", (1,))]
+    return Signature({t.name: t for t in inputs}, {t.name: t for t in outputs})
+
+
+def build_speech_infer_job(
+    state: ServiceState, spec, tensors: dict[str, Tensor], parameters: dict[str, object]
+) -> Job:
+    """An OIP speech request as the same Job /v1/audio/speech makes (raw float32 audio)."""
+    from service.api.speech import SpeechRequest, build_speech_job
+
+    sampler = _scalar(tensors, "sampler")
+    speed = _scalar(tensors, "speed")
+    priority, deadline_ms = schedule(parameters)
+    fields = {
+        "model": f"{spec.name}@{spec.version}",
+        "input": _text("text", _scalar(tensors, "text")),
+        "sampler": None if sampler is None else _text("sampler", sampler),
+        "steps": _scalar(tensors, "steps"),
+        "seed": _scalar(tensors, "seed"),
+        "speed": 1.0 if speed is None else speed,
+        "deadline_ms": deadline_ms,
+        "priority": priority,
+    }
+    try:
+        req = SpeechRequest(**fields)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = str(error["loc"][0]) if error.get("loc") else "request"
+        where = _PARAM_NAMES.get(where, f"input {where!r}")
+        raise InvalidRequest(f"{where}: {error['msg']}") from None
+    return build_speech_job(req, state, "f32")
 
 
 # -- running it ---------------------------------------------------------------------------
@@ -442,6 +491,10 @@ def outputs(spec, result: JobResult, names: list[str]) -> list[Output]:
         ),
         "seed": lambda: Output(
             "seed", "INT64", [n], np.asarray(result.seeds, NUMPY_TYPES["INT64"]).tobytes()
+        ),
+        "audio": lambda: Output("audio", "FP32", [len(result.outputs[0]) // 4], result.outputs[0]),
+        "sample_rate": lambda: Output(
+            "sample_rate", "INT32", [1], np.asarray([result.sample_rate], "<i4").tobytes()
         ),
     }
     return [made[name]() for name in names or sig.outputs]

@@ -22,7 +22,7 @@ def describe(name: str, state) -> dict:
         "description": spec.description,
         "versions": sorted(versions),
         "default_version": spec.version,
-        "size": f"{spec.shape[-1]}x{spec.shape[-2]}",
+        "size": f"{spec.shape[-1]}x{spec.shape[-2]}" if len(spec.shape) > 1 else None,
         "labels": list(spec.labels),
         "synonyms": dict(spec.synonyms),
         "samplers": list(s.samplers),
@@ -38,6 +38,22 @@ def describe(name: str, state) -> dict:
             "max_guidance_scale": s.max_guidance,
         },
         "teleport": s.teleport_sigma is not None,
+        **speech_fields(spec),
+    }
+
+
+def speech_fields(spec) -> dict:
+    """Speech models: voices, sample rate and the input limits."""
+    if spec.speech is None:
+        return {}
+    from engines.speech.audio import available_formats
+
+    return {
+        "voices": list(spec.speech.voices),
+        "sample_rate": spec.speech.sample_rate,
+        "response_formats": available_formats(),
+        "max_input_chars": spec.speech.max_chars,
+        "max_sentences": spec.speech.max_sentences,
     }
 
 

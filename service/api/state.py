@@ -80,6 +80,11 @@ def build_job(
     """
     spec = state.spec(req.model)
     s = spec.sampling
+    if spec.kind == "speech":
+        raise InvalidRequest(
+            f"model {spec.name} makes speech, not images; use POST /v1/audio/speech",
+            param="model",
+        )
     if req.response_format == "url":
         raise InvalidRequest(
             "response_format 'url' is not supported: images come back inline; use 'b64_json'",

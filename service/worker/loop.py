@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from engines.noise import row_seeds
 from service.errors import QueueUnavailable
 from service.jobs import Job, JobEvent, JobResult, JobState
-from service.media import ENCODINGS
+from service.media import media_type
 from service.metrics import BatchStats, Metrics
 from service.queue.base import JobQueue
 from service.worker.scheduler import Active, Outcome, pick_batch, start, step_batch
@@ -248,7 +248,7 @@ class Worker:
             job.id,
             state,
             outputs=list(outputs),
-            media_type=ENCODINGS[job.output_format][1],
+            media_type=media_type(job.output_format),
             seeds=row_seeds(job.seed, job.n) if outputs else [],
             nfe=active.nfe if active else 0,
             queue_seconds=started - job.submit_time,
@@ -259,6 +259,8 @@ class Worker:
             fingerprint=model.fingerprint if model else "",
             error=message,
             error_code=code,
+            audio_seconds=active.audio_seconds if active and outputs else 0.0,
+            sample_rate=model.speech.mel.sample_rate if model and model.speech else 0,
         )
         self.metrics.observe_result(job, result)
         await self._store(result)

@@ -37,6 +37,8 @@ class Active:
     claimed_at: float = field(default_factory=time.time)
     first_forward_at: float | None = None
     forward_seconds: float = 0.0
+    frames: Tensor | None = None  # speech: each sentence's mel frames (rows are padded)
+    audio_seconds: float = 0.0  # speech: length of the finished audio
 
     @property
     def rows(self) -> int:
@@ -44,7 +46,10 @@ class Active:
 
     def group(self, static: bool) -> tuple:
         job = self.job
-        key = (job.model, job.version, tuple(self.pending[0].shape[1:]) if self.pending else ())
+        shape = tuple(self.pending[0].shape[1:]) if self.pending else ()
+        if self.frames is not None:  # speech: any lengths share a pass (padded, masked)
+            shape = shape[:-1]
+        key = (job.model, job.version, shape)
         return key + ((job.sampler, job.steps, job.guidance_scale, job.teleport) if static else ())
 
 
@@ -53,6 +58,8 @@ def start(job: Job, model, dtype: torch.dtype = torch.float32, device: str = "cp
 
     Raises SamplerError / ScheduleError (bad arguments) before any compute is used.
     """
+    if getattr(model, "speech", None) is not None:
+        return start_speech(job, model, dtype, device)
     labels = torch.tensor(job.labels, dtype=torch.long) if job.labels else None
     seeds = row_seeds(job.seed, job.n)
     gen, cond, total = start_sampler(
@@ -67,6 +74,21 @@ def start(job: Job, model, dtype: torch.dtype = torch.float32, device: str = "cp
         device,
     )
     active = Active(job, model, gen, cond, total)
+    active.pending = next(gen)
+    return active
+
+
+def start_speech(job: Job, model, dtype: torch.dtype, device: str) -> Active:
+    """Text -> phones -> durations -> prior mu (the front end and encoder run here, once),
+    then the sampler over the request's padded mels."""
+    try:
+        prepared = model.speech.prepare(job.text, job.speed, device)
+    except (KeyError, RuntimeError) as exc:
+        raise ValueError(f"the text front end could not read the input: {exc}") from None
+    gen, cond, total = model.speech.start(
+        prepared, job.sampler, job.steps, row_seeds(job.seed, job.n), dtype, device
+    )
+    active = Active(job, model, gen, cond, total, frames=prepared.frames)
     active.pending = next(gen)
     return active
 
@@ -96,9 +118,24 @@ def forward(batch: list[Active]) -> list[Tensor]:
         ]
     )
     denoiser = batch[0].model.denoiser
+    conds = [a.cond for a in batch]
+    lengths = [x.shape[-1] for x in xs]
+    if len(set(lengths)) > 1:  # speech rows of different lengths: pad, the mask hides it
+        xs, conds = pad_frames(xs, conds, max(lengths))
     with torch.inference_mode():
-        out = denoiser(torch.cat(xs), sigma, cat_cond([a.cond for a in batch]))
-    return split_rows(out, [len(x) for x in xs])
+        out = denoiser(torch.cat(xs), sigma, cat_cond(conds))
+    parts = split_rows(out, [len(x) for x in xs])
+    return [p[..., :n] for p, n in zip(parts, lengths, strict=True)]
+
+
+def pad_frames(xs: list[Tensor], conds: list, frames: int) -> tuple[list[Tensor], list]:
+    """Zero-pad each request's x and per-frame cond tensors (mu, mask) to `frames`."""
+
+    def pad(t: Tensor) -> Tensor:
+        return torch.nn.functional.pad(t, (0, frames - t.shape[-1]))
+
+    padded = [{k: pad(v) if v.ndim == 3 else v for k, v in c.items()} for c in conds]
+    return [pad(x) for x in xs], padded
 
 
 @dataclass
@@ -121,7 +158,9 @@ def advance(active: Active, x0) -> Outcome:
     if not bool(torch.isfinite(values).all()):
         message = f"the model returned non-finite values at step {active.nfe}"
         return Outcome(active, "failed", code="non_finite", message=message)
-    preview = encode_images(values[:1], data_range)[0] if active.job.preview else None
+    preview = None
+    if active.job.preview and active.frames is None:
+        preview = encode_images(values[:1], data_range)[0]
     try:
         active.pending = active.gen.send(x0)
     except StopIteration as stop:
@@ -134,6 +173,11 @@ def advance(active: Active, x0) -> Outcome:
                 code="non_finite",
                 message="the final sample is not finite",
             )
+        if active.frames is not None:
+            audio, active.audio_seconds = active.model.speech.render(
+                stop.value, active.frames, active.job.output_format
+            )
+            return Outcome(active, "done", preview, [audio])
         encode = ENCODINGS[active.job.output_format][0]
         return Outcome(active, "done", preview, encode(stop.value, data_range))
     except Exception as exc:  # a sampler must never take the worker down
