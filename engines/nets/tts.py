@@ -89,7 +89,10 @@ class Encoder(nn.Module):
             t = layer(t, src_key_padding_mask=phone == 0)
         h = t.transpose(1, 2) * mask
         mu = self.mu(h) * mask
-        logdur = self.dur(h.detach() * mask).squeeze(1) * mask.squeeze(1)
+        d = h.detach()
+        for i in (0, 3):  # conv -> ReLU -> norm, masked so padding never leaks in
+            d = self.dur[i + 2](self.dur[i + 1](self.dur[i](d * mask)))
+        logdur = self.dur[6](d * mask).squeeze(1) * mask.squeeze(1)
         return mu, logdur, mask
 
 

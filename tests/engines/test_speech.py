@@ -1,0 +1,206 @@
+"""Speech engine: Festival front end, corpus recipe, features, vocoder, net, metrics, recipes."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import soundfile as sf
+import torch
+
+from engines.nets.tts import TTS, length_regulate
+from engines.repository import Repository
+from engines.samplers import drive
+from engines.speech import corpus, frontend
+from engines.speech.audio import GriffinLim, MelConfig, encode, log_mel
+from engines.speech.evaluate import mcd_dtw
+from engines.speech.model import split_sentences
+from service.cli import main
+from tests.engines.speech_fixture import TINY, tiny_speech_model
+
+
+def phones(text: str) -> list[str]:
+    return [s.phone for s in frontend.shared().segments(text)]
+
+
+def test_front_end_expands_numbers_and_abbreviations():
+    twelve = ["t", "w", "eh", "l", "v"]
+    seq = " ".join(phones("Dr. Smith has 12 cats."))
+    assert " ".join(twelve) in seq  # 12 -> twelve
+    assert seq.startswith("pau d aa k t er")  # Dr. -> doctor
+    money = " ".join(phones("It costs $5."))
+    assert "f ay v" in money and "d aa l er z" in money  # $5 -> five dollars
+
+
+def test_front_end_is_one_long_lived_process():
+    fest = frontend.shared()
+    fest.segments("one")
+    first = fest._proc.pid
+    fest.segments("two")
+    assert fest._proc.pid == first
+
+
+def test_front_end_quotes_text_safely():
+    assert phones('She said "no" \\ then left.')[-1] == "pau"
+
+
+def test_ids_mark_word_ends_and_stress():
+    ids = frontend.shared().phones("Hello world.")
+    names = [frontend.PHONES[i - 1] for i in ids.phone.tolist()]
+    assert names[0] == names[-1] == "pau"
+    ends = [n for n, f in zip(names, ids.final.tolist(), strict=True) if f]
+    assert ends == ["ow", "d"]  # hello, world
+    assert ids.stress.max() == 1
+
+
+def test_split_sentences():
+    assert split_sentences("One two.  Three four! Five?") == ["One two.", "Three four!", "Five?"]
+    assert split_sentences("  ") == []
+
+
+def test_durations_cover_every_frame():
+    cfg = MelConfig()
+    d = corpus.durations([0.1, 0.1001, 0.5, 0.93], 80, cfg)
+    assert int(d.sum()) == 80 and (d >= 0).all()
+
+
+def test_log_mel_and_griffin_lim_round_trip():
+    cfg = MelConfig()
+    t = torch.arange(22050) / 22050
+    wave = 0.5 * torch.sin(2 * torch.pi * 440 * t)
+    mel = log_mel(wave, cfg)
+    assert mel.shape == (80, cfg.frames(len(wave)))
+    out = GriffinLim(cfg, iterations=16)(mel[None], torch.tensor([mel.shape[1]]))[0]
+    assert abs(len(out) - len(wave)) < cfg.hop
+    again = log_mel(out, cfg)
+    peak = int(mel.mean(1).argmax())
+    assert int(again.mean(1).argmax()) == peak  # the 440 Hz bin stays the loudest
+
+
+def test_encoders_write_parseable_audio():
+    wave = torch.linspace(-0.5, 0.5, 2205)
+    for fmt in ("wav", "flac"):
+        data, rate = sf.read(io.BytesIO(encode(wave, 22050, fmt)))
+        assert rate == 22050 and len(data) == 2205
+    assert len(encode(wave, 22050, "pcm")) == 2 * 2205
+
+
+def test_tts_padding_never_changes_valid_frames():
+    torch.manual_seed(0)
+    net = TTS(TINY).eval()
+    phone = torch.randint(1, 40, (2, 12))
+    phone[1, 7:] = 0
+    zero = torch.zeros_like(phone)
+    with torch.no_grad():
+        mu, logdur, pmask = net.encoder(phone, zero, zero)
+        alone_mu, alone_dur, _ = net.encoder(phone[1:, :7], zero[1:, :7], zero[1:, :7])
+        frames = torch.full((2, 12), 3) * pmask.squeeze(1).long()
+        mu_f, mask = length_regulate(mu, frames)
+        x = torch.randn_like(mu_f)
+        c = torch.full((2,), 0.3)
+        both = net.denoiser(x, c, {"mu": mu_f, "mask": mask})
+        n = int(mask[1].sum())
+        one = net.denoiser(x[1:, :, :n], c[1:], {"mu": mu_f[1:, :, :n], "mask": mask[1:, :, :n]})
+    torch.testing.assert_close(mu[1:, :, :7], alone_mu, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logdur[1:, :7], alone_dur, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[1:, :, :n], one, atol=1e-5, rtol=1e-5)
+    assert mu_f.shape[-1] == 36 and n == 21
+
+
+def test_mcd_is_zero_for_itself_and_grows_with_distortion():
+    torch.manual_seed(0)
+    ref = torch.randn(80, 60) - 4
+    assert mcd_dtw(ref, ref) == pytest.approx(0, abs=1e-6)
+    near, far = ref + 0.1 * torch.randn_like(ref), ref + 0.5 * torch.randn_like(ref)
+    assert 0 < mcd_dtw(near, ref) < mcd_dtw(far, ref)
+    stretched = ref.repeat_interleave(2, dim=1)  # DTW absorbs a change of tempo
+    assert mcd_dtw(stretched, ref) == pytest.approx(0, abs=1e-6)
+
+
+def test_speech_model_speaks_longer_for_longer_text():
+    model = tiny_speech_model()
+    speech = model.speech
+    prepared = speech.prepare(["Hi.", "This sentence is a good deal longer than the first."])
+    assert prepared.frames[1] > 2 * prepared.frames[0]
+    slower = speech.prepare(["Hi."], speed=0.5)
+    assert slower.frames[0] > prepared.frames[0]
+    gen, cond, nfe = speech.start(prepared, "ddpm", 2, [0, 1])
+    x = drive(gen, model.denoiser, cond)
+    audio, seconds = speech.render(x, prepared.frames, "wav")
+    data, rate = sf.read(io.BytesIO(audio))
+    assert nfe == 2 and rate == 22050 and len(data) == pytest.approx(seconds * rate, abs=1)
+
+
+@pytest.fixture(scope="module")
+def speech_recipes(tmp_path_factory):
+    """The whole recipe on a few dozen utterances: corpus, teacher, both students."""
+    root = tmp_path_factory.mktemp("speech")
+    data = root / "data"
+    assert (
+        main(["train", "speech-data", "--out", str(data), "--utterances", "30", "--test", "4"]) == 0
+    )
+    few = ["--data", str(data / "corpus.pt"), "--batch", "8", "--log-every", "1", "--minutes", "0"]
+    repo = root / "repo"
+    teacher = repo / "speech-teacher"
+    net = ["--width", "32", "--dec-width", "32", "--dec-blocks", "2"]
+    args = ["train", "speech-teacher", "--out", str(teacher), "--work", str(root / "wt")]
+    assert main([*args, *few, *net, "--steps", "12", "--lr", "2e-3"]) == 0
+    for name in ("prodiff", "comospeech"):
+        out, work = repo / f"speech-{name}", root / f"w-{name}"
+        args = ["train", name, "--out", str(out), "--work", str(work), "--teacher", str(teacher)]
+        assert main([*args, *few, "--steps", "3"]) == 0
+    return root
+
+
+def test_corpus_recipe_is_offline_and_consistent(speech_recipes):
+    data = corpus.load(speech_recipes / "data" / "corpus.pt")
+    assert (len(data["train"]), len(data["test"])) == (26, 4)
+    train_text = {u["text"] for u in data["train"]}
+    assert not train_text & {u["text"] for u in data["test"]}  # held out
+    for utt in data["train"]:
+        assert int(utt["durations"].sum()) == utt["mel"].shape[1]
+        assert len(utt["phone"]) == len(utt["durations"]) == len(utt["stress"])
+
+
+def test_speech_recipes_write_packages_that_speak(speech_recipes, capsys):
+    repo = Repository(speech_recipes / "repo")
+    for name, sampler, steps in (
+        ("speech-teacher", "heun", 3),
+        ("speech-prodiff", "ddpm", 2),
+        ("speech-comospeech", "cm_multistep", 1),
+    ):
+        model = repo.load(name)
+        assert model.spec.kind == "speech"
+        prepared = model.speech.prepare(["A short test."])
+        gen, cond, _ = model.speech.start(prepared, sampler, steps, [0])
+        x = drive(gen, model.denoiser, cond)
+        assert x.shape == prepared.mu.shape and torch.isfinite(x).all()
+    card = (speech_recipes / "repo" / "speech-prodiff" / "1" / "MODEL_CARD.md").read_text()
+    assert "Distilled from the teacher package" in card and "cmu_us_slt_arctic_hts" in card
+
+
+def test_teacher_learns_the_prior_and_durations(speech_recipes):
+    """40 steps of the teacher recipe beat its own initialisation on the training data."""
+    from engines.training.speech import Data, encode_batch, make_batch, masked_mse
+
+    out, work = speech_recipes / "t40", speech_recipes / "w40"
+    data = speech_recipes / "data" / "corpus.pt"
+    args = ["train", "speech-teacher", "--out", str(out), "--work", str(work), "--data"]
+    args += [str(data), "--batch", "8", "--log-every", "10", "--minutes", "0", "--steps", "40"]
+    args += ["--width", "32", "--dec-width", "32", "--dec-blocks", "2", "--lr", "3e-3"]
+    assert main(args) == 0
+    trained = Repository.of_folder(out).load("t40").modules[0]
+    torch.manual_seed(0)
+    fresh = TTS(trained.cfg)
+    fresh.set_stats(trained.mel_mean, trained.mel_std)
+    d = Data(str(data))
+    batch = make_batch(d.utts[:16], d.mean, d.std)
+
+    def losses(net):
+        with torch.no_grad():
+            mu_f, fmask, logdur, pmask = encode_batch(net, batch)
+            target = torch.log1p(batch.durations.float()).unsqueeze(1)
+            return masked_mse(mu_f, batch.mel, fmask), masked_mse(logdur[:, None], target, pmask)
+
+    (prior0, dur0), (prior1, dur1) = losses(fresh), losses(trained)
+    assert prior1 < 0.8 * prior0 and dur1 < 0.8 * dur0
