@@ -197,10 +197,12 @@ def _add_worker(commands: argparse._SubParsersAction) -> None:
 
 def _add_train_eval(commands: argparse._SubParsersAction) -> None:
     from engines import quality
+    from engines.speech import evaluate as speech_eval
     from engines.training import recipes
 
     recipes.add_parsers(commands)
     quality.add_parser(commands)
+    speech_eval.add_parser(commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -326,6 +326,17 @@ def schedule(parameters: dict[str, object]) -> tuple[int, int | None]:
 _PARAM_NAMES = {"deadline_ms": "parameter 'timeout'", "priority": "parameter 'priority'"}
 
 
+def validated(model: type, fields: dict):
+    """The request model built from an OIP request's fields; a 400 naming the input."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = str(error["loc"][0]) if error.get("loc") else "request"
+        where = _PARAM_NAMES.get(where, f"input {where!r}")
+        raise InvalidRequest(f"{where}: {error['msg']}") from None
+
+
 def build_infer_job(
     state: ServiceState, spec, tensors: dict[str, Tensor], parameters: dict[str, object]
 ) -> Job:
@@ -371,14 +382,7 @@ def build_infer_job(
         "deadline_ms": deadline_ms,
         "priority": priority,
     }
-    try:
-        req = GenerationRequest(**fields)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        where = str(error["loc"][0]) if error.get("loc") else "request"
-        where = _PARAM_NAMES.get(where, f"input {where!r}")
-        raise InvalidRequest(f"{where}: {error['msg']}") from None
-    job = build_job(req, state)
+    job = build_job(validated(GenerationRequest, fields), state)
     if labels:
         job.labels = [spec.label_id(text) for text in labels]
     job.output_format = "raw"
@@ -418,14 +422,7 @@ def build_speech_infer_job(
         "deadline_ms": deadline_ms,
         "priority": priority,
     }
-    try:
-        req = SpeechRequest(**fields)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        where = str(error["loc"][0]) if error.get("loc") else "request"
-        where = _PARAM_NAMES.get(where, f"input {where!r}")
-        raise InvalidRequest(f"{where}: {error['msg']}") from None
-    return build_speech_job(req, state, "f32")
+    return build_speech_job(validated(SpeechRequest, fields), state, "f32")
 
 
 # -- running it ---------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """`fewstep eval-speech`: MCD-DTW, duration error and real-time factor on held-out sentences.
 
 MCD here is this project's own variant (compare rows, not papers): the DCT-II cepstrum of
-the 80-bin natural-log mel, c1..c24, frames within 40 dB of the reference's loudest,
-aligned by DTW, in dB: (10 / ln 10) sqrt(2 sum_d (c_d - c'_d)^2), averaged over the path.
+the 80-bin natural-log mel, c1..c24, in dB: (10 / ln 10) sqrt(2 sum_d (c_d - c'_d)^2).
+DTW aligns all frames; the mean is over the path's points at reference frames within 40 dB
+of the loudest.
 "audio" columns take the log-mel of the final waveform (vocoder included) against the
 teacher voice's own audio; "mel" columns the model's mel before the vocoder.
 """
@@ -48,11 +49,11 @@ def mcd_dtw(gen: Tensor, ref: Tensor) -> float:
     """MCD in dB of a generated log-mel against a reference, DTW-aligned."""
     import librosa
 
-    keep = voiced(ref)
-    a, b = cepstra(gen.double()), cepstra(ref.double())[keep]
-    cost = torch.cdist(a, b)
+    cost = torch.cdist(cepstra(gen.double()), cepstra(ref.double()))
     _, path = librosa.sequence.dtw(C=cost.numpy())
-    return float(DB * cost[path[:, 0], path[:, 1]].mean())
+    path = torch.from_numpy(path.copy())
+    keep = voiced(ref)[path[:, 1]]  # score the path where the reference is not silent
+    return float(DB * cost[path[keep, 0], path[keep, 1]].mean())
 
 
 @dataclasses.dataclass

@@ -212,11 +212,29 @@ def run_teacher(
     )
 
 
-def load_teacher(folder: str, device: str):
+def student_of(run: common.RunConfig, folder: str):
+    """The teacher package, its network, the data, and a student that starts as the
+    teacher's copy with the encoder frozen (students learn the denoiser only)."""
     loaded = Repository.of_folder(folder).load(Path(folder).name)
     if loaded.spec.kind != "speech" or loaded.spec.speech.parameterisation != "edm":
         raise ValueError(f"{folder} is not a speech teacher package (kind speech, edm)")
-    return loaded, loaded.modules[0].to(device)
+    teacher = loaded.modules[0].to(run.device)
+    student = TTS(loaded.spec.speech.network).to(run.device)
+    student.load_state_dict(teacher.state_dict())
+    student.encoder.requires_grad_(False)
+    return loaded, teacher, Data(run.data, run.limit), student
+
+
+def student_batch(data: Data, run: common.RunConfig, teacher: TTS, opt, step: int, size: int):
+    """A distillation step's crops, their cond from the teacher's encoder, and the step's
+    generator; warms up the student's learning rate."""
+    b = data.batch(run, step)
+    gen = common.step_generator(run.seed, step)
+    common.warmup_lr(opt, run.lr, step, warmup=100)
+    with torch.no_grad():
+        mu_f, fmask, _, _ = encode_batch(teacher, b)
+        x, mu_c, m_c = crop(b.mel, mu_f, fmask, b.frames, size, gen)
+    return x, {"mu": mu_c, "mask": m_c}, gen
 
 
 def ddim(denoiser: Denoiser, x: Tensor, sigma: float, sigma_next: float, cond: dict) -> Tensor:
@@ -229,12 +247,8 @@ def ddim(denoiser: Denoiser, x: Tensor, sigma: float, sigma_next: float, cond: d
 def run_prodiff(
     run: common.RunConfig, teacher_dir: str, s: ProDiffSettings, minutes: float, log=print
 ) -> Path:
-    teacher_model, teacher = load_teacher(teacher_dir, run.device)
-    data = Data(run.data, run.limit)
+    teacher_model, teacher, data, student = student_of(run, teacher_dir)
     net = teacher_model.spec.speech.network
-    student = TTS(net).to(run.device)
-    student.load_state_dict(teacher.state_dict())
-    student.encoder.requires_grad_(False)
     served = common.frozen_copy(student)
     opt = torch.optim.Adam(student.denoiser.parameters(), lr=run.lr)
     f_teacher, f_student = EDMDenoiser(teacher.denoiser, 1.0), EDMDenoiser(student.denoiser, 1.0)
@@ -243,13 +257,9 @@ def run_prodiff(
     log(f"ProDiff student at sigmas {list(s.sigmas)} from {teacher_dir}")
 
     def step(i: int) -> float:
-        b = data.batch(run, i)
-        gen = common.step_generator(run.seed, i)
-        common.warmup_lr(opt, run.lr, i, warmup=100)
+        x, cond, gen = student_batch(data, run, teacher, opt, i, s.crop)
+        m_c = cond["mask"]
         with torch.no_grad():
-            mu_f, fmask, _, _ = encode_batch(teacher, b)
-            x, mu_c, m_c = crop(b.mel, mu_f, fmask, b.frames, s.crop, gen)
-            cond = {"mu": mu_c, "mask": m_c}
             k = int(torch.randint(0, len(s.sigmas), (1,), generator=gen))
             hi, lo = levels[k], levels[k + 1]
             mid = math.sqrt(hi * lo) if lo > 0 else hi * 0.25
@@ -282,12 +292,8 @@ def run_prodiff(
 def run_comospeech(
     run: common.RunConfig, teacher_dir: str, s: CMSettings, minutes: float, log=print
 ) -> Path:
-    teacher_model, teacher = load_teacher(teacher_dir, run.device)
-    data = Data(run.data, run.limit)
+    teacher_model, teacher, data, student = student_of(run, teacher_dir)
     net = teacher_model.spec.speech.network
-    student = TTS(net).to(run.device)
-    student.load_state_dict(teacher.state_dict())
-    student.encoder.requires_grad_(False)
     target, served = common.frozen_copy(student), common.frozen_copy(student)
     f_teacher = EDMDenoiser(teacher.denoiser, 1.0)
     f_student = SpeechConsistencyDenoiser(student.denoiser, 1.0, s.sigma_min)
@@ -299,13 +305,9 @@ def run_comospeech(
     log(f"CoMoSpeech consistency distillation on a {s.grid}-point grid from {teacher_dir}")
 
     def step(i: int) -> float:
-        b = data.batch(run, i)
-        gen = common.step_generator(run.seed, i)
-        common.warmup_lr(opt, run.lr, i, warmup=100)
+        x, cond, gen = student_batch(data, run, teacher, opt, i, s.crop)
+        m_c = cond["mask"]
         with torch.no_grad():
-            mu_f, fmask, _, _ = encode_batch(teacher, b)
-            x, mu_c, m_c = crop(b.mel, mu_f, fmask, b.frames, s.crop, gen)
-            cond = {"mu": mu_c, "mask": m_c}
             n = torch.randint(0, s.grid - 1, (len(x),), generator=gen).to(run.device)
             t, t_next = ts[n + 1], ts[n]
             x_t = x + expand(t, x) * common.randn(x.shape, gen, run.device)

@@ -61,11 +61,8 @@ async def submit(state: ServiceState, job: Job, fp: str) -> tuple[Job, bool]:
         raise
 
 
-@router.post("/v1/images/generations", response_model=ImagesResponse)
-async def generate_images(req: GenerationRequest, state: State) -> JSONResponse:
-    state.require_ready()
-    begin = time.perf_counter()
-    job = build_job(req, state)
+async def run_job(state: ServiceState, job: Job, endpoint: str) -> tuple[Job, JobResult]:
+    """Submit a job and wait for its one result; an error the client sees if it failed."""
     job, _ = await submit(state, job, "")
     wait = state.settings.request_timeout_s
     if job.deadline is not None:
@@ -81,8 +78,16 @@ async def generate_images(req: GenerationRequest, state: State) -> JSONResponse:
         if result.state is not JobState.SUCCEEDED:
             raise_for_failure(result)
     except FewstepError as exc:
-        state.metrics.observe_request(job.model, job.sampler, "images", str(exc.status), None)
+        state.metrics.observe_request(job.model, job.sampler, endpoint, str(exc.status), None)
         raise
+    return job, result
+
+
+@router.post("/v1/images/generations", response_model=ImagesResponse)
+async def generate_images(req: GenerationRequest, state: State) -> JSONResponse:
+    state.require_ready()
+    begin = time.perf_counter()
+    job, result = await run_job(state, build_job(req, state), "images")
     spec = state.spec(f"{job.model}@{job.version}")
     label = spec.labels[job.labels[0]] if job.labels else None
     state.metrics.observe_request(

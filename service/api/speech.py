@@ -11,12 +11,11 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from engines.samplers import INFO
-from service.errors import FewstepError, InvalidRequest
-from service.jobs import Job, JobState
+from service.errors import InvalidRequest
+from service.jobs import Job
 
-from .images import raise_for_failure, submit
-from .state import ServiceState, State
+from .images import run_job
+from .state import ServiceState, State, sampler_and_steps
 
 router = APIRouter(tags=["openai"])
 
@@ -94,22 +93,7 @@ def build_speech_job(req: SpeechRequest, state: ServiceState, output_format: str
             param="instructions",
         )
     sentences = check_text(req.input, spec)
-    s = spec.sampling
-    sampler = req.sampler or s.default_sampler
-    if sampler not in s.samplers:
-        raise InvalidRequest(
-            f"sampler {sampler!r} is not available for model {spec.name}; use one of "
-            f"{list(s.samplers)}",
-            param="sampler",
-        )
-    steps = req.steps or s.default_steps
-    need = INFO[sampler].min_steps({})
-    if not need <= steps <= s.max_steps:
-        raise InvalidRequest(
-            f"steps must be in {need}..{s.max_steps} for sampler {sampler} on model {spec.name}, "
-            f"got {steps}",
-            param="steps",
-        )
+    sampler, steps = sampler_and_steps(spec, req.sampler, req.steps)
     now = time.time()
     return Job(
         model=spec.name,
@@ -142,37 +126,13 @@ def output_format(requested: str | None) -> str:
     return requested
 
 
-async def run_speech_job(state: ServiceState, job: Job):
-    """Submit a speech job and wait for its result (a 4xx/5xx error if it failed)."""
-    job, _ = await submit(state, job, "")
-    wait = state.settings.request_timeout_s
-    if job.deadline is not None:
-        wait = min(wait, max(job.deadline - time.time(), 0) + 1.0)
-    result = await state.queue.result(job.id, wait)
-    if result is None:
-        await state.queue.cancel(job.id)
-        from service.errors import DeadlineExceeded
-
-        raise DeadlineExceeded(
-            f"no result within {wait:.1f} s; raise deadline_ms or send shorter text",
-            param="deadline_ms",
-        )
-    if result.state is not JobState.SUCCEEDED:
-        raise_for_failure(result)
-    return job, result
-
-
 @router.post("/v1/audio/speech")
 async def create_speech(req: SpeechRequest, state: State) -> Response:
     state.require_ready()
     begin = time.perf_counter()
     fmt = output_format(req.response_format)
     job = build_speech_job(req, state, fmt)
-    try:
-        job, result = await run_speech_job(state, job)
-    except FewstepError as exc:
-        state.metrics.observe_request(job.model, job.sampler, "speech", str(exc.status), None)
-        raise
+    job, result = await run_job(state, job, "speech")
     seconds = time.perf_counter() - begin
     state.metrics.observe_request(job.model, job.sampler, "speech", "200", seconds)
     rtf = seconds / result.audio_seconds if result.audio_seconds else 0.0

@@ -71,6 +71,27 @@ def fingerprint(req: GenerationRequest) -> str:
     return json.dumps(req.model_dump(), sort_keys=True)
 
 
+def sampler_and_steps(spec, sampler: str | None, steps: int | None) -> tuple[str, int]:
+    """The request's sampler and steps (or the model's defaults), checked against the model."""
+    s = spec.sampling
+    sampler = sampler or s.default_sampler
+    if sampler not in s.samplers:
+        raise InvalidRequest(
+            f"sampler {sampler!r} is not available for model {spec.name}; use one of "
+            f"{list(s.samplers)}",
+            param="sampler",
+        )
+    steps = steps or s.default_steps
+    need = INFO[sampler].min_steps({})
+    if not need <= steps <= s.max_steps:
+        raise InvalidRequest(
+            f"steps must be in {need}..{s.max_steps} for sampler {sampler} on model {spec.name}, "
+            f"got {steps}",
+            param="steps",
+        )
+    return sampler, steps
+
+
 def build_job(
     req: GenerationRequest, state: ServiceState, idempotency_key: str | None = None
 ) -> Job:
@@ -111,21 +132,7 @@ def build_job(
                 param="prompt",
             )
         labels = [label] * req.n
-    sampler = req.sampler or s.default_sampler
-    if sampler not in s.samplers:
-        raise InvalidRequest(
-            f"sampler {sampler!r} is not available for model {spec.name}; use one of "
-            f"{list(s.samplers)}",
-            param="sampler",
-        )
-    steps = req.steps or s.default_steps
-    need = INFO[sampler].min_steps({})
-    if not need <= steps <= s.max_steps:
-        raise InvalidRequest(
-            f"steps must be in {need}..{s.max_steps} for sampler {sampler} on model {spec.name}, "
-            f"got {steps}",
-            param="steps",
-        )
+    sampler, steps = sampler_and_steps(spec, req.sampler, req.steps)
     guidance = s.default_guidance if req.guidance_scale is None else req.guidance_scale
     if guidance != 1.0 and not spec.labels:
         raise InvalidRequest(

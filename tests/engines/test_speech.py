@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 import soundfile as sf
@@ -17,6 +18,10 @@ from engines.speech.evaluate import mcd_dtw
 from engines.speech.model import split_sentences
 from service.cli import main
 from tests.engines.speech_fixture import TINY, tiny_speech_model
+
+SHIPPED = Path(__file__).parents[2] / "model_repo"
+LONG_TEXT = "The committee will meet again on Tuesday to discuss the new budget."
+SPEECH = ("speech-teacher", "speech-prodiff", "speech-comospeech")
 
 
 def phones(text: str) -> list[str]:
@@ -204,3 +209,24 @@ def test_teacher_learns_the_prior_and_durations(speech_recipes):
 
     (prior0, dur0), (prior1, dur1) = losses(fresh), losses(trained)
     assert prior1 < 0.8 * prior0 and dur1 < 0.8 * dur0
+
+
+@pytest.mark.parametrize("name", SPEECH)
+def test_shipped_speech_models_load_speak_and_fit_the_size_limit(name):
+    folder = SHIPPED / name
+    weights = folder / "1" / "weights.safetensors"
+    assert weights.stat().st_size < 20e6
+    card = (folder / "1" / "MODEL_CARD.md").read_text()
+    assert "cmu_us_slt_arctic_hts" in card and "EST-2003" in card
+    if name != "speech-teacher":
+        assert "Distilled from the teacher package `model_repo/speech-teacher`" in card
+    model = Repository.of_folder(folder).load(name)
+    s = model.spec.sampling
+    short = model.speech.prepare(["Yes."])
+    long = model.speech.prepare([LONG_TEXT])
+    # a trained duration predictor: about 0.06 to 0.1 s per character of this text
+    seconds = float(long.frames[0]) * 256 / 22050
+    assert long.frames[0] > 5 * short.frames[0] and 0.04 < seconds / len(LONG_TEXT) < 0.12
+    gen, cond, _ = model.speech.start(long, s.default_sampler, s.default_steps, [0])
+    x = drive(gen, model.denoiser, cond)
+    assert torch.isfinite(x).all() and x.abs().max() < 20

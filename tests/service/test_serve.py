@@ -13,8 +13,10 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
+import soundfile as sf
 from PIL import Image
 
 
@@ -40,6 +42,25 @@ def served():
     yield url, proc
     if proc.poll() is None:
         proc.kill()
+
+
+def test_openai_sdk_speaks_with_the_shipped_speech_models(served):
+    url, _ = served
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    for model in ("speech-prodiff", "speech-comospeech"):
+        response = client.audio.speech.create(
+            model=model,
+            voice="alloy",
+            input="Dr. Smith paid $42 for 3 books.",
+            response_format="wav",
+            speed=1.0,
+            extra_body={"seed": 5},
+        )
+        audio, rate = sf.read(io.BytesIO(response.content))
+        assert rate == 22050 and 1.5 < len(audio) / rate < 6
+        assert np.abs(audio).max() > 0.1
+    with pytest.raises(openai.BadRequestError, match="input is empty"):
+        client.audio.speech.create(model="speech-prodiff", voice="alloy", input="")
 
 
 def test_openai_sdk_against_the_shipped_model(served):
