@@ -53,6 +53,18 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from --work's checkpoint")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="stop after this much training wall time; the card records the steps reached",
+    )
+    p.add_argument(
+        "--store-dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="dtype of the packaged weights (float16 halves the files; default float32)",
+    )
     p.add_argument("--data", default=None, help="Fashion-MNIST folder")
     if "channels" in d:
         p.add_argument("--channels", type=_channels, default=_channels(d["channels"]))
@@ -116,6 +128,8 @@ def run_config(args: argparse.Namespace) -> common.RunConfig:
         version=args.version,
         data=args.data,
         amp=args.amp,
+        max_minutes=args.max_minutes,
+        store_dtype=args.store_dtype,
     )
 
 

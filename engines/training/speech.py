@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -155,22 +154,7 @@ class Data:
         return sum(u["mel"].shape[1] for u in self.utts) * 256 / 22050 / 3600
 
 
-class Timed:
-    """Stops a step loop after `minutes` of wall time (0: never) by shortening run.steps."""
-
-    def __init__(self, run: common.RunConfig, minutes: float) -> None:
-        self.run, self.deadline = run, time.monotonic() + minutes * 60 if minutes else None
-        self.done = 0
-
-    def tick(self, step: int) -> None:
-        self.done = step + 1
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            self.run.steps = step + 1  # train_loop checkpoints and ends after this step
-
-
-def run_teacher(
-    run: common.RunConfig, net: TTSConfig, s: TeacherSettings, minutes: float, log=print
-) -> Path:
+def run_teacher(run: common.RunConfig, net: TTSConfig, s: TeacherSettings, log=print) -> Path:
     data = Data(run.data, run.limit)
     torch.manual_seed(run.seed)
     model = TTS(net).to(run.device)
@@ -178,7 +162,6 @@ def run_teacher(
     ema = common.frozen_copy(model)
     opt = torch.optim.Adam(model.parameters(), lr=run.lr)
     denoiser = EDMDenoiser(model.denoiser, 1.0)
-    timer = Timed(run, minutes)
     log(
         f"TTS {common.count_params(model) / 1e6:.2f}M parameters; "
         f"{len(data.utts)} utterances, {data.hours():.2f} h"
@@ -202,12 +185,11 @@ def run_teacher(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         common.ema_update(ema, model, min(s.ema, (1 + i) / (10 + i)))
-        timer.tick(i)
         return loss.item()
 
     seconds = common.train_loop(run, step, {"model": model, "ema": ema, "opt": opt}, log)
     return package_speech.write(
-        package_speech.SpeechPackage("teacher", run, net, ema, (s,), seconds, data, timer.done),
+        package_speech.SpeechPackage("teacher", run, net, ema, (s,), seconds, data, run.steps),
         log,
     )
 
@@ -244,16 +226,13 @@ def ddim(denoiser: Denoiser, x: Tensor, sigma: float, sigma_next: float, cond: d
     return x0 + (sigma_next / sigma) * (x - x0)
 
 
-def run_prodiff(
-    run: common.RunConfig, teacher_dir: str, s: ProDiffSettings, minutes: float, log=print
-) -> Path:
+def run_prodiff(run: common.RunConfig, teacher_dir: str, s: ProDiffSettings, log=print) -> Path:
     teacher_model, teacher, data, student = student_of(run, teacher_dir)
     net = teacher_model.spec.speech.network
     served = common.frozen_copy(student)
     opt = torch.optim.Adam(student.denoiser.parameters(), lr=run.lr)
     f_teacher, f_student = EDMDenoiser(teacher.denoiser, 1.0), EDMDenoiser(student.denoiser, 1.0)
     levels = [*s.sigmas, 0.0]
-    timer = Timed(run, minutes)
     log(f"ProDiff student at sigmas {list(s.sigmas)} from {teacher_dir}")
 
     def step(i: int) -> float:
@@ -274,24 +253,21 @@ def run_prodiff(
         torch.nn.utils.clip_grad_norm_(student.denoiser.parameters(), 1.0)
         opt.step()
         common.ema_update(served, student, min(0.999, (1 + i) / (10 + i)))
-        timer.tick(i)
         return loss.item()
 
     seconds = common.train_loop(run, step, {"student": student, "served": served, "opt": opt}, log)
     notes = (
         f"Distilled from the teacher package `{teacher_dir}` (fingerprint "
         f"`{teacher_model.fingerprint}`): progressive distillation of the teacher's 4-step DDIM "
-        f"path into 2 x0 steps at sigma {list(s.sigmas)}, {timer.done} steps."
+        f"path into 2 x0 steps at sigma {list(s.sigmas)}, {run.steps} steps."
     )
     pkg = package_speech.SpeechPackage(
-        "prodiff", run, net, served, (s,), seconds, data, timer.done, notes, sigmas=s.sigmas
+        "prodiff", run, net, served, (s,), seconds, data, run.steps, notes, sigmas=s.sigmas
     )
     return package_speech.write(pkg, log)
 
 
-def run_comospeech(
-    run: common.RunConfig, teacher_dir: str, s: CMSettings, minutes: float, log=print
-) -> Path:
+def run_comospeech(run: common.RunConfig, teacher_dir: str, s: CMSettings, log=print) -> Path:
     teacher_model, teacher, data, student = student_of(run, teacher_dir)
     net = teacher_model.spec.speech.network
     target, served = common.frozen_copy(student), common.frozen_copy(student)
@@ -301,7 +277,6 @@ def run_comospeech(
     opt = torch.optim.Adam(student.denoiser.parameters(), lr=run.lr)
     ts = karras_sigmas(s.grid - 1, s.sigma_min, s.sigma_max, s.rho, final_zero=False).flip(0)
     ts = ts.float().to(run.device)
-    timer = Timed(run, minutes)
     log(f"CoMoSpeech consistency distillation on a {s.grid}-point grid from {teacher_dir}")
 
     def step(i: int) -> float:
@@ -314,7 +289,6 @@ def run_comospeech(
             x_hat = heun_step(f_teacher, x_t, t, t_next, cond)
             goal = f_target(x_hat, t_next, cond)
         loss = masked_mse(f_student(x_t, t, cond), goal, m_c)
-        timer.tick(i)
         return student_update(loss, opt, (student, target, served), s.ema, s.serve_ema, i)
 
     state = {"student": student, "target": target, "served": served, "opt": opt}
@@ -322,9 +296,9 @@ def run_comospeech(
     notes = (
         f"Distilled from the teacher package `{teacher_dir}` (fingerprint "
         f"`{teacher_model.fingerprint}`): consistency distillation with the teacher's Heun "
-        f"steps on an {s.grid}-point Karras grid, EMA target {s.ema}, {timer.done} steps."
+        f"steps on an {s.grid}-point Karras grid, EMA target {s.ema}, {run.steps} steps."
     )
     pkg = package_speech.SpeechPackage(
-        "comospeech", run, net, served, (s,), seconds, data, timer.done, notes
+        "comospeech", run, net, served, (s,), seconds, data, run.steps, notes
     )
     return package_speech.write(pkg, log)

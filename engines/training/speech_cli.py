@@ -43,11 +43,12 @@ def add_parsers(recipes_parsers: argparse._SubParsersAction) -> None:
         p.add_argument("--version", type=int, default=1)
         p.add_argument("--work", default=None, help="checkpoint folder (default runs/<recipe>)")
         p.add_argument(
-            "--minutes",
+            "--max-minutes",
             type=float,
             default=d["minutes"],
-            help=f"wall-clock training budget (default {d['minutes']}; 0: --steps)",
+            help=f"training wall-clock budget (default {d['minutes']}; 0: run --steps)",
         )
+        p.add_argument("--store-dtype", default="float32", choices=["float32", "bfloat16"])
         p.add_argument("--steps", type=int, default=d["steps"], help="step limit")
         p.add_argument("--batch", type=int, default=16)
         p.add_argument("--lr", type=float, default=d["lr"])
@@ -83,11 +84,11 @@ def main(args: argparse.Namespace) -> int:
     if args.recipe == "speech-teacher":
         net = TTSConfig(width=args.width, dec_width=args.dec_width, dec_blocks=args.dec_blocks)
         settings = speech.TeacherSettings(sigma_mix=args.sigma_mix)
-        speech.run_teacher(run, net, settings, args.minutes)
+        speech.run_teacher(run, net, settings)
     elif args.recipe == "prodiff":
-        speech.run_prodiff(run, args.teacher, speech.ProDiffSettings(), args.minutes)
+        speech.run_prodiff(run, args.teacher, speech.ProDiffSettings())
     else:
-        speech.run_comospeech(run, args.teacher, speech.CMSettings(), args.minutes)
+        speech.run_comospeech(run, args.teacher, speech.CMSettings())
     return 0
 
 

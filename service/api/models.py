@@ -22,7 +22,7 @@ def describe(name: str, state) -> dict:
         "description": spec.description,
         "versions": sorted(versions),
         "default_version": spec.version,
-        "size": f"{spec.shape[-1]}x{spec.shape[-2]}" if len(spec.shape) > 1 else None,
+        "size": f"{spec.image_shape[-1]}x{spec.image_shape[-2]}" if spec.speech is None else None,
         "labels": list(spec.labels),
         "synonyms": dict(spec.synonyms),
         "samplers": list(s.samplers),

@@ -144,7 +144,16 @@ def speech_recipes(tmp_path_factory):
     assert (
         main(["train", "speech-data", "--out", str(data), "--utterances", "30", "--test", "4"]) == 0
     )
-    few = ["--data", str(data / "corpus.pt"), "--batch", "8", "--log-every", "1", "--minutes", "0"]
+    few = [
+        "--data",
+        str(data / "corpus.pt"),
+        "--batch",
+        "8",
+        "--log-every",
+        "1",
+        "--max-minutes",
+        "0",
+    ]
     repo = root / "repo"
     teacher = repo / "speech-teacher"
     net = ["--width", "32", "--dec-width", "32", "--dec-blocks", "2"]
@@ -191,7 +200,7 @@ def test_teacher_learns_the_prior_and_durations(speech_recipes):
     out, work = speech_recipes / "t40", speech_recipes / "w40"
     data = speech_recipes / "data" / "corpus.pt"
     args = ["train", "speech-teacher", "--out", str(out), "--work", str(work), "--data"]
-    args += [str(data), "--batch", "8", "--log-every", "10", "--minutes", "0", "--steps", "40"]
+    args += [str(data), "--batch", "8", "--log-every", "10", "--max-minutes", "0", "--steps", "40"]
     args += ["--width", "32", "--dec-width", "32", "--dec-blocks", "2", "--lr", "3e-3"]
     assert main(args) == 0
     trained = Repository.of_folder(out).load("t40").modules[0]
