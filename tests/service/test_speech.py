@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import tritonclient.grpc as grpcclient
 
 from service.jobs import Job
 from service.worker.scheduler import forward, start
@@ -24,7 +25,8 @@ def speech_server():
     models = fixture_models()
     for m in (tiny_speech_model(), tiny_speech_model("speech-cm", "consistency")):
         models[m.spec.name, 1] = m
-    with serve(models) as s:
+    with serve(models, grpc=True, grpc_port=0, host="127.0.0.1") as s:
+        s.grpc_url = f"127.0.0.1:{s.app.state.grpc_port}"
         yield s
 
 
@@ -164,6 +166,20 @@ def test_oip_v2_text_in_audio_and_sample_rate_out(api):
     assert {t["name"] for t in meta["inputs"]} >= {"text", "seed", "speed"}
     missing = api.post("/v2/models/speech-tiny/infer", json={"inputs": body["inputs"][1:]})
     assert missing.status_code == 400 and "'text'" in missing.json()["error"]
+
+
+def test_oip_grpc_with_tritonclient(api, speech_server):
+    client = grpcclient.InferenceServerClient(speech_server.grpc_url)
+    text = grpcclient.InferInput("text", [1], "BYTES")
+    text.set_data_from_numpy(np.array([LONG.encode()], dtype=object))
+    seed = grpcclient.InferInput("seed", [1], "INT64")
+    seed.set_data_from_numpy(np.array([1], dtype=np.int64))
+    result = client.infer("speech-tiny", [text, seed])
+    client.close()
+    audio = result.as_numpy("audio")
+    assert audio.dtype == np.float32 and result.as_numpy("sample_rate").tolist() == [22050]
+    pcm = np.frombuffer(speak(api, LONG, response_format="pcm").content, "<i2")
+    assert np.abs(np.round(np.clip(audio, -1, 1) * 32767) - pcm).max() <= 1
 
 
 def test_rows_of_different_lengths_share_a_pass_as_if_alone():
