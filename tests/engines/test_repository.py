@@ -51,7 +51,7 @@ def rewrite(folder: Path, dotted: str, value) -> Path:
 
 
 BAD_FIELDS = [
-    ("kind", "vae", "kind must be one of ['cm', 'edm', 'gaussian', 'lcm'], got 'vae'"),
+    ("kind", "vae", "kind must be one of ['cm', 'edm', 'gaussian', 'lcm', 'speech'], got 'vae'"),
     ("kind", DELETE, "kind is missing; it must be one of ['cm', 'edm', 'gaussian', 'lcm']"),
     ("network", {"channels": [16]}, "network must be absent: a 'gaussian' model has no network"),
     ("description", "  ", "description must be a non-empty string"),
