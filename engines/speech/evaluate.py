@@ -1,9 +1,9 @@
 """`fewstep eval-speech`: MCD-DTW, duration error and real-time factor on held-out sentences.
 
 MCD here is this project's own variant (compare rows, not papers): the cepstrum of the
-80-bin natural-log mel (DCT-II / 80, so log-mel = c0 + 2 sum c_d cos(.)), c1..c24, in dB: (10 / ln 10) sqrt(2 sum_d (c_d - c'_d)^2).
-DTW aligns all frames; the mean is over the path's points at reference frames within 40 dB
-of the loudest.
+80-bin natural-log mel (DCT-II / 80, so log-mel = c0 + 2 sum c_d cos(.)), c1..c24, in dB:
+(10 / ln 10) sqrt(2 sum_d (c_d - c'_d)^2). DTW aligns all frames; the mean is over the
+path's points at reference frames within 40 dB of the loudest.
 "audio" columns take the log-mel of the final waveform (vocoder included) against the
 teacher voice's own audio; "mel" columns the model's mel before the vocoder.
 """
