@@ -18,7 +18,7 @@ from torch import Tensor
 from engines.denoisers import ConsistencyDenoiser, Denoiser, EDMDenoiser
 from engines.nets.tts import TTS, frames_from_logdur, length_regulate
 from engines.noise import RowNoise
-from engines.samplers import SamplerGen, create, nfe
+from engines.samplers import INFO, SamplerGen, create, drive, nfe
 from engines.speech import frontend
 from engines.speech.audio import GriffinLim, MelConfig, Vocoder, encode
 
@@ -152,12 +152,11 @@ class Speech:
         return encode(audio, self.mel.sample_rate, fmt), seconds
 
     def warmup(self) -> float:
+        """Start the front end and run each stage once (the sampler at its fewest steps)."""
         begin = time.perf_counter()
         prepared = self.prepare(["Warm up the model."])
         sampler = self.spec.sampling.default_sampler
-        gen, cond, _ = self.start(prepared, sampler, self.spec.sampling.default_steps, [0])
-        from engines.samplers import drive
-
+        gen, cond, _ = self.start(prepared, sampler, INFO[sampler].min_steps({}), [0])
         x = drive(gen, self.denoiser, cond)
         self.render(x, prepared.frames, "wav")
         return time.perf_counter() - begin

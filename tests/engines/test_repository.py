@@ -50,9 +50,10 @@ def rewrite(folder: Path, dotted: str, value) -> Path:
     return path
 
 
+KIND_NAMES = "['cm', 'edm', 'gaussian', 'lcm', 'speech']"
 BAD_FIELDS = [
-    ("kind", "vae", "kind must be one of ['cm', 'edm', 'gaussian', 'lcm', 'speech'], got 'vae'"),
-    ("kind", DELETE, "kind is missing; it must be one of ['cm', 'edm', 'gaussian', 'lcm']"),
+    ("kind", "vae", f"kind must be one of {KIND_NAMES}, got 'vae'"),
+    ("kind", DELETE, f"kind is missing; it must be one of {KIND_NAMES}"),
     ("network", {"channels": [16]}, "network must be absent: a 'gaussian' model has no network"),
     ("description", "  ", "description must be a non-empty string"),
     ("description", 3, "description must be a non-empty string, got 3"),
