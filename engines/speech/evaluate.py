@@ -208,7 +208,20 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=40, help="held-out sentences (default 40)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the table to this file")
+    p.add_argument(
+        "--cards", action="store_true", help="also put the table into each model's MODEL_CARD.md"
+    )
     p.set_defaults(run=main)
+
+
+def write_cards(repo: Repository, names: list[str], text: str) -> None:
+    """Replace the Quality section of each evaluated model's card with the table."""
+    for name in names:
+        spec = repo.spec(name)
+        path = Path(repo.root) / name / str(spec.version) / "MODEL_CARD.md"
+        card = path.read_text()
+        head = card.split("## Quality")[0]
+        path.write_text(f"{head}## Quality\n\nMeasured by `fewstep eval-speech`:\n\n{text}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -242,4 +255,6 @@ def main(args: argparse.Namespace) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text)
+    if args.cards:
+        write_cards(repo, list(models), text)
     return 0
