@@ -130,6 +130,16 @@ class Metrics:
         self.model_ready = Gauge(
             "model_ready", "1 once a model is loaded and warm", ["model"], namespace=ns, registry=r
         )
+        self.model_runtime = Gauge(
+            "model_runtime_info",
+            "1 for the runtime that runs a model's network (picked from model.yaml's runtimes)",
+            ["model", "runtime"],
+            namespace=ns,
+            registry=r,
+        )
+
+    def set_runtime(self, model: str, runtime: str) -> None:
+        self.model_runtime.labels(model, runtime).set(1)
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_samples.labels(stats.model).observe(stats.rows)
