@@ -38,6 +38,27 @@ def import_onnxruntime():
     return onnxruntime
 
 
+def check_provider(provider: str, device: str, precision: str) -> None:
+    """RuntimeUnavailable unless this onnxruntime has the provider and it can run the
+    network on `device` in `precision`."""
+    ort = import_onnxruntime()
+    ep = PROVIDERS[provider]
+    if precision not in PRECISIONS[provider]:
+        raise RuntimeUnavailable(
+            f"{ep} runs this network in {list(PRECISIONS[provider])} only, not {precision}"
+        )
+    if provider == "cpu" and device != "cpu":
+        raise RuntimeUnavailable(f"{ep} runs on the CPU; the model loads on {device}")
+    if provider != "cpu" and not device.startswith("cuda"):
+        raise RuntimeUnavailable(f"{ep} needs a GPU (device cuda); the model loads on {device}")
+    available = ort.get_available_providers()
+    if ep not in available:
+        raise RuntimeUnavailable(
+            f"onnxruntime {ort.__version__} has no {ep} (it has {available}); "
+            "install onnxruntime-gpu built for this machine's CUDA"
+        )
+
+
 def _shape_text(shapes: Sequence[dict[str, tuple[int, ...]]]) -> str:
     """ORT's profile syntax: name:d0xd1,...; a name repeated once per profile."""
     return ",".join(
@@ -79,21 +100,10 @@ class OnnxRuntime:
         cache_dir: Path | None = None,
     ) -> None:
         ort = import_onnxruntime()
+        check_provider(provider, device, precision)
         ep = PROVIDERS[provider]
         self.name = "onnxruntime" if provider == "cpu" else f"onnxruntime-{provider}"
         self.io, self.precision, self.device = io, precision, device
-        if precision not in PRECISIONS[provider]:
-            raise RuntimeUnavailable(
-                f"{ep} runs this network in {list(PRECISIONS[provider])} only, not {precision}"
-            )
-        if (provider == "cpu") != (device == "cpu"):
-            raise RuntimeUnavailable(f"{ep} does not run on device {device}")
-        available = ort.get_available_providers()
-        if ep not in available:
-            raise RuntimeUnavailable(
-                f"onnxruntime {ort.__version__} has no {ep} (it has {available}); "
-                "install onnxruntime-gpu built for this machine's CUDA"
-            )
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1

@@ -30,7 +30,7 @@ from engines.export import (
     torch_reference,
 )
 from engines.runtimes.base import IOSpec, Runtime, RuntimeUnavailable
-from engines.runtimes.onnx_rt import OnnxRuntime, import_onnxruntime
+from engines.runtimes.onnx_rt import OnnxRuntime, check_provider, import_onnxruntime
 from engines.runtimes.tensorrt_rt import (
     TensorRTRuntime,
     build_plan,
@@ -80,7 +80,7 @@ def onnx_artifact(ctx: EngineContext) -> Artifact:
         ctx.progress(f"{ctx.model}: [2/3] onnx.checker")
         onnx.checker.check_model(str(path), full_check=True)
         ctx.progress(f"{ctx.model}: [3/3] ONNX Runtime (CPU) against torch, fp32")
-        check = OnnxRuntime(path, ctx.io, "cpu", threads=ctx.threads)
+        check = OnnxRuntime(path, ctx.io, "cpu", "fp32", threads=ctx.threads)
         errors = max_errors(
             torch_reference(net, ctx.io), check, label_high=ctx.label_high, progress=ctx.progress
         )
@@ -99,9 +99,7 @@ def onnx_artifact(ctx: EngineContext) -> Artifact:
 
 def _onnxruntime(provider: str) -> Callable[[EngineContext], Runtime]:
     def load(ctx: EngineContext) -> Runtime:
-        import_onnxruntime()
-        if provider != "cpu" and not ctx.device.startswith("cuda"):
-            raise RuntimeUnavailable(f"the {provider} execution provider needs device cuda")
+        check_provider(provider, ctx.device, ctx.precision)  # before exporting anything
         artifact = onnx_artifact(ctx)
         engines = artifact.path.parent / f"ort-{provider}-{ctx.precision}"
 
