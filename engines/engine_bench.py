@@ -141,10 +141,14 @@ def measure(runtimes: dict[str, Runtime], config: BenchConfig, progress: Progres
 def run(config: BenchConfig, progress: Progress = stderr_progress) -> str:
     """Load, measure, and return the markdown report."""
     _check_device(config.device)
+    threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
-    begin = time.perf_counter()
-    runtimes, skipped = load_variants(config, progress)
-    cells = measure(runtimes, config, progress)
+    try:
+        begin = time.perf_counter()
+        runtimes, skipped = load_variants(config, progress)
+        cells = measure(runtimes, config, progress)
+    finally:
+        torch.set_num_threads(threads)
     return report(config, cells, skipped, time.perf_counter() - begin)
 
 

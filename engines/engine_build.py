@@ -46,6 +46,7 @@ class BuildReport:
         lines = [
             f"{self.model}: {self.runtime} {self.precision} on {self.device}",
             *(f"  cached: {p}" for p in self.artifacts),
+            *(["  nothing to build: torch runs the module itself"] if not self.artifacts else []),
             "  max abs error vs torch fp32: "
             + ", ".join(f"batch {b}: {e:.2e}" for b, e in self.errors.items()),
             f"  worst {worst:.2e} ({verdict})",
@@ -76,8 +77,13 @@ def build_engine(
     loaded = prepare(runtime, ctx)
     progress(f"{ctx.model}: {runtime} {precision} against torch fp32")
     errors = max_errors(reference, loaded, VERIFY_BATCHES, ctx.label_high, progress=progress)
+    kinds = {"tensorrt": ("onnx", "tensorrt")}.get(runtime, ("onnx",))
     folder = ctx.cache.root / ctx.model
-    artifacts = tuple(sorted(folder.glob("*/model.*"))) if folder.is_dir() else ()
+    artifacts = (
+        ()
+        if runtime.startswith("torch")
+        else tuple(sorted(p for kind in kinds for p in folder.glob(f"{kind}-*/model.*")))
+    )
     report = BuildReport(ctx.model, runtime, precision, loaded.device, errors, artifacts)
     if not report.ok():
         raise BuildError(report.text())

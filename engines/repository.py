@@ -665,11 +665,13 @@ class Repository:
         cache: EngineCache | None = None,
         threads: int | None = None,
         progress: Progress | None = None,
+        runtimes: Sequence[str] | None = None,
     ) -> LoadedModel:
         """Read a version's files, check them against model.yaml, return the runnable model.
 
-        A network runs on the first runtime of spec.runtimes that loads on `device`
-        (artifacts built into `cache` as needed); the rest of the model moves there too.
+        A network runs on the first runtime of spec.runtimes (or of `runtimes`, which
+        overrides it) that loads on `device`, artifacts built into `cache` as needed; the
+        rest of the model moves there too.
         """
         spec = self.spec(name, version)
         folder = self._entry(name).folder / str(spec.version)
@@ -678,7 +680,7 @@ class Repository:
 
         def wrap(net: torch.nn.Module) -> RuntimeNet:
             ctx = _engine_context(spec, folder, net, precision=spec.precision, **options)
-            chosen.append(select(spec.runtimes, ctx))
+            chosen.append(select(runtimes or spec.runtimes, ctx))
             return RuntimeNet(chosen[-1].runtime, null_label=spec.network.classes)
 
         denoiser, gaussian, files, *rest = KINDS[spec.kind].load(spec, folder, wrap)

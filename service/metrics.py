@@ -130,12 +130,9 @@ class Metrics:
         self.model_ready = Gauge(
             "model_ready", "1 once a model is loaded and warm", ["model"], namespace=ns, registry=r
         )
+        runtime_help = "1 for the runtime that runs a model's network (from model.yaml's runtimes)"
         self.model_runtime = Gauge(
-            "model_runtime_info",
-            "1 for the runtime that runs a model's network (picked from model.yaml's runtimes)",
-            ["model", "runtime"],
-            namespace=ns,
-            registry=r,
+            "model_runtime_info", runtime_help, ["model", "runtime"], namespace=ns, registry=r
         )
 
     def set_runtime(self, model: str, runtime: str) -> None:

@@ -4,6 +4,9 @@ import os
 import shutil
 import tempfile
 
+import pytest
+import torch
+
 _made: list[str] = []
 
 
@@ -17,3 +20,13 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     for path in _made:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for the test: on a loaded 2-core machine two OpenMP threads
+    contend so badly that one small forward pass went from 5 ms to 800 ms."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -110,6 +110,9 @@ class OnnxRuntime:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # idle pool threads sleep instead of spinning: on a small shared machine a spinning
+        # pool takes the core the event loop and torch need between passes
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.device_id = torch.device(device).index or 0
         providers: list = [ep]
         if provider == "tensorrt":

@@ -1,11 +1,11 @@
 """The torch runtime: eager under inference mode, or one CUDA graph per batch bucket.
 
-Eager runs any batch size. With CUDA graphs a batch is padded up to the next bucket
-(engines.runtimes.base.batch_buckets) and that bucket's captured graph replays on static
-buffers; the rows of these networks are independent, so padding rows never change the
-real ones. fp16 / bf16 run under autocast and return fp32. On a GPU the input goes
-channels-last (NHWC tensor-core convolutions); on the CPU it stays contiguous, which
-measured as fast or faster here.
+Eager runs any batch size. With CUDA graphs every batch bucket
+(engines.runtimes.base.batch_buckets) is captured at load; a batch is padded up to the next
+bucket and that bucket's graph replays on static buffers. The rows of these networks are
+independent, so padding rows never change the real ones. fp16 / bf16 run under autocast
+and return fp32. On a GPU the input goes channels-last (NHWC tensor-core convolutions); on
+the CPU it stays contiguous, which measured as fast or faster here.
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ class TorchRuntime:
                 f"CUDA graphs need the network on a GPU (device cuda); it is on {self.device}"
             )
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[Tensor], Tensor]] = {}
+        if cuda_graphs:  # capture every bucket now: a capture that fails, fails the load
+            with torch.inference_mode():
+                for size in self.buckets:
+                    self._graphs[size] = self._capture(size)
 
     @property
     def device(self) -> str:
@@ -72,10 +76,7 @@ class TorchRuntime:
         return {self.io.output_names[0]: out}
 
     def _replay(self, args: Sequence[Tensor], rows: int) -> Tensor:
-        size = bucket_for(rows, self.buckets)
-        if size not in self._graphs:
-            self._graphs[size] = self._capture(size)
-        graph, static_in, static_out = self._graphs[size]
+        graph, static_in, static_out = self._graphs[bucket_for(rows, self.buckets)]
         for buffer, value in zip(static_in, args, strict=True):
             buffer[:rows].copy_(value)
         graph.replay()

@@ -14,6 +14,7 @@ from engines.repository import Repository
 from engines.runtimes.select import onnx_artifact, prepare
 
 ROOT = Path(__file__).parents[2] / "model_repo"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 NETWORKS = [s.name for s in Repository(ROOT).specs() if s.network is not None]
 
 
@@ -46,11 +47,7 @@ def test_sampler_output_through_onnxruntime_matches_torch_for_the_same_seed(repo
     s = spec.sampling
     images = {}
     for runtime in ("onnxruntime", "torch"):
-        repo._entry(name).versions[spec.version] = replace(spec, runtimes=(runtime,))
-        try:
-            model = repo.load(name, cache=cache, progress=quiet)
-        finally:
-            repo._entry(name).versions[spec.version] = spec
+        model = repo.load(name, cache=cache, progress=quiet, runtimes=[runtime])
         assert model.runtime == runtime
         images[runtime] = quality.generate(model, s.default_sampler, s.default_steps, n=6, seed=7)
     (ort_images, labels, nfe, _), (torch_images, *_) = images["onnxruntime"], images["torch"]

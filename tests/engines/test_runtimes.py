@@ -23,6 +23,7 @@ from engines.runtimes.tensorrt_rt import plan_key_fields, profile_shapes
 from tests.engines.test_repository import DELETE, rewrite
 
 ROOT = Path(__file__).parents[2] / "model_repo"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 NO_TENSORRT = (
     "tensorrt Python package not installed; it installs only from NVIDIA's index, unreachable here"
 )

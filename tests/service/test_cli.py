@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from service.cli import main
 
 
@@ -72,6 +74,7 @@ def test_bench_runs_every_unguided_sampler(capsys):
         assert f"| {name} | no |" in out
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_build_model_builds_and_checks_the_onnx_export(tmp_path, capsys):
     argv = ["build", "fashion-cd", "--runtime", "onnxruntime", "--cache", str(tmp_path)]
     assert main(argv) == 0

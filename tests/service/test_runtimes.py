@@ -16,18 +16,16 @@ from engines.repository import Repository
 from tests.service.conftest import serve
 
 ROOT = Path(__file__).parents[2] / "model_repo"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     repo = Repository(ROOT)
     cache = EngineCache(tmp_path_factory.mktemp("engines"))
-    ort = repo.load("fashion-cd", cache=cache, progress=lambda m: None)
-    spec = repo.spec("fashion-cd")
-    repo._entry("fashion-cd").versions[spec.version] = replace(
-        spec, name="fashion-cd-torch", runtimes=("torch",)
-    )
-    eager = repo.load("fashion-cd")
+    ort = repo.load("fashion-cd", cache=cache, progress=lambda m: None)  # as model.yaml asks
+    eager = repo.load("fashion-cd", runtimes=["torch"])
+    eager = replace(eager, spec=replace(eager.spec, name="fashion-cd-torch"))
     with serve({("fashion-cd", 1): ort, ("fashion-cd-torch", 1): eager}) as s:
         yield s
 
