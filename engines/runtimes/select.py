@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -101,7 +101,8 @@ def _onnxruntime(provider: str) -> Callable[[EngineContext], Runtime]:
     def load(ctx: EngineContext) -> Runtime:
         check_provider(provider, ctx.device, ctx.precision)  # before exporting anything
         artifact = onnx_artifact(ctx)
-        engines = artifact.path.parent / f"ort-{provider}-{ctx.precision}"
+        # the TensorRT provider's engines depend on precision and the bucket profiles too
+        engines = artifact.path.parent / f"ort-{provider}-{ctx.precision}-{ctx.buckets[-1]}"
 
         def session() -> Runtime:
             return OnnxRuntime(
@@ -122,7 +123,7 @@ def _onnxruntime(provider: str) -> Callable[[EngineContext], Runtime]:
         except Exception as err:
             if not artifact.rebuilt:  # a cached file ORT cannot read: rebuild it once
                 ctx.progress(f"{ctx.model}: cached ONNX failed to load ({err}); rebuilding")
-                artifact = onnx_artifact(EngineContext(**{**vars(ctx), "force": True}))
+                artifact = onnx_artifact(replace(ctx, force=True))
                 return session()
             raise
 
@@ -207,8 +208,7 @@ def select(preferences: Sequence[str], ctx: EngineContext) -> Selection:
         else:
             _log_choice(ctx.model, runtime, skipped)
             return Selection(runtime, tuple(skipped))
-    fallback = EngineContext(**{**vars(ctx), "precision": "fp32"})
-    runtime = prepare("torch", fallback)
+    runtime = prepare("torch", replace(ctx, precision="fp32"))
     skipped.append(("(fallback)", f"none of {list(preferences)} loaded; torch eager fp32 runs"))
     _log_choice(ctx.model, runtime, skipped)
     return Selection(runtime, tuple(skipped))
