@@ -3,15 +3,24 @@
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from engines import quality
 from engines.engine_build import build_engine
-from engines.export import FP32_TOLERANCE, EngineCache, cache_key
+from engines.export import (
+    FP32_TOLERANCE,
+    EngineCache,
+    cache_key,
+    max_errors,
+    network_io,
+    torch_reference,
+)
+from engines.nets import UNet, UNetConfig
 from engines.repository import Repository
-from engines.runtimes.select import onnx_artifact, prepare
+from engines.runtimes.select import EngineContext, onnx_artifact, prepare
 
 ROOT = Path(__file__).parents[2] / "model_repo"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -107,3 +116,32 @@ def test_cache_keys_depend_on_every_field():
 def test_build_of_a_model_without_a_network_is_refused(repo, tmp_path):
     with pytest.raises(ValueError, match="has no network to compile"):
         build_engine(repo, "fashion-gaussian", "onnxruntime", cache=EngineCache(tmp_path))
+
+
+def test_a_latent_network_with_a_guidance_embedding_exports_too(tmp_path):
+    """An LCM student's UNet (4x7x7 latents, w embedding input) gets the same treatment."""
+    config = UNetConfig(
+        in_channels=4, channels=(16, 32), blocks=1, emb_dim=32, heads=2, guidance_dim=8
+    )
+    net = UNet(config).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    for p in net.parameters():  # random everywhere: the zero-initialised layers too
+        p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    io = network_io(SimpleNamespace(network=config, shape=(4, 7, 7)))
+    assert io.input_names == ["x", "c_noise", "label", "w_embedding"]
+    ctx = EngineContext(
+        model="tiny-lcm@1",
+        fingerprint="sha256:tiny",
+        net=net,
+        io=io,
+        buckets=(1, 2, 4),
+        label_high=11,
+        cache=EngineCache(tmp_path),
+        progress=quiet,
+    )
+    runtime = prepare("onnxruntime", ctx)
+    errors = max_errors(torch_reference(net, io), runtime, (1, 5), label_high=11)
+    assert max(errors.values()) <= FP32_TOLERANCE
+    inputs = io.random(3, g, label_high=11)
+    moved = runtime.forward({**inputs, "w_embedding": inputs["w_embedding"] + 1})["out"]
+    assert (moved - runtime.forward(inputs)["out"]).abs().max() > 1e-3  # w is wired through
