@@ -158,7 +158,8 @@ class LoadedModel:
         """The runtime that runs the network, its precision and device, and the reasons the
         preferred ones before it were skipped (for /v1/models)."""
         if self.engine is None:
-            return {"name": self.runtime, "precision": "fp32", "device": "cpu", "skipped": []}
+            note = "no network to compile: the closed-form denoiser runs in torch"
+            return {"name": self.runtime, "precision": None, "device": None, "note": note}
         return self.engine.describe()
 
     def decode(self, x: Tensor) -> Tensor:

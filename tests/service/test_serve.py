@@ -58,6 +58,17 @@ def test_openai_sdk_against_the_shipped_model(served):
     assert gaussian["teleport"] is True and gaussian["size"] == "28x28"
 
 
+def test_models_name_the_runtime_each_shipped_model_loaded_on(served):
+    url, _ = served
+    models = {m["id"]: m["runtime"] for m in httpx.get(url + "/v1/models").json()["data"]}
+    assert models["fashion-gaussian"]["name"] == "torch" and models["fashion-gaussian"]["note"]
+    for name in {"fashion-edm", "fashion-cd"} & set(models):  # model.yaml: ... onnxruntime, torch
+        assert models[name]["name"] == "onnxruntime" and models[name]["device"] == "cpu"
+        assert models[name]["skipped"][0]["runtime"] == "tensorrt"
+    metrics = httpx.get(url + "/metrics").text
+    assert 'fewstep_model_runtime_info{model="fashion-gaussian",runtime="torch"} 1.0' in metrics
+
+
 def test_openai_sdk_surfaces_a_clear_error(served):
     url, _ = served
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
