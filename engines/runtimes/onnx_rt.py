@@ -33,7 +33,8 @@ def import_onnxruntime():
         import onnxruntime
     except ImportError as err:
         raise RuntimeUnavailable(
-            f"the onnxruntime package is not installed ({err}); pip install onnxruntime"
+            f"the onnxruntime package is not installed ({err}); install fewstep's `cpu` "
+            "extra (onnxruntime) or its `gpu` extra (onnxruntime-gpu)"
         ) from None
     return onnxruntime
 
@@ -55,7 +56,7 @@ def check_provider(provider: str, device: str, precision: str) -> None:
     if ep not in available:
         raise RuntimeUnavailable(
             f"onnxruntime {ort.__version__} has no {ep} (it has {available}); "
-            "install onnxruntime-gpu built for this machine's CUDA"
+            "install fewstep's `gpu` extra (onnxruntime-gpu) in place of onnxruntime"
         )
 
 
