@@ -217,4 +217,5 @@ def select(preferences: Sequence[str], ctx: EngineContext) -> Selection:
 def _log_choice(model: str, runtime: Runtime, skipped: Sequence[tuple[str, str]]) -> None:
     for name, reason in skipped:
         log.info("%s: runtime %s skipped: %s", model, name, reason)
-    log.info("%s: runtime %s (%s on %s)", model, runtime.name, runtime.precision, runtime.device)
+    where = f"{runtime.name} ({runtime.precision} on {runtime.device})"
+    log.info("%s: the network runs on %s", model, where)
