@@ -120,6 +120,14 @@ class ModelSpec:
     runtimes: tuple[str, ...] = DEFAULT_PREFERENCE
     precision: str = "fp32"
 
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The [C, H, W] of the images a request gets back: `shape` itself, or for latent
+        models (an `autoencoder`) what the decoder makes of a latent of that shape."""
+        if self.autoencoder is None:
+            return self.shape
+        return self.autoencoder.decoded_shape(self.shape)
+
     def grid(self, steps: int) -> Tensor:
         """The sigma grid for `steps` steps: consistency picks for 'cm', LCM timesteps for
         'lcm', else the Karras grid of `sampling`."""
@@ -163,10 +171,9 @@ class LoadedModel:
         return self.engine.describe()
 
     def decode(self, x: Tensor) -> Tensor:
-        """The final sample in data space: the decoder applied to latents, else x itself.
-
-        The sampler runs on spec.shape (latents for kind 'lcm'); whoever turns a finished
-        sample into pixels calls this first. Intermediate previews stay in sampler space.
+        """A sample in data space (spec.image_shape): the decoder applied to latents, else x
+        itself. The sampler runs on spec.shape (latents for latent models); whoever turns a
+        sample or a preview into pixels calls this first.
         """
         return x if self.decoder is None else self.decoder(x)
 

@@ -111,7 +111,7 @@ def signature(spec) -> Signature:
         inputs.append(TensorSpec("guidance_scale", "FP32", (1,)))
     if s.teleport_sigma is not None:
         inputs.append(TensorSpec("teleport", "BOOL", (1,)))
-    channels, height, width = spec.shape[-3:]
+    channels, height, width = spec.image_shape[-3:]
     outputs = [
         TensorSpec("image", "UINT8", (-1, height, width, channels)),
         TensorSpec("seed", "INT64", (-1,)),

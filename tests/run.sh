@@ -9,6 +9,11 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
 fi
 
+# Prometheus: promtool checks the /metrics exposition (tests/service/test_serve.py).
+if ! command -v promtool >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus
+fi
+
 # Redis 7 for the distributed-mode tests (tests/service/test_queue.py, test_distributed.py,
 # test_faults.py): start one on 127.0.0.1:6379 unless one answers there already.
 if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then

@@ -23,6 +23,11 @@ class AutoencoderConfig:
     groups: int = 8
     scale: float = 1.0
 
+    def decoded_shape(self, latent: tuple[int, ...]) -> tuple[int, ...]:
+        """[C, H, W] the decoder makes of a [latent_channels, h, w] latent."""
+        factor = 2 ** len(self.channels)
+        return (self.in_channels, latent[-2] * factor, latent[-1] * factor)
+
 
 class _Res(nn.Module):
     def __init__(self, c: int, groups: int) -> None:

@@ -40,6 +40,8 @@ class RunConfig:
     version: int = 1
     data: str | None = None
     amp: bool = False  # bfloat16 autocast on CUDA
+    max_minutes: float = 0.0  # stop early after this much training wall time (0: no limit)
+    store_dtype: str = "float32"  # the dtype the package's weights are written in
     command: str = ""  # the command line that ran this, for the model card
 
 
@@ -142,7 +144,9 @@ def train_loop(
 ) -> float:
     """Run step_fn(step) -> loss from the checkpoint (if resuming) to cfg.steps.
 
-    Returns the training seconds of the whole run, earlier (resumed) parts included.
+    Returns the training seconds of the whole run, earlier (resumed) parts included. With
+    cfg.max_minutes set, training stops (checkpointed) once this run has spent that long,
+    and cfg.steps becomes the step reached, so the model card reports what was trained.
     """
     ckpt = Checkpoints(cfg.work)
     start, before = ckpt.load(**state) if cfg.resume else (0, 0.0)
@@ -154,8 +158,13 @@ def train_loop(
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr")
         progress.update(step, loss)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+        over = cfg.max_minutes > 0 and progress.seconds > cfg.max_minutes * 60
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or over:
             ckpt.save(step + 1, before + progress.seconds, **state)
+        if over and step + 1 < cfg.steps:
+            log(f"--max-minutes {cfg.max_minutes:g} reached: stopping at step {step + 1}")
+            cfg.steps = step + 1
+            break
     return before + progress.seconds
 
 
@@ -164,9 +173,14 @@ def autocast(cfg: RunConfig):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
 
 
-def save_weights(module: nn.Module, path: Path) -> int:
-    """The module's state as float32 safetensors; returns the file size in bytes."""
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+def save_weights(module: nn.Module, path: Path, dtype: str = "float32") -> int:
+    """The module's floating-point state as `dtype` safetensors (integer buffers unchanged);
+    returns the file size in bytes. Loading casts back to the module's float32."""
+    cast = getattr(torch, dtype)
+    tensors = {
+        k: (v.detach().to(cast) if v.is_floating_point() else v.detach()).cpu().contiguous()
+        for k, v in module.state_dict().items()
+    }
     save_file(tensors, str(path))
     return path.stat().st_size
 

@@ -32,6 +32,7 @@ class LCMSettings:
     w_max: float = 3.0
     guidance_dim: int = 64
     huber_c: float = 0.001  # times sqrt(dim)
+    init: str | None = None  # an earlier `lcm` package to continue from (else the teacher)
 
 
 def run(
@@ -53,6 +54,7 @@ def run(
     missing = student.load_state_dict(teacher_net.state_dict(), strict=False).missing_keys
     if any(not k.startswith("guidance.") for k in missing):
         raise ValueError(f"teacher weights do not fit the student: missing {missing}")
+    continued = cd.init_from(student, s.init, "lcm", log)
     target, served = common.frozen_copy(student), common.frozen_copy(student)
 
     def consistency(net: UNet) -> LCMDenoiser:
@@ -112,7 +114,7 @@ def run(
             seconds=seconds,
             examples=len(x),
             notes=f"\nDistilled from the latent teacher `{teacher_dir}` "
-            f"(fingerprint `{teacher_model.fingerprint}`).\n",
+            f"(fingerprint `{teacher_model.fingerprint}`).\n{continued}",
         ),
         log,
     )

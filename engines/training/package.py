@@ -119,7 +119,10 @@ def write(p: Package, log: common.Log = print) -> Path:
     out = Path(p.run.out)
     folder = out / str(p.run.version)
     folder.mkdir(parents=True, exist_ok=True)
-    sizes = {name: common.save_weights(m, folder / name) for name, m in p.weights.items()}
+    sizes = {
+        name: common.save_weights(m, folder / name, p.run.store_dtype)
+        for name, m in p.weights.items()
+    }
     if p.stats is not None:
         truncate(p.stats, p.stats.eigvals.shape[1], torch.float32).save(
             folder / "teleport.safetensors"
@@ -163,7 +166,7 @@ Network: `{config_to_dict(p.network)}`, {params / 1e6:.2f}M parameters in all.
 
 {files}
 
-Fingerprint `{fingerprint}`. Weights are the EMA weights, float32 safetensors.
+Fingerprint `{fingerprint}`. Weights are the EMA weights, {p.run.store_dtype} safetensors.
 
 ## Training
 

@@ -53,6 +53,18 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from --work's checkpoint")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="stop after this much training wall time; the card records the steps reached",
+    )
+    p.add_argument(
+        "--store-dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="dtype of the packaged weights (float16 halves the files; default float32)",
+    )
     p.add_argument("--data", default=None, help="Fashion-MNIST folder")
     if "channels" in d:
         p.add_argument("--channels", type=_channels, default=_channels(d["channels"]))
@@ -76,6 +88,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
             p.add_argument("--teacher", default=default, help=f"teacher package ({default})")
             p.add_argument("--grid", type=int, default=18 if name == "cd" else 50)
             p.add_argument("--ema", type=float, default=0.95)
+            p.add_argument(
+                "--init", default=None, help="continue from this earlier student package"
+            )
         if name in ("lcm-teacher", "lcm"):
             p.add_argument("--autoencoder", default="runs/autoencoder")
         p.set_defaults(run=main)
@@ -113,6 +128,8 @@ def run_config(args: argparse.Namespace) -> common.RunConfig:
         version=args.version,
         data=args.data,
         amp=args.amp,
+        max_minutes=args.max_minutes,
+        store_dtype=args.store_dtype,
     )
 
 
@@ -140,7 +157,7 @@ def main(args: argparse.Namespace) -> int:
     elif args.recipe == "cd":
         from engines.training import cd
 
-        cd.run(run, args.teacher, cd.CDSettings(grid=args.grid, ema=args.ema))
+        cd.run(run, args.teacher, cd.CDSettings(grid=args.grid, ema=args.ema, init=args.init))
     elif args.recipe == "autoencoder":
         from engines.training import latent
 
@@ -152,5 +169,5 @@ def main(args: argparse.Namespace) -> int:
     else:
         from engines.training import lcm
 
-        lcm.run(run, args.teacher, lcm.LCMSettings(grid=args.grid, ema=args.ema))
+        lcm.run(run, args.teacher, lcm.LCMSettings(grid=args.grid, ema=args.ema, init=args.init))
     return 0

@@ -22,7 +22,7 @@ def describe(name: str, state) -> dict:
         "description": spec.description,
         "versions": sorted(versions),
         "default_version": spec.version,
-        "size": f"{spec.shape[-1]}x{spec.shape[-2]}",
+        "size": f"{spec.image_shape[-1]}x{spec.image_shape[-2]}",
         "labels": list(spec.labels),
         "synonyms": dict(spec.synonyms),
         "samplers": list(s.samplers),

@@ -87,7 +87,7 @@ def build_job(
             "response_format 'url' is not supported: images come back inline; use 'b64_json'",
             param="response_format",
         )
-    height, width = spec.shape[-2], spec.shape[-1]
+    height, width = spec.image_shape[-2], spec.image_shape[-1]
     if req.size is not None and req.size != f"{width}x{height}":
         raise InvalidRequest(
             f"model {spec.name} makes {width}x{height} images; send size '{width}x{height}'",

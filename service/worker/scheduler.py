@@ -121,7 +121,11 @@ def advance(active: Active, x0) -> Outcome:
     if not bool(torch.isfinite(values).all()):
         message = f"the model returned non-finite values at step {active.nfe}"
         return Outcome(active, "failed", code="non_finite", message=message)
-    preview = encode_images(values[:1], data_range)[0] if active.job.preview else None
+    model = active.model
+    preview = None
+    if active.job.preview:
+        with torch.inference_mode():
+            preview = encode_images(model.decode(values[:1]), data_range)[0]
     try:
         active.pending = active.gen.send(x0)
     except StopIteration as stop:
@@ -135,7 +139,9 @@ def advance(active: Active, x0) -> Outcome:
                 message="the final sample is not finite",
             )
         encode = ENCODINGS[active.job.output_format][0]
-        return Outcome(active, "done", preview, encode(stop.value, data_range))
+        with torch.inference_mode():
+            final = model.decode(stop.value)
+        return Outcome(active, "done", preview, encode(final, data_range))
     except Exception as exc:  # a sampler must never take the worker down
         active.pending = None
         return Outcome(active, "failed", code="sampler_error", message=f"the sampler failed: {exc}")

@@ -11,7 +11,12 @@ from engines.data import load_fashion_mnist
 from engines.repository import Repository
 
 ROOT = Path(__file__).parents[2] / "model_repo"
-TRAINED = {"fashion-edm": ("dpmpp_2m", 10), "fashion-cd": ("cm_multistep", 2)}
+TRAINED = {
+    "fashion-edm": ("dpmpp_2m", 10),
+    "fashion-cd": ("cm_multistep", 2),
+    "fashion-latent-edm": ("dpmpp_2m", 10),
+    "fashion-lcm": ("lcm", 4),
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +44,7 @@ def test_every_shipped_model_loads_and_samples_the_right_shape_and_range(repo, n
     assert images.shape == (4, 1, 28, 28) and labels.tolist() == [0, 1, 2, 3]
     assert nfe >= 1 and torch.isfinite(images).all()
     raw = model.decode(torch.zeros(1, *model.spec.shape))
-    assert raw.shape == (1, 1, 28, 28)
+    assert raw.shape == (1, *model.spec.image_shape) == (1, 1, 28, 28)
     for path in (ROOT / name).glob("*/*.safetensors"):
         assert path.stat().st_size < 20e6, f"{path} is over the 20 MB limit"
 

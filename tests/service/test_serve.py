@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -62,11 +63,42 @@ def test_models_name_the_runtime_each_shipped_model_loaded_on(served):
     url, _ = served
     models = {m["id"]: m["runtime"] for m in httpx.get(url + "/v1/models").json()["data"]}
     assert models["fashion-gaussian"]["name"] == "torch" and models["fashion-gaussian"]["note"]
-    for name in {"fashion-edm", "fashion-cd"} & set(models):  # model.yaml: ... onnxruntime, torch
+    networks = {"fashion-edm", "fashion-cd", "fashion-latent-edm", "fashion-lcm"}
+    assert networks <= set(models)
+    for name in networks:  # model.yaml: tensorrt, ..., onnxruntime, torch
         assert models[name]["name"] == "onnxruntime" and models[name]["device"] == "cpu"
         assert models[name]["skipped"][0]["runtime"] == "tensorrt"
     metrics = httpx.get(url + "/metrics").text
     assert 'fewstep_model_runtime_info{model="fashion-gaussian",runtime="torch"} 1.0' in metrics
+    assert 'fewstep_model_runtime_info{model="fashion-lcm",runtime="onnxruntime"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("model", ["fashion-cd", "fashion-lcm"])
+def test_trained_models_serve_recognisable_images(served, model):
+    """The consistency student, and the latent one whose samples the worker decodes to
+    pixels: the shipped classifier recognises what was asked for."""
+    import numpy as np
+    import torch
+
+    from engines import quality
+    from engines.data import FASHION_LABELS
+
+    url, _ = served
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    asked = ["trouser", "bag", "sneaker", "ankle boot"]
+    pixels = []
+    for i, prompt in enumerate(asked):
+        data = client.images.generate(
+            model=model, prompt=prompt, n=2, response_format="b64_json", extra_body={"seed": i}
+        ).data
+        for item in data:
+            image = Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+            assert image.size == (28, 28) and image.mode == "L"
+            pixels.append(np.asarray(image, dtype=np.float32) / 127.5 - 1)
+    classifier = quality.load_classifier(Path(__file__).parents[2] / quality.CLASSIFIER)
+    _, preds = quality.embed(classifier, torch.from_numpy(np.stack(pixels))[:, None])
+    labels = [FASHION_LABELS.index(p) for p in asked for _ in range(2)]
+    assert (preds == torch.tensor(labels)).float().mean() >= 0.75
 
 
 def test_openai_sdk_surfaces_a_clear_error(served):
