@@ -7,6 +7,7 @@ argument, else $FEWSTEP_FASHION_MNIST, else /usr/share/datasets/fashion-mnist.
 from __future__ import annotations
 
 import gzip
+import lzma
 import math
 import os
 import zlib
@@ -50,16 +51,21 @@ def fashion_root(root: str | Path | None = None) -> Path:
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Read a gzipped idx file of unsigned bytes with `ndim` dimensions."""
+    """Read a gzipped idx file of unsigned bytes with `ndim` dimensions; an xz-compressed
+    copy beside it (`name.xz` for `name.gz`) is read when the .gz file is absent."""
+    if not path.is_file() and path.with_suffix(".xz").is_file():
+        path = path.with_suffix(".xz")
     if not path.is_file():
         raise DataMissingError(
             f"{path} not found; install it with `apt-get install dataset-fashion-mnist`, "
             f"or point {ROOT_ENV} at a folder holding the four Fashion-MNIST .gz files"
         )
+    xz = path.suffix == ".xz"
     try:
-        raw = gzip.decompress(path.read_bytes())
-    except (OSError, EOFError, zlib.error) as err:
-        raise DataFormatError(f"{path} is not a readable gzip file ({err})") from None
+        raw = (lzma.decompress if xz else gzip.decompress)(path.read_bytes())
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as err:
+        kind = "xz" if xz else "gzip"
+        raise DataFormatError(f"{path} is not a readable {kind} file ({err})") from None
     if raw[:4] != bytes([0, 0, _UBYTE, ndim]):
         raise DataFormatError(
             f"{path}: magic number {raw[:4].hex()} is not that of a {ndim}-d unsigned-byte idx "

@@ -31,6 +31,7 @@ from engines.denoisers import (
     EDMDenoiser,
     LCMDenoiser,
 )
+from engines.export import EngineCache, Progress, network_io
 from engines.nets import (
     Autoencoder,
     AutoencoderConfig,
@@ -38,6 +39,14 @@ from engines.nets import (
     UNet,
     UNetConfig,
     config_from_dict,
+)
+from engines.runtimes.base import PRECISIONS, RuntimeNet, batch_buckets
+from engines.runtimes.select import (
+    DEFAULT_PREFERENCE,
+    RUNTIMES,
+    EngineContext,
+    Selection,
+    select,
 )
 from engines.samplers import INFO, SAMPLERS
 from engines.schedules import DiscreteVP, consistency_sigmas, karras_sigmas, lcm_sigmas
@@ -109,6 +118,9 @@ class ModelSpec:
     autoencoder: AutoencoderConfig | None = None
     schedule: LatentConsistency | None = None  # kind lcm: its discrete VP schedule
     speech: SpeechSpec | None = None  # kind speech: network, grid, voices, text limits
+    # network kinds: runtimes to try in order (engines.runtimes.RUNTIMES) and their precision
+    runtimes: tuple[str, ...] = DEFAULT_PREFERENCE
+    precision: str = "fp32"
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -152,7 +164,16 @@ class LoadedModel:
     runtime: str = "torch"
     decoder: Callable[[Tensor], Tensor] | None = None  # latent models: latents -> data
     modules: tuple[torch.nn.Module, ...] = ()  # networks inside the denoiser and decoder
+    engine: Selection | None = None  # network kinds: the runtime chosen and those skipped
     speech: object | None = None  # kind speech: engines.speech.model.Speech (text -> audio)
+
+    def describe_runtime(self) -> dict:
+        """The runtime that runs the network, its precision and device, and the reasons the
+        preferred ones before it were skipped (for /v1/models)."""
+        if self.engine is None:
+            note = "no network to compile: the closed-form denoiser runs in torch"
+            return {"name": self.runtime, "precision": None, "device": None, "note": note}
+        return self.engine.describe()
 
     def decode(self, x: Tensor) -> Tensor:
         """A sample in data space (spec.image_shape): the decoder applied to latents, else x
@@ -180,9 +201,12 @@ class LoadedModel:
         return time.perf_counter() - start
 
 
-# A loader returns (denoiser, gaussian, files read), optionally followed by the networks it
-# built and a decoder from sampler space to data space (latent models).
-Loader = Callable[[ModelSpec, Path], tuple]
+# A loader gets the spec, the version folder and `wrap`, which turns the torch network into
+# the callable the denoiser runs (the chosen runtime). It returns (denoiser, gaussian, files
+# read), optionally followed by the networks it built and a decoder from sampler space to
+# data space (latent models).
+Wrap = Callable[[torch.nn.Module], Callable]
+Loader = Callable[[ModelSpec, Path, Wrap], tuple]
 NET_KINDS = ("edm", "cm", "lcm")
 
 
@@ -368,6 +392,7 @@ def parse_model_yaml(path: Path, name: str, versions: Sequence[int]) -> ModelSpe
     )
     max_batch_size = f.integer("max_batch_size", 1)
     nets = _parse_networks(f, kind, labels)
+    engines = _parse_runtimes(f, kind)
     return ModelSpec(
         name=name,
         version=version,
@@ -381,6 +406,7 @@ def parse_model_yaml(path: Path, name: str, versions: Sequence[int]) -> ModelSpe
         max_batch_size=max_batch_size,
         max_n=f.integer("max_n", 1),
         **nets,
+        **engines,
         **_parse_speech_section(f, kind),
     )
 
@@ -396,6 +422,29 @@ def _parse_speech_section(f: _Fields, kind: str) -> dict[str, object]:
         return {"speech": parse_speech(raw)}
     except ValueError as err:
         raise RepositoryError(f"{f.path}: speech: {err}") from None
+
+
+def _parse_runtimes(f: _Fields, kind: str) -> dict[str, object]:
+    """runtimes (an ordered preference of distinct runtime names) and precision."""
+    if kind not in NET_KINDS:
+        for key in ("runtimes", "precision"):
+            if key in f.data:
+                raise f.error(key, f"absent: a {kind!r} model has no network to compile")
+        return {}
+    names = list(RUNTIMES)
+    raw = f.get(
+        "runtimes",
+        f"a non-empty list of distinct runtime names, fastest first, from {names}",
+        lambda v: isinstance(v, list) and v and len(set(map(str, v))) == len(v),
+        list(DEFAULT_PREFERENCE),
+    )
+    for i, name in enumerate(raw):
+        if name not in RUNTIMES:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise f.error(f"runtimes[{i}]", f"one of {names}{hint}", name)
+    precision = f.get("precision", f"one of {list(PRECISIONS)}", lambda v: v in PRECISIONS, "fp32")
+    return {"runtimes": tuple(raw), "precision": precision}
 
 
 def _parse_networks(f: _Fields, kind: str, labels: tuple[str, ...]) -> dict[str, object]:
@@ -430,7 +479,7 @@ def _parse_networks(f: _Fields, kind: str, labels: tuple[str, ...]) -> dict[str,
 
 
 def _load_gaussian(
-    spec: ModelSpec, folder: Path, name: str = "stats.safetensors"
+    spec: ModelSpec, folder: Path, wrap: Wrap | None = None, name: str = "stats.safetensors"
 ) -> tuple[Denoiser, GaussianStats | None, list[Path]]:
     path = folder / name
     rebuild = "rebuild it with `fewstep build gaussian`"
@@ -490,7 +539,7 @@ def _load_unet(spec: ModelSpec, folder: Path) -> tuple[UNet, GaussianStats | Non
     net = _build(UNet(spec.network), path, "the network weights")
     files, gaussian = [path], None
     if spec.sampling.teleport_sigma is not None:
-        _, gaussian, stats_files = _load_gaussian(spec, folder, "teleport.safetensors")
+        _, gaussian, stats_files = _load_gaussian(spec, folder, name="teleport.safetensors")
         files += stats_files
     return net, gaussian, files
 
@@ -500,19 +549,19 @@ def _load_autoencoder(spec: ModelSpec, folder: Path) -> tuple[Autoencoder, Path]
     return _build(Autoencoder(spec.autoencoder), path, "the autoencoder weights"), path
 
 
-def _load_edm(spec: ModelSpec, folder: Path):
+def _load_edm(spec: ModelSpec, folder: Path, wrap: Wrap):
     net, gaussian, files = _load_unet(spec, folder)
-    denoiser = CFGDenoiser(EDMDenoiser(net, spec.sigma_data), null_label=len(spec.labels))
+    denoiser = CFGDenoiser(EDMDenoiser(wrap(net), spec.sigma_data), null_label=len(spec.labels))
     if spec.autoencoder is None:
         return denoiser, gaussian, files, (net,)
     autoencoder, path = _load_autoencoder(spec, folder)  # a latent teacher
     return denoiser, gaussian, [*files, path], (net, autoencoder), autoencoder.decode
 
 
-def _load_cm(spec: ModelSpec, folder: Path):
+def _load_cm(spec: ModelSpec, folder: Path, wrap: Wrap):
     net, gaussian, files = _load_unet(spec, folder)
     return (
-        ConsistencyDenoiser(net, spec.sigma_data, spec.sampling.sigma_min),
+        ConsistencyDenoiser(wrap(net), spec.sigma_data, spec.sampling.sigma_min),
         gaussian,
         files,
         (net,),
@@ -531,12 +580,12 @@ class _DefaultGuidance:
         return self.inner(x, sigma, cond)
 
 
-def _load_lcm(spec: ModelSpec, folder: Path):
+def _load_lcm(spec: ModelSpec, folder: Path, wrap: Wrap):
     net, gaussian, files = _load_unet(spec, folder)
     autoencoder, path = _load_autoencoder(spec, folder)
     sched = spec.schedule
     lcm = LCMDenoiser(
-        DiscreteTimeEDM(EDMDenoiser(net, spec.sigma_data), sched.vp()),
+        DiscreteTimeEDM(EDMDenoiser(wrap(net), spec.sigma_data), sched.vp()),
         sched.vp(),
         prediction="x0",
         timestep_scaling=sched.timestep_scaling,
@@ -548,7 +597,9 @@ def _load_lcm(spec: ModelSpec, folder: Path):
     return denoiser, gaussian, [*files, path], (net, autoencoder), autoencoder.decode
 
 
-def _load_speech(spec: ModelSpec, folder: Path):
+def _load_speech(spec: ModelSpec, folder: Path, wrap=None):
+    """Kind speech: encoder, denoiser and mel statistics in one torch module (runtimes other
+    than torch are not offered for it yet, so `wrap` is not used)."""
     from engines.nets.tts import TTS
     from engines.speech.model import Speech
 
@@ -647,14 +698,72 @@ class Repository:
             )
         return entry.versions[version]
 
-    def load(self, name: str, version: int | None = None) -> LoadedModel:
-        """Read a version's files, check them against model.yaml, return the runnable model."""
+    def load(
+        self,
+        name: str,
+        version: int | None = None,
+        *,
+        device: str = "cpu",
+        cache: EngineCache | None = None,
+        threads: int | None = None,
+        progress: Progress | None = None,
+        runtimes: Sequence[str] | None = None,
+    ) -> LoadedModel:
+        """Read a version's files, check them against model.yaml, return the runnable model.
+
+        A network runs on the first runtime of spec.runtimes (or of `runtimes`, which
+        overrides it) that loads on `device`, artifacts built into `cache` as needed; the
+        rest of the model moves there too.
+        """
         spec = self.spec(name, version)
         folder = self._entry(name).folder / str(spec.version)
-        denoiser, gaussian, files, *rest = KINDS[spec.kind].load(spec, folder)
+        chosen: list[Selection] = []
+        options = {"device": device, "cache": cache, "threads": threads, "progress": progress}
+
+        def wrap(net: torch.nn.Module) -> RuntimeNet:
+            ctx = _engine_context(spec, folder, net, precision=spec.precision, **options)
+            chosen.append(select(runtimes or spec.runtimes, ctx))
+            return RuntimeNet(chosen[-1].runtime, null_label=spec.network.classes)
+
+        denoiser, gaussian, files, *rest = KINDS[spec.kind].load(spec, folder, wrap)
         modules = rest[0] if rest else ()
         decoder = rest[1] if len(rest) > 1 else None
         speech = rest[2] if len(rest) > 2 else None
-        return LoadedModel(
-            spec, denoiser, gaussian, fingerprint(files), "torch", decoder, modules, speech
+        engine = chosen[0] if chosen else None
+        model = LoadedModel(
+            spec,
+            denoiser,
+            gaussian,
+            fingerprint(files),
+            engine.runtime.name if engine else "torch",
+            decoder,
+            modules,
+            engine,
+            speech,
         )
+        return model.to(device) if device != "cpu" else model
+
+    def engine_context(self, name: str, version: int | None = None, **options) -> EngineContext:
+        """A version's network (fp32, on the CPU) with what building its engines needs;
+        `options` are EngineContext fields (device, precision, cache, threads, force, ...)."""
+        spec = self.spec(name, version)
+        if spec.network is None:
+            raise RepositoryError(f"model {name!r} (kind {spec.kind!r}) has no network to compile")
+        folder = self._entry(name).folder / str(spec.version)
+        net = _build(UNet(spec.network), folder / "weights.safetensors", "the network weights")
+        return _engine_context(spec, folder, net, **options)
+
+
+def _engine_context(
+    spec: ModelSpec, folder: Path, net: torch.nn.Module, **options
+) -> EngineContext:
+    options = {k: v for k, v in options.items() if v is not None}
+    return EngineContext(
+        model=f"{spec.name}@{spec.version}",
+        fingerprint=fingerprint([folder / "weights.safetensors"]),
+        net=net,
+        io=network_io(spec),
+        buckets=batch_buckets(spec.max_batch_size),
+        label_high=len(spec.labels) + 1,
+        **{"cache": EngineCache(), **options},
+    )

@@ -19,7 +19,7 @@ from service.config import Settings
 from service.errors import FewstepError, InvalidRequest, PayloadTooLarge
 from service.metrics import Metrics
 from service.queue.factory import make_queue
-from service.worker.loop import Worker, build_worker
+from service.worker.loop import Worker, build_worker, resolve_device
 
 log = logging.getLogger("fewstep")
 
@@ -115,15 +115,19 @@ def load_models(settings: Settings, metrics: Metrics) -> tuple[dict, dict, dict]
             f"fewstep: unknown model(s) {unknown} in {settings.model_repo}; have {repo.names()}"
         )
     loaded, specs, defaults = {}, {}, {}
+    device = resolve_device(settings.device)
     for spec in repo.specs():
         if spec.name not in names:
             continue
         begin = time.perf_counter()
-        model = repo.load(spec.name, spec.version)
+        # builds missing engine artifacts (logged); a runtime that fails falls back
+        model = repo.load(spec.name, spec.version, device=device)
         if settings.warmup:
             model.warmup()
         metrics.model_load.labels(spec.name).set(time.perf_counter() - begin)
         metrics.model_ready.labels(spec.name).set(1)
+        if spec.version == repo.default_version(spec.name):
+            metrics.set_runtime(spec.name, model.runtime)
         loaded[spec.name, spec.version] = model
         specs.setdefault(spec.name, {})[spec.version] = spec
         defaults[spec.name] = repo.default_version(spec.name)
@@ -154,6 +158,15 @@ def specs_of(models: dict) -> tuple[dict, dict]:
     for (name, version), model in models.items():
         specs.setdefault(name, {})[version] = model.spec
     return specs, {name: max(versions) for name, versions in specs.items()}
+
+
+def runtimes_of(models: dict, defaults: dict[str, int]) -> dict[str, dict]:
+    """{name: the runtime of its default version} (what /v1/models shows)."""
+    return {
+        name: model.describe_runtime()
+        for (name, version), model in models.items()
+        if defaults.get(name) == version
+    }
 
 
 def tune_gc() -> None:
@@ -196,6 +209,10 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
             state.specs, state.default_versions = specs, defaults
         else:
             state.specs, state.default_versions = specs_of(models)
+            for (name, version), model in models.items():
+                if state.default_versions[name] == version:
+                    metrics.set_runtime(name, model.runtime)
+        state.runtimes = runtimes_of(models, state.default_versions)
         # with a shared queue, other workers may serve other models
         claim = None if settings.queue == "memory" else set(models)
         worker = build_worker(queue, models, metrics, settings, claim)

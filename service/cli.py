@@ -47,6 +47,52 @@ def _bench_samplers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_engines(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from engines import engine_bench
+    from engines.repository import ModelNotFoundError, RepositoryError
+    from engines.runtimes.base import RuntimeUnavailable
+
+    config = engine_bench.BenchConfig(
+        model=args.model,
+        repo=Path(args.model_repo or _default_repo()),
+        device=args.device,
+        batches=args.batches,
+        seconds=0.3 if args.quick else args.seconds,
+        threads=args.threads,
+        cache=Path(args.cache) if args.cache else None,
+    )
+    try:
+        print(engine_bench.run(config))
+    except (RepositoryError, ModelNotFoundError, RuntimeUnavailable, OSError) as err:
+        print(f"fewstep: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_bench_engines(targets: argparse._SubParsersAction) -> None:
+    engines = targets.add_parser(
+        "engines",
+        help="a model's network on every available runtime: samples x NFE per second",
+    )
+    engines.add_argument("model", help="a model with a network, e.g. fashion-edm")
+    engines.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    engines.add_argument(
+        "--batches", type=_int_list, default=(1, 8, 32, 128), help="batch sizes (1,8,32,128)"
+    )
+    engines.add_argument(
+        "--seconds", type=float, default=2.0, help="timing per runtime and batch (default 2)"
+    )
+    engines.add_argument("--quick", action="store_true", help="0.3 s per runtime and batch")
+    engines.add_argument(
+        "--threads", type=int, default=1, help="CPU threads, torch and ONNX Runtime (default 1)"
+    )
+    engines.add_argument("--model-repo", default=None, help="model repository folder")
+    engines.add_argument("--cache", default=None, help="build cache folder")
+    engines.set_defaults(run=_bench_engines)
+
+
 def _build_gaussian(args: argparse.Namespace) -> int:
     from engines.build import build_gaussian
 
@@ -58,19 +104,68 @@ def _build_gaussian(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_engine(args: argparse.Namespace) -> int:
+    from engines.engine_build import build_engine
+    from engines.export import BuildError, EngineCache
+    from engines.repository import ModelNotFoundError, Repository, RepositoryError
+    from engines.runtimes.base import RuntimeUnavailable
+
+    try:
+        report = build_engine(
+            Repository(args.model_repo or _default_repo()),
+            args.target,
+            args.runtime,
+            args.precision,
+            args.device,
+            EngineCache(args.cache),
+            args.force,
+        )
+    except (RepositoryError, ModelNotFoundError, RuntimeUnavailable, BuildError, OSError) as err:
+        print(f"fewstep: {err}", file=sys.stderr)
+        return 1
+    print(report.text())
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    return (_build_gaussian if args.target == "gaussian" else _build_engine)(args)
+
+
+def _default_repo() -> str:
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parents[1] / "model_repo")
+
+
 def _add_build(commands: argparse._SubParsersAction) -> None:
-    build = commands.add_parser("build", help="build a model package into model_repo/")
-    kinds = build.add_subparsers(dest="kind", required=True)
-    gaussian = kinds.add_parser(
-        "gaussian", help="per-class Gaussian of Fashion-MNIST (closed-form denoiser)"
+    from engines.runtimes.base import PRECISIONS
+    from engines.runtimes.select import RUNTIMES
+
+    build = commands.add_parser(
+        "build",
+        help="`build gaussian`: the Gaussian package into model_repo/; `build MODEL`: "
+        "compile a model's network for a runtime into the engine cache, checked against torch",
     )
+    build.add_argument("target", help="'gaussian', or the name of a model in the repository")
+    gaussian = build.add_argument_group("build gaussian")
     gaussian.add_argument(
         "--data", default=None, help="Fashion-MNIST folder (default $FEWSTEP_FASHION_MNIST)"
     )
     gaussian.add_argument("--rank", type=int, default=128, help="eigenpairs per class (128)")
     gaussian.add_argument("--out", default="model_repo/fashion-gaussian", help="model folder")
     gaussian.add_argument("--version", type=int, default=1, help="version folder (default 1)")
-    gaussian.set_defaults(run=_build_gaussian)
+    engine = build.add_argument_group("build MODEL")
+    engine.add_argument("--runtime", choices=list(RUNTIMES), default="onnxruntime")
+    engine.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    engine.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    engine.add_argument("--model-repo", default=None, help="model repository folder")
+    engine.add_argument(
+        "--cache",
+        default=None,
+        help="build cache (default $FEWSTEP_ENGINE_CACHE or ~/.cache/fewstep/engines)",
+    )
+    engine.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.set_defaults(run=_build)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -228,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     samplers.add_argument("--samplers", default="", help="comma-separated subset (default: all)")
     samplers.set_defaults(run=_bench_samplers)
+    _add_bench_engines(targets)
     _add_build(commands)
     _add_serve(commands)
     _add_worker(commands)

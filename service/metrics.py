@@ -130,7 +130,10 @@ class Metrics:
         self.model_ready = Gauge(
             "model_ready", "1 once a model is loaded and warm", ["model"], namespace=ns, registry=r
         )
-
+        runtime_help = "1 for the runtime that runs a model's network (from model.yaml's runtimes)"
+        self.model_runtime = Gauge(
+            "model_runtime_info", runtime_help, ["model", "runtime"], namespace=ns, registry=r
+        )
         self.real_time_factor = Histogram(
             "real_time_factor",
             "Speech: seconds from submission to result per second of audio made",
@@ -139,6 +142,9 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+
+    def set_runtime(self, model: str, runtime: str) -> None:
+        self.model_runtime.labels(model, runtime).set(1)
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_samples.labels(stats.model).observe(stats.rows)

@@ -23,6 +23,8 @@ from engines.repository import Repository
 from engines.schedules import karras_sigmas
 from engines.training import common, package
 
+TORCH = ("torch",)  # training loads packages to run their torch modules directly
+
 
 @dataclasses.dataclass
 class CDSettings:
@@ -36,6 +38,7 @@ class CDSettings:
     rho: float = 7.0
     huber_c: float = 0.00054  # times sqrt(dim), Song & Dhariwal 2023
     teacher_guidance: float = 1.0
+    init: str | None = None  # an earlier `cm` package to continue from (else the teacher)
 
 
 def student_update(loss, opt, nets, ema: float, serve_ema: float, step: int) -> float:
@@ -49,6 +52,29 @@ def student_update(loss, opt, nets, ema: float, serve_ema: float, step: int) -> 
     common.ema_update(target, student, ema)
     common.ema_update(served, student, min(serve_ema, (1 + step) / (10 + step)))
     return loss.item()
+
+
+def init_from(student: UNet, package_dir: str | None, kind: str, log: common.Log) -> str:
+    """Start a student from an earlier student package of the same kind and network (to
+    continue a distillation); returns a line for the model card ('' when not asked)."""
+    if not package_dir:
+        return ""
+    earlier = Repository.of_folder(package_dir).load(Path(package_dir).name, runtimes=TORCH)
+    if earlier.spec.kind != kind:
+        raise ValueError(f"--init {package_dir} is a {earlier.spec.kind!r} package, not {kind!r}")
+    net = earlier.modules[0]
+    if net.config != student.config:
+        raise ValueError(
+            f"--init {package_dir}: its network {net.config} differs from the student's "
+            f"{student.config}"
+        )
+    student.load_state_dict(net.state_dict())
+    log(f"student starts from {package_dir} v{earlier.spec.version} ({earlier.fingerprint})")
+    return (
+        f"Continued from the student `{package_dir}` v{earlier.spec.version} (fingerprint "
+        f"`{earlier.fingerprint}`; see its card for its own steps): the steps below come on "
+        "top of those, with a fresh optimiser.\n"
+    )
 
 
 def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
@@ -85,7 +111,8 @@ def guided(denoiser: Denoiser, w: float, null: int) -> Denoiser:
 def run(
     run_cfg: common.RunConfig, teacher_dir: str, s: CDSettings, log: common.Log = print
 ) -> Path:
-    teacher_model = Repository.of_folder(teacher_dir).load(Path(teacher_dir).name)
+    # training runs the torch modules themselves: no engine build for the teacher
+    teacher_model = Repository.of_folder(teacher_dir).load(Path(teacher_dir).name, runtimes=TORCH)
     if teacher_model.spec.kind != "edm" or teacher_model.spec.autoencoder is not None:
         raise ValueError(f"{teacher_dir} is not a pixel-space 'edm' teacher package")
     spec, teacher_net = teacher_model.spec, teacher_model.modules[0].to(run_cfg.device)
@@ -97,6 +124,7 @@ def run(
     config = dataclasses.replace(spec.network, noise_scale=spec.network.noise_scale / 1000)
     student = UNet(config).to(run_cfg.device)
     student.load_state_dict(teacher_net.state_dict())
+    continued = init_from(student, s.init, "cm", log)
     target, served = common.frozen_copy(student), common.frozen_copy(student)
     f_student = ConsistencyDenoiser(student, spec.sigma_data, s.sigma_min)
     f_target = ConsistencyDenoiser(target, spec.sigma_data, s.sigma_min)
@@ -135,7 +163,7 @@ def run(
             seconds=seconds,
             examples=len(x),
             notes=f"\nDistilled from the teacher package `{teacher_dir}` "
-            f"(fingerprint `{teacher_model.fingerprint}`).\n",
+            f"(fingerprint `{teacher_model.fingerprint}`).\n{continued}",
         ),
         log,
     )

@@ -32,12 +32,15 @@ class LCMSettings:
     w_max: float = 3.0
     guidance_dim: int = 64
     huber_c: float = 0.001  # times sqrt(dim)
+    init: str | None = None  # an earlier `lcm` package to continue from (else the teacher)
 
 
 def run(
     run_cfg: common.RunConfig, teacher_dir: str, s: LCMSettings, log: common.Log = print
 ) -> Path:
-    teacher_model = Repository.of_folder(teacher_dir).load(Path(teacher_dir).name)
+    teacher_model = Repository.of_folder(teacher_dir).load(
+        Path(teacher_dir).name, runtimes=cd.TORCH
+    )
     spec = teacher_model.spec
     if spec.kind != "edm" or spec.autoencoder is None:
         raise ValueError(f"{teacher_dir} is not a latent 'edm' teacher (train lcm-teacher)")
@@ -53,6 +56,7 @@ def run(
     missing = student.load_state_dict(teacher_net.state_dict(), strict=False).missing_keys
     if any(not k.startswith("guidance.") for k in missing):
         raise ValueError(f"teacher weights do not fit the student: missing {missing}")
+    continued = cd.init_from(student, s.init, "lcm", log)
     target, served = common.frozen_copy(student), common.frozen_copy(student)
 
     def consistency(net: UNet) -> LCMDenoiser:
@@ -112,7 +116,7 @@ def run(
             seconds=seconds,
             examples=len(x),
             notes=f"\nDistilled from the latent teacher `{teacher_dir}` "
-            f"(fingerprint `{teacher_model.fingerprint}`).\n",
+            f"(fingerprint `{teacher_model.fingerprint}`).\n{continued}",
         ),
         log,
     )

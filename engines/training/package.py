@@ -14,6 +14,7 @@ from engines.build import GAUSSIAN_YAML, truncate
 from engines.data import FASHION_LABELS
 from engines.nets import AutoencoderConfig, UNetConfig, config_to_dict
 from engines.repository import Repository
+from engines.runtimes.select import FASTEST_FIRST
 from engines.teleport import GaussianStats
 from engines.training import common
 
@@ -103,6 +104,8 @@ def model_yaml(p: Package) -> dict:
         "max_n": 16,
         "network": config_to_dict(p.network),
         "sigma_data": p.sigma_data,
+        "runtimes": list(FASTEST_FIRST),
+        "precision": "fp32",
     }
     if p.autoencoder is not None:
         data["autoencoder"] = config_to_dict(p.autoencoder)

@@ -88,6 +88,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
             p.add_argument("--teacher", default=default, help=f"teacher package ({default})")
             p.add_argument("--grid", type=int, default=18 if name == "cd" else 50)
             p.add_argument("--ema", type=float, default=0.95)
+            p.add_argument(
+                "--init", default=None, help="continue from this earlier student package"
+            )
         if name in ("lcm-teacher", "lcm"):
             p.add_argument("--autoencoder", default="runs/autoencoder")
         p.set_defaults(run=main)
@@ -157,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
     elif args.recipe == "cd":
         from engines.training import cd
 
-        cd.run(run, args.teacher, cd.CDSettings(grid=args.grid, ema=args.ema))
+        cd.run(run, args.teacher, cd.CDSettings(grid=args.grid, ema=args.ema, init=args.init))
     elif args.recipe == "autoencoder":
         from engines.training import latent
 
@@ -169,5 +172,5 @@ def main(args: argparse.Namespace) -> int:
     else:
         from engines.training import lcm
 
-        lcm.run(run, args.teacher, lcm.LCMSettings(grid=args.grid, ema=args.ema))
+        lcm.run(run, args.teacher, lcm.LCMSettings(grid=args.grid, ema=args.ema, init=args.init))
     return 0

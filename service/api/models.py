@@ -38,6 +38,9 @@ def describe(name: str, state) -> dict:
             "max_guidance_scale": s.max_guidance,
         },
         "teleport": s.teleport_sigma is not None,
+        # the engine running the network here; null where this process loads no weights
+        # (an API-only process in distributed mode)
+        "runtime": state.runtimes.get(name),
         **speech_fields(spec),
     }
 

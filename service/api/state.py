@@ -28,6 +28,8 @@ class ServiceState:
         default_factory=dict
     )  # name -> version -> ModelSpec
     default_versions: dict[str, int] = field(default_factory=dict)
+    # name -> the runtime running its default version (empty in an API-only process)
+    runtimes: dict[str, dict] = field(default_factory=dict)
     ready: bool = False
 
     def require_ready(self) -> None:

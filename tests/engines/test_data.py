@@ -1,6 +1,7 @@
 """The Fashion-MNIST loader: the real Debian files, and hand-made broken ones."""
 
 import gzip
+import lzma
 
 import numpy as np
 import pytest
@@ -42,6 +43,19 @@ def test_pixels_are_scaled_from_bytes_to_minus_one_one(tmp_path):
     assert labels.tolist() == [9, 0, 4]
     assert images[0].unique().tolist() == [-1.0] and images[1].unique().tolist() == [1.0]
     assert images[2, 0, 0, 0].item() == pytest.approx(51 / 127.5 - 1)
+
+
+def test_xz_copies_are_read_where_the_gz_files_are_absent(tmp_path):
+    pixels = np.full((2, 28, 28), 255, dtype=np.uint8)
+    write_split(tmp_path, "test", pixels, np.array([3, 7]))
+    for path in tmp_path.glob("*.gz"):
+        path.with_suffix(".xz").write_bytes(lzma.compress(gzip.decompress(path.read_bytes())))
+        path.unlink()
+    images, labels = load_fashion_mnist("test", root=tmp_path)
+    assert labels.tolist() == [3, 7] and images.unique().tolist() == [1.0]
+    (tmp_path / "t10k-labels-idx1-ubyte.xz").write_bytes(b"not xz")
+    with pytest.raises(DataFormatError, match="is not a readable xz file"):
+        load_fashion_mnist("test", root=tmp_path)
 
 
 def test_missing_files_say_how_to_install_them(tmp_path, monkeypatch):

@@ -89,6 +89,57 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+def test_a_student_continues_from_its_own_package_and_refuses_a_foreign_one(trained):
+    repo, work = trained
+    first = Repository(repo).load("fashion-cd")
+    train(
+        "cd",
+        repo / "fashion-cd",
+        work / "cd2",
+        "--teacher",
+        str(repo / "fashion-edm"),
+        "--init",
+        str(repo / "fashion-cd"),
+        "--version",
+        "2",
+        "--store-dtype",
+        "float16",
+    )
+    again = Repository(repo).load("fashion-cd", 2)
+    card = (repo / "fashion-cd" / "2" / "MODEL_CARD.md").read_text()
+    assert f"Continued from the student `{repo / 'fashion-cd'}` v1" in card
+    assert first.fingerprint in card and "float16 safetensors" in card
+    weights = load_file(str(repo / "fashion-cd" / "2" / "weights.safetensors"))
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float16}
+    assert torch.isfinite(sample(again, 2)).all()
+    with pytest.raises(ValueError, match="is a 'edm' package, not 'cm'"):
+        main(
+            [
+                "train",
+                "cd",
+                "--out",
+                str(work / "x"),
+                "--work",
+                str(work / "x"),
+                *FEW,
+                "--teacher",
+                str(repo / "fashion-edm"),
+                "--init",
+                str(repo / "fashion-edm"),
+            ]
+        )
+
+
+def test_max_minutes_stops_early_and_the_card_records_the_steps_reached(tmp_path, capsys):
+    out = tmp_path / "m"
+    args = ["train", "edm-teacher", *TINY_NET, "--limit", "64", "--batch", "8"]
+    args += ["--steps", "500", "--max-minutes", "0.0001", "--out", str(out)]
+    assert main([*args, "--work", str(tmp_path / "w")]) == 0
+    assert "--max-minutes 0.0001 reached: stopping at step 1" in capsys.readouterr().out
+    card = (out / "1" / "MODEL_CARD.md").read_text()
+    assert "1 steps at batch 8" in card and "--max-minutes 0.0001" in card
+
+
 def test_eval_reports_fd_accuracy_and_the_floor(trained, capsys, monkeypatch):
     repo = trained[0]
     args = ["eval", "fashion-cd", "--steps", "1", "--n", "40", "--model-repo", str(repo)]

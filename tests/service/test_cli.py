@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from service.cli import main
 
 
@@ -70,3 +72,51 @@ def test_bench_runs_every_unguided_sampler(capsys):
     out = capsys.readouterr().out
     for name in expected:
         assert f"| {name} | no |" in out
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_build_model_builds_and_checks_the_onnx_export(tmp_path, capsys):
+    argv = ["build", "fashion-cd", "--runtime", "onnxruntime", "--cache", str(tmp_path)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "fashion-cd@1: onnxruntime fp32 on cpu" in captured.out
+    assert "(within 0.0001)" in captured.out and "[1/3] exporting" in captured.err
+    assert main(argv) == 0  # the second build reuses the cached artifact
+    assert "onnx artifact up to date" in capsys.readouterr().err
+
+
+def test_build_model_reports_what_cannot_be_built(tmp_path, capsys):
+    assert main(["build", "fashion-nope", "--cache", str(tmp_path)]) == 1
+    assert "no model 'fashion-nope'" in capsys.readouterr().err
+    assert main(["build", "fashion-cd", "--runtime", "tensorrt", "--cache", str(tmp_path)]) == 1
+    assert "tensorrt Python package not installed" in capsys.readouterr().err
+
+
+def test_bench_engines_measures_torch_and_onnxruntime_side_by_side(tmp_path, capsys):
+    argv = ["bench", "engines", "fashion-cd", "--quick", "--batches", "1,2"]
+    assert main([*argv, "--cache", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| runtime | batch | samples x NFE / s | p50 ms | p99 ms | vs torch eager |" in out
+    for row in ("| torch fp32 | 1 |", "| onnxruntime fp32 | 1 |", "| onnxruntime fp32 | 2 |"):
+        assert row in out
+    assert out.count("| 1.00x | 0.0e+00 |") == 2  # torch eager is the baseline
+
+
+def test_bench_engines_on_cuda_needs_no_service_packages():
+    """The GPU box has torch, numpy, safetensors, PyYAML, onnx, onnxruntime and nothing else
+    of fewstep's: the engine bench must not import the service's packages."""
+    code = (
+        "import sys\n"
+        "from service.cli import main\n"
+        "rc = main(['bench', 'engines', 'fashion-cd', '--device', 'cuda', '--quick'])\n"
+        "service = {'fastapi', 'pydantic', 'pydantic_settings', 'uvicorn', 'scipy',\n"
+        "           'prometheus_client', 'redis', 'grpc', 'httpx', 'starlette'}\n"
+        "print(rc, sorted(service & {m.split('.')[0] for m in sys.modules}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    rc, imported = proc.stdout.split(" ", 1)
+    assert imported.strip() == "[]", proc.stdout
+    import torch
+
+    if not torch.cuda.is_available():
+        assert rc == "2" and "sees no GPU" in proc.stderr

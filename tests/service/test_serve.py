@@ -80,6 +80,20 @@ def test_openai_sdk_against_the_shipped_model(served):
     assert gaussian["teleport"] is True and gaussian["size"] == "28x28"
 
 
+def test_models_name_the_runtime_each_shipped_model_loaded_on(served):
+    url, _ = served
+    models = {m["id"]: m["runtime"] for m in httpx.get(url + "/v1/models").json()["data"]}
+    assert models["fashion-gaussian"]["name"] == "torch" and models["fashion-gaussian"]["note"]
+    networks = {"fashion-edm", "fashion-cd", "fashion-latent-edm", "fashion-lcm"}
+    assert networks <= set(models)
+    for name in networks:  # model.yaml: tensorrt, ..., onnxruntime, torch
+        assert models[name]["name"] == "onnxruntime" and models[name]["device"] == "cpu"
+        assert models[name]["skipped"][0]["runtime"] == "tensorrt"
+    metrics = httpx.get(url + "/metrics").text
+    assert 'fewstep_model_runtime_info{model="fashion-gaussian",runtime="torch"} 1.0' in metrics
+    assert 'fewstep_model_runtime_info{model="fashion-lcm",runtime="onnxruntime"} 1.0' in metrics
+
+
 @pytest.mark.parametrize("model", ["fashion-cd", "fashion-lcm"])
 def test_trained_models_serve_recognisable_images(served, model):
     """The consistency student, and the latent one whose samples the worker decodes to
