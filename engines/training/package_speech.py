@@ -107,7 +107,7 @@ def write(p: SpeechPackage, log: common.Log = print) -> Path:
     out = Path(p.run.out)
     folder = out / str(p.run.version)
     folder.mkdir(parents=True, exist_ok=True)
-    size = common.save_weights(p.weights, folder / "weights.safetensors")
+    size = common.save_weights(p.weights, folder / "weights.safetensors", p.run.store_dtype)
     header = f"# speech model written by `fewstep train` (see {p.run.version}/MODEL_CARD.md)\n"
     (out / "model.yaml").write_text(header + yaml.safe_dump(model_yaml(p), sort_keys=False))
     model = Repository.of_folder(out).load(out.name, p.run.version)
@@ -147,7 +147,8 @@ Network: `{config_to_dict(p.network)}`, {params / 1e6:.2f}M parameters.
 
 ## Files
 
-- `weights.safetensors` ({size / 1e6:.2f} MB), fingerprint `{fingerprint}`.
+- `weights.safetensors` ({size / 1e6:.2f} MB, {p.run.store_dtype}; loading casts to
+  float32), fingerprint `{fingerprint}`.
 
 ## Training
 

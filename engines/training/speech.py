@@ -197,7 +197,7 @@ def run_teacher(run: common.RunConfig, net: TTSConfig, s: TeacherSettings, log=p
 def student_of(run: common.RunConfig, folder: str):
     """The teacher package, its network, the data, and a student that starts as the
     teacher's copy with the encoder frozen (students learn the denoiser only)."""
-    loaded = Repository.of_folder(folder).load(Path(folder).name)
+    loaded = Repository.of_folder(folder).load(Path(folder).name, runtimes=("torch",))
     if loaded.spec.kind != "speech" or loaded.spec.speech.parameterisation != "edm":
         raise ValueError(f"{folder} is not a speech teacher package (kind speech, edm)")
     teacher = loaded.modules[0].to(run.device)

@@ -48,7 +48,12 @@ def add_parsers(recipes_parsers: argparse._SubParsersAction) -> None:
             default=d["minutes"],
             help=f"training wall-clock budget (default {d['minutes']}; 0: run --steps)",
         )
-        p.add_argument("--store-dtype", default="float32", choices=["float32", "bfloat16"])
+        p.add_argument(
+            "--store-dtype",
+            default="float16",
+            choices=["float32", "float16", "bfloat16"],
+            help="dtype of the package's weights (default float16; loading casts to float32)",
+        )
         p.add_argument("--steps", type=int, default=d["steps"], help="step limit")
         p.add_argument("--batch", type=int, default=16)
         p.add_argument("--lr", type=float, default=d["lr"])
