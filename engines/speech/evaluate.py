@@ -24,7 +24,7 @@ from engines.noise import row_seeds
 from engines.repository import Repository
 from engines.samplers import drive
 from engines.speech import corpus, frontend
-from engines.speech.audio import log_mel
+from engines.speech.audio import encode, log_mel
 
 CEPSTRA = 24
 DB = 10 / math.log(10) * math.sqrt(2)
@@ -86,8 +86,8 @@ def synthesise(model, utt: dict, sampler: str | None, steps: int, seed: int):
         with torch.inference_mode():
             x = drive(gen, model.denoiser, cond)
     frames = prepared.frames
-    wave = speech.waves(x, frames)[0]
-    speech.render(x, frames, "wav")  # the response's encoding is part of the request
+    wave = speech.audio(x, frames)
+    encode(wave, speech.mel.sample_rate, "wav")  # the response's encoding is part of it
     seconds = time.perf_counter() - begin
     mel = speech.tts.to_log_mel(x.float())[0, :, : int(frames[0])]
     return mel, wave, seconds

@@ -143,9 +143,13 @@ class Speech:
         peak = float(audio.abs().max()) if audio.numel() else 0.0
         return audio * (0.9 / peak) if peak > 1e-4 else audio
 
+    def audio(self, x: Tensor, frames: Tensor) -> Tensor:
+        """The whole request's waveform: sentences vocoded, joined and peak-normalised."""
+        return self.join(self.waves(x, frames))
+
     def render(self, x: Tensor, frames: Tensor, fmt: str) -> tuple[bytes, float]:
         """Encoded audio of the whole request (sentences joined) and its seconds."""
-        audio = self.join(self.waves(x, frames))
+        audio = self.audio(x, frames)
         seconds = len(audio) / self.mel.sample_rate
         if fmt == "f32":
             return audio.float().numpy().astype("<f4").tobytes(), seconds
