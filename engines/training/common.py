@@ -86,6 +86,17 @@ def warmup_lr(opt: torch.optim.Optimizer, lr: float, step: int, warmup: int = 20
         group["lr"] = lr * min(1.0, (step + 1) / warmup)
 
 
+def teacher_update(loss, opt, net: nn.Module, ema: nn.Module, decay: float, step: int) -> float:
+    """One optimiser step of a teacher (gradients clipped to norm 1), then its EMA copy
+    (warmed up over the first steps); returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    ema_update(ema, net, min(decay, (1 + step) / (10 + step)))
+    return loss.item()
+
+
 class Checkpoints:
     """work/checkpoint.pt holds modules, optimiser and step; saved atomically."""
 

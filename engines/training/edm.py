@@ -76,12 +76,7 @@ def train_edm(
         common.warmup_lr(opt, run.lr, i)
         with common.autocast(run):
             loss = edm_loss(denoiser, xb, {"label": labels}, s, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        common.ema_update(ema, net, min(s.ema, (1 + i) / (10 + i)))
-        return loss.item()
+        return common.teacher_update(loss, opt, net, ema, s.ema, i)
 
     seconds = common.train_loop(run, step, {"net": net, "ema": ema, "opt": opt}, log)
     return ema, seconds

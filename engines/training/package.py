@@ -128,12 +128,20 @@ def write(p: Package, log: common.Log = print) -> Path:
             folder / "teleport.safetensors"
         )
         sizes["teleport.safetensors"] = (folder / "teleport.safetensors").stat().st_size
-    header = f"# {p.kind} model written by `fewstep train` (see {p.run.version}/MODEL_CARD.md)\n"
-    (out / "model.yaml").write_text(header + yaml.safe_dump(model_yaml(p), sort_keys=False))
-    model = Repository.of_folder(out).load(out.name, p.run.version)
-    log(f"wrote {folder} ({', '.join(f'{k} {v / 1e6:.2f} MB' for k, v in sizes.items())})")
-    (folder / "MODEL_CARD.md").write_text(card(p, model.fingerprint, sizes))
+    fingerprint = publish(out, p.run.version, p.kind, model_yaml(p), sizes, log)
+    (folder / "MODEL_CARD.md").write_text(card(p, fingerprint, sizes))
     return folder
+
+
+def publish(out: Path, version: int, kind: str, data: dict, sizes: dict, log: common.Log) -> str:
+    """Write model.yaml, reload the version through the Repository (so a package that does
+    not load fails here), log its files; returns its fingerprint for the card."""
+    header = f"# {kind} model written by `fewstep train` (see {version}/MODEL_CARD.md)\n"
+    (out / "model.yaml").write_text(header + yaml.safe_dump(data, sort_keys=False))
+    model = Repository.of_folder(out).load(out.name, version)
+    files = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items())
+    log(f"wrote {out / str(version)} ({files})")
+    return model.fingerprint
 
 
 def card(p: Package, fingerprint: str, sizes: dict[str, int]) -> str:

@@ -6,14 +6,12 @@ import dataclasses
 import datetime
 from pathlib import Path
 
-import yaml
 from torch import nn
 
 from engines.nets import config_to_dict
 from engines.nets.tts import TTSConfig
-from engines.repository import Repository
 from engines.speech.frontend import VOICE
-from engines.training import common
+from engines.training import common, package
 
 ODE = ["heun", "euler", "dpmpp_2m", "ddpm", "dpmpp_sde", "euler_ancestral"]
 KINDS = {
@@ -108,11 +106,9 @@ def write(p: SpeechPackage, log: common.Log = print) -> Path:
     folder = out / str(p.run.version)
     folder.mkdir(parents=True, exist_ok=True)
     size = common.save_weights(p.weights, folder / "weights.safetensors", p.run.store_dtype)
-    header = f"# speech model written by `fewstep train` (see {p.run.version}/MODEL_CARD.md)\n"
-    (out / "model.yaml").write_text(header + yaml.safe_dump(model_yaml(p), sort_keys=False))
-    model = Repository.of_folder(out).load(out.name, p.run.version)
-    log(f"wrote {folder} (weights.safetensors {size / 1e6:.2f} MB)")
-    (folder / "MODEL_CARD.md").write_text(card(p, model.fingerprint, size))
+    sizes = {"weights.safetensors": size}
+    fingerprint = package.publish(out, p.run.version, "speech", model_yaml(p), sizes, log)
+    (folder / "MODEL_CARD.md").write_text(card(p, fingerprint, size))
     return folder
 
 

@@ -179,13 +179,7 @@ def run_teacher(run: common.RunConfig, net: TTSConfig, s: TeacherSettings, log=p
         noise = common.randn(x.shape, gen, run.device)
         x0 = denoiser(x + noise * expand(sigma, x), sigma, {"mu": mu_c, "mask": m_c})
         diff = masked_mse(x0, x, m_c, (sigma**2 + 1) / sigma**2)
-        loss = diff + prior + dur
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        common.ema_update(ema, model, min(s.ema, (1 + i) / (10 + i)))
-        return loss.item()
+        return common.teacher_update(diff + prior + dur, opt, model, ema, s.ema, i)
 
     seconds = common.train_loop(run, step, {"model": model, "ema": ema, "opt": opt}, log)
     return package_speech.write(
