@@ -9,6 +9,7 @@ the result, vocodes each sentence and joins them into one audio stream.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import time
 
@@ -22,6 +23,7 @@ from engines.samplers import INFO, SamplerGen, create, drive, nfe
 from engines.speech import frontend
 from engines.speech.audio import GriffinLim, MelConfig, Vocoder, encode
 
+log = logging.getLogger("fewstep.speech")
 PAUSE_S = 0.15  # silence between sentences when they are joined
 
 
@@ -158,7 +160,11 @@ class Speech:
     def warmup(self) -> float:
         """Start the front end and run each stage once (the sampler at its fewest steps)."""
         begin = time.perf_counter()
-        prepared = self.prepare(["Warm up the model."])
+        try:
+            prepared = self.prepare(["Warm up the model."])
+        except frontend.FrontendError as err:  # served anyway: each request says what is missing
+            log.warning("speech model %s: %s", self.spec.name, err)
+            prepared = self.prepare_ids([frontend.Phones(*(torch.ones(3, dtype=torch.long),) * 3)])
         sampler = self.spec.sampling.default_sampler
         gen, cond, _ = self.start(prepared, sampler, INFO[sampler].min_steps({}), [0])
         x = drive(gen, self.denoiser, cond)
