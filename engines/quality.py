@@ -250,7 +250,7 @@ def main(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"fewstep: {err}", file=sys.stderr)
         return 2
-    load = functools.cache(lambda name: repo.load(name).to(args.device))
+    load = functools.cache(lambda name: repo.load(name, device=args.device))
     start = time.perf_counter()
     if args.table:
         chosen = set(filter(None, args.models.split(",")))

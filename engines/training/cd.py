@@ -23,6 +23,8 @@ from engines.repository import Repository
 from engines.schedules import karras_sigmas
 from engines.training import common, package
 
+TORCH = ("torch",)  # training loads packages to run their torch modules directly
+
 
 @dataclasses.dataclass
 class CDSettings:
@@ -57,7 +59,7 @@ def init_from(student: UNet, package_dir: str | None, kind: str, log: common.Log
     continue a distillation); returns a line for the model card ('' when not asked)."""
     if not package_dir:
         return ""
-    earlier = Repository.of_folder(package_dir).load(Path(package_dir).name)
+    earlier = Repository.of_folder(package_dir).load(Path(package_dir).name, runtimes=TORCH)
     if earlier.spec.kind != kind:
         raise ValueError(f"--init {package_dir} is a {earlier.spec.kind!r} package, not {kind!r}")
     net = earlier.modules[0]
@@ -109,7 +111,8 @@ def guided(denoiser: Denoiser, w: float, null: int) -> Denoiser:
 def run(
     run_cfg: common.RunConfig, teacher_dir: str, s: CDSettings, log: common.Log = print
 ) -> Path:
-    teacher_model = Repository.of_folder(teacher_dir).load(Path(teacher_dir).name)
+    # training runs the torch modules themselves: no engine build for the teacher
+    teacher_model = Repository.of_folder(teacher_dir).load(Path(teacher_dir).name, runtimes=TORCH)
     if teacher_model.spec.kind != "edm" or teacher_model.spec.autoencoder is not None:
         raise ValueError(f"{teacher_dir} is not a pixel-space 'edm' teacher package")
     spec, teacher_net = teacher_model.spec, teacher_model.modules[0].to(run_cfg.device)

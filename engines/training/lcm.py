@@ -38,7 +38,9 @@ class LCMSettings:
 def run(
     run_cfg: common.RunConfig, teacher_dir: str, s: LCMSettings, log: common.Log = print
 ) -> Path:
-    teacher_model = Repository.of_folder(teacher_dir).load(Path(teacher_dir).name)
+    teacher_model = Repository.of_folder(teacher_dir).load(
+        Path(teacher_dir).name, runtimes=cd.TORCH
+    )
     spec = teacher_model.spec
     if spec.kind != "edm" or spec.autoencoder is None:
         raise ValueError(f"{teacher_dir} is not a latent 'edm' teacher (train lcm-teacher)")
