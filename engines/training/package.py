@@ -130,7 +130,8 @@ def write(p: Package, log: common.Log = print) -> Path:
         sizes["teleport.safetensors"] = (folder / "teleport.safetensors").stat().st_size
     header = f"# {p.kind} model written by `fewstep train` (see {p.run.version}/MODEL_CARD.md)\n"
     (out / "model.yaml").write_text(header + yaml.safe_dump(model_yaml(p), sort_keys=False))
-    model = Repository.of_folder(out).load(out.name, p.run.version)
+    # load to check the package and take its fingerprint: no engine export for that
+    model = Repository.of_folder(out).load(out.name, p.run.version, runtimes=("torch",))
     log(f"wrote {folder} ({', '.join(f'{k} {v / 1e6:.2f} MB' for k, v in sizes.items())})")
     (folder / "MODEL_CARD.md").write_text(card(p, model.fingerprint, sizes))
     return folder
