@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
 import math
 import re
 import time
@@ -54,6 +55,7 @@ from engines.speech.spec import SpeechSpec, parse_speech
 from engines.teleport import GaussianStats
 
 MODEL_FILE = "model.yaml"
+log = logging.getLogger("fewstep.engines")
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _MISSING = object()
 
@@ -183,7 +185,23 @@ class LoadedModel:
         return x if self.decoder is None else self.decoder(x)
 
     def to(self, device: str | torch.device) -> LoadedModel:
-        """Move the networks to a device (statistics are cast per call); returns self."""
+        """Move the torch modules to a device (statistics are cast per call); returns self.
+
+        The runtime stays where it was loaded: to run the network on another device, load
+        it there (Repository.load(..., device=...)) so a runtime is picked for that device.
+        """
+        runtime = self.engine.runtime if self.engine else None
+        stays = runtime is not None and not runtime.name.startswith("torch")
+        if stays and torch.device(runtime.device).type != torch.device(device).type:
+            log.warning(
+                "%s: moving to %s leaves its network on %s (%s); load it with "
+                "device=%r to pick a runtime there",
+                self.spec.name,
+                device,
+                runtime.name,
+                runtime.device,
+                str(device),
+            )
         for module in self.modules:
             module.to(device)
         return self

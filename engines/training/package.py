@@ -138,7 +138,8 @@ def publish(out: Path, version: int, kind: str, data: dict, sizes: dict, log: co
     not load fails here), log its files; returns its fingerprint for the card."""
     header = f"# {kind} model written by `fewstep train` (see {version}/MODEL_CARD.md)\n"
     (out / "model.yaml").write_text(header + yaml.safe_dump(data, sort_keys=False))
-    model = Repository.of_folder(out).load(out.name, version)
+    # load to check the package and take its fingerprint: no engine export for that
+    model = Repository.of_folder(out).load(out.name, version, runtimes=("torch",))
     files = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items())
     log(f"wrote {out / str(version)} ({files})")
     return model.fingerprint

@@ -33,8 +33,9 @@ def repo():
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return EngineCache(tmp_path_factory.mktemp("engines"))
+def cache():
+    """The session's cache (tests/conftest.py): loads elsewhere in the suite reuse these."""
+    return EngineCache()
 
 
 def quiet(message: str) -> None:

@@ -245,3 +245,11 @@ def test_tensorrt_missing_is_reported_plainly(ctx):
         pytest.skip("tensorrt is installed here")
     with pytest.raises(RuntimeUnavailable, match="tensorrt Python package not installed"):
         selection.prepare("tensorrt", ctx)
+
+
+def test_moving_a_model_whose_network_is_not_torch_says_where_the_network_stays(repo, caplog):
+    model = repo.load("fashion-cd", progress=lambda m: None)
+    assert model.runtime == "onnxruntime"
+    with caplog.at_level("WARNING", logger="fewstep.engines"):
+        model.to("meta")  # stands in for a GPU: only the torch modules move
+    assert "leaves its network on onnxruntime (cpu); load it with device='meta'" in caplog.text

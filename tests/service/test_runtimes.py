@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engines.export import EngineCache
 from engines.repository import Repository
 from tests.service.conftest import serve
 
@@ -20,13 +19,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server():
     repo = Repository(ROOT)
-    cache = EngineCache(tmp_path_factory.mktemp("engines"))
-    ort = repo.load("fashion-cd", cache=cache, progress=lambda m: None)  # as model.yaml asks
+    ort = repo.load("fashion-cd", progress=lambda m: None)  # as model.yaml asks
     eager = repo.load("fashion-cd", runtimes=["torch"])
     eager = replace(eager, spec=replace(eager.spec, name="fashion-cd-torch"))
-    with serve({("fashion-cd", 1): ort, ("fashion-cd-torch", 1): eager}) as s:
+    version = ort.spec.version
+    with serve({("fashion-cd", version): ort, ("fashion-cd-torch", version): eager}) as s:
         yield s
 
 
