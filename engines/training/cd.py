@@ -61,10 +61,12 @@ def init_from(student: UNet, package_dir: str | None, kind: str, log: common.Log
         return ""
     earlier = Repository.of_folder(package_dir).load(Path(package_dir).name, runtimes=TORCH)
     if earlier.spec.kind != kind:
-        raise ValueError(f"--init {package_dir} is a {earlier.spec.kind!r} package, not {kind!r}")
+        raise common.RecipeError(
+            f"--init {package_dir} is a {earlier.spec.kind!r} package, not {kind!r}"
+        )
     net = earlier.modules[0]
     if net.config != student.config:
-        raise ValueError(
+        raise common.RecipeError(
             f"--init {package_dir}: its network {net.config} differs from the student's "
             f"{student.config}"
         )
@@ -114,7 +116,7 @@ def run(
     # training runs the torch modules themselves: no engine build for the teacher
     teacher_model = Repository.of_folder(teacher_dir).load(Path(teacher_dir).name, runtimes=TORCH)
     if teacher_model.spec.kind != "edm" or teacher_model.spec.autoencoder is not None:
-        raise ValueError(f"{teacher_dir} is not a pixel-space 'edm' teacher package")
+        raise common.RecipeError(f"{teacher_dir} is not a pixel-space 'edm' teacher package")
     spec, teacher_net = teacher_model.spec, teacher_model.modules[0].to(run_cfg.device)
     teacher = guided(
         EDMDenoiser(teacher_net, spec.sigma_data), s.teacher_guidance, spec.network.classes

@@ -22,6 +22,11 @@ from engines.data import fashion_root, load_fashion_mnist
 Log = Callable[[str], None]
 
 
+class RecipeError(ValueError):
+    """A recipe's inputs do not fit (a wrong package, mismatched weights): `fewstep train`
+    prints the message, not a traceback."""
+
+
 @dataclasses.dataclass
 class RunConfig:
     """Settings every recipe has: seed, length, device, where to checkpoint and write."""

@@ -43,7 +43,7 @@ def run(
     )
     spec = teacher_model.spec
     if spec.kind != "edm" or spec.autoencoder is None:
-        raise ValueError(f"{teacher_dir} is not a latent 'edm' teacher (train lcm-teacher)")
+        raise common.RecipeError(f"{teacher_dir} is not a latent 'edm' teacher (train lcm-teacher)")
     teacher_net, ae = (m.to(run_cfg.device) for m in teacher_model.modules)
     teacher = EDMDenoiser(teacher_net, spec.sigma_data)
     schedule = LatentConsistency(original_steps=s.grid)
@@ -55,7 +55,7 @@ def run(
     student = UNet(config).to(run_cfg.device)
     missing = student.load_state_dict(teacher_net.state_dict(), strict=False).missing_keys
     if any(not k.startswith("guidance.") for k in missing):
-        raise ValueError(f"teacher weights do not fit the student: missing {missing}")
+        raise common.RecipeError(f"teacher weights do not fit the student: missing {missing}")
     continued = cd.init_from(student, s.init, "lcm", log)
     target, served = common.frozen_copy(student), common.frozen_copy(student)
 

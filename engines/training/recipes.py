@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 
 from engines.nets import UNetConfig
 from engines.training import common
@@ -148,6 +149,26 @@ def unet_config(args: argparse.Namespace, **extra) -> UNetConfig:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run a recipe; input problems (missing data, a wrong package, a diverging loss) are
+    reported as one line and exit status 2."""
+    from engines.data import DataFormatError
+    from engines.repository import ModelNotFoundError, RepositoryError
+
+    try:
+        return _run(args)
+    except (
+        OSError,
+        DataFormatError,
+        RepositoryError,
+        ModelNotFoundError,
+        common.RecipeError,
+        FloatingPointError,
+    ) as err:
+        print(f"fewstep train {args.recipe}: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     run = run_config(args)
     if args.recipe == "edm-teacher":
         from engines.training import edm

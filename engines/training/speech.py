@@ -193,7 +193,7 @@ def student_of(run: common.RunConfig, folder: str):
     teacher's copy with the encoder frozen (students learn the denoiser only)."""
     loaded = Repository.of_folder(folder).load(Path(folder).name, runtimes=("torch",))
     if loaded.spec.kind != "speech" or loaded.spec.speech.parameterisation != "edm":
-        raise ValueError(f"{folder} is not a speech teacher package (kind speech, edm)")
+        raise common.RecipeError(f"{folder} is not a speech teacher package (kind speech, edm)")
     teacher = loaded.modules[0].to(run.device)
     student = TTS(loaded.spec.speech.network).to(run.device)
     student.load_state_dict(teacher.state_dict())

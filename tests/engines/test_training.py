@@ -89,7 +89,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
-def test_a_student_continues_from_its_own_package_and_refuses_a_foreign_one(trained):
+def test_a_student_continues_from_its_own_package_and_refuses_a_foreign_one(trained, capsys):
     repo, work = trained
     first = Repository(repo).load("fashion-cd")
     train(
@@ -112,22 +112,13 @@ def test_a_student_continues_from_its_own_package_and_refuses_a_foreign_one(trai
     weights = load_file(str(repo / "fashion-cd" / "2" / "weights.safetensors"))
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float16}
     assert torch.isfinite(sample(again, 2)).all()
-    with pytest.raises(ValueError, match="is a 'edm' package, not 'cm'"):
-        main(
-            [
-                "train",
-                "cd",
-                "--out",
-                str(work / "x"),
-                "--work",
-                str(work / "x"),
-                *FEW,
-                "--teacher",
-                str(repo / "fashion-edm"),
-                "--init",
-                str(repo / "fashion-edm"),
-            ]
-        )
+    args = ["train", "cd", "--out", str(work / "x"), "--work", str(work / "x"), *FEW]
+    args += ["--teacher", str(repo / "fashion-edm")]
+    assert main([*args, "--init", str(repo / "fashion-edm")]) == 2
+    err = capsys.readouterr().err
+    assert f"fewstep train cd: --init {repo / 'fashion-edm'} is a 'edm' package, not 'cm'" in err
+    assert main([*args, "--init", str(work / "nowhere")]) == 2
+    assert "a model folder needs a model.yaml" in capsys.readouterr().err
 
 
 def test_max_minutes_stops_early_and_the_card_records_the_steps_reached(tmp_path, capsys):
