@@ -33,6 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engines.modalities import ImageInputs  # noqa: E402
 from engines.repository import Repository  # noqa: E402
 from loadtest.procs import Processes, fewstep, free_port  # noqa: E402
 from service.jobs import Job  # noqa: E402
@@ -88,12 +89,13 @@ def raw_engine(model, bodies: list[dict], batch_size: int) -> tuple[float, float
         Job(
             model=model.spec.name,
             version=model.spec.version,
-            labels=[model.spec.label_id(b["prompt"])] * b["n"],
+            inputs=ImageInputs(
+                [model.spec.label_id(b["prompt"])] * b["n"], teleport=b.get("teleport", False)
+            ),
             n=b["n"],
             sampler=b["sampler"],
             steps=b["steps"],
             seed=b["seed"],
-            teleport=b.get("teleport", False),
         )
         for b in bodies
     ]

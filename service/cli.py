@@ -168,32 +168,37 @@ def _add_build(commands: argparse._SubParsersAction) -> None:
     build.set_defaults(run=_build)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import logging
+def _settings(overrides: dict):
+    """Settings for serve / worker, or None after printing why they cannot work."""
+    from service import bootstrap
 
-    import uvicorn
-    from pydantic import ValidationError
-
-    from engines.repository import Repository, RepositoryError
-    from service.app import create_app
-    from service.config import Settings
-
-    overrides = {
-        "host": args.host,
-        "port": args.port,
-        "grpc_port": args.grpc_port,
-        "grpc": False if args.no_grpc else None,
-        "model_repo": args.model_repo,
-        "batching": args.batching,
-        "max_queue_delay_ms": args.max_queue_delay_ms,
-        "queue": args.queue,
-        "worker": False if args.no_worker else None,
-    }
     try:
-        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-        Repository(settings.model_repo).specs()  # fail fast on a broken repository
-    except (ValidationError, RepositoryError, OSError) as err:
+        return bootstrap.settings(overrides)
+    except bootstrap.BootError as err:
         print(f"fewstep: {err}", file=sys.stderr)
+        return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service import bootstrap
+    from service.app import create_app
+
+    settings = _settings(
+        {
+            "host": args.host,
+            "port": args.port,
+            "grpc_port": args.grpc_port,
+            "grpc": False if args.no_grpc else None,
+            "model_repo": args.model_repo,
+            "batching": args.batching,
+            "max_queue_delay_ms": args.max_queue_delay_ms,
+            "queue": args.queue,
+            "worker": False if args.no_worker else None,
+        }
+    )
+    if settings is None:
         return 2
     if not settings.worker and settings.queue == "memory":
         print(
@@ -202,7 +207,7 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    bootstrap.configure_logging(args.log_level)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -239,26 +244,20 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    import logging
-
     import uvloop
-    from pydantic import ValidationError
 
-    from engines.repository import Repository, RepositoryError
-    from service.config import Settings
+    from service import bootstrap
     from service.worker.process import run_worker
 
-    overrides = {
-        "queue": args.queue,
-        "model_repo": args.model_repo,
-        "models": args.models.split(",") if args.models else None,
-        "batching": args.batching,
-    }
-    try:
-        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-        Repository(settings.model_repo).specs()  # fail fast on a broken repository
-    except (ValidationError, RepositoryError, OSError) as err:
-        print(f"fewstep: {err}", file=sys.stderr)
+    settings = _settings(
+        {
+            "queue": args.queue,
+            "model_repo": args.model_repo,
+            "models": args.models.split(",") if args.models else None,
+            "batching": args.batching,
+        }
+    )
+    if settings is None:
         return 2
     if settings.queue == "memory":
         print(
@@ -267,7 +266,7 @@ def _worker(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    bootstrap.configure_logging(args.log_level)
     return uvloop.run(run_worker(settings, metrics_port=args.metrics_port))
 
 

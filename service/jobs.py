@@ -1,7 +1,8 @@
 """Job, JobResult and JobEvent: the small records that cross the queue.
 
-They hold only plain values (and bytes for outputs) and convert to and from dicts, so a
-queue backend can serialise them as JSON or msgpack, never pickle.
+They hold plain values, bytes for outputs and the modality's small typed payloads
+(engines.modalities: a job's inputs, a result's info), and convert to and from dicts, so a
+queue backend can serialise them as JSON, never pickle.
 """
 
 from __future__ import annotations
@@ -11,6 +12,15 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+
+from engines.modalities import (
+    Info,
+    Inputs,
+    Modality,
+    info_from_dict,
+    inputs_from_dict,
+    modality_named,
+)
 
 
 class JobState(str, Enum):
@@ -35,23 +45,19 @@ class Job:
 
     model: str
     version: int
-    labels: list[int]  # one class id per sample; [] for an unconditional model
-    n: int
+    inputs: Inputs  # the modality's typed inputs (engines.modalities)
+    n: int  # samples: images, or sentences of one utterance
     sampler: str
     steps: int
     seed: int
-    guidance_scale: float = 1.0
-    teleport: bool = False
     deadline: float | None = None  # unix time after which the job must not use compute
     priority: int = 0  # higher runs first
     preview: bool = False  # attach a small x0 preview to step events
-    # what the worker makes of each sample (service.media.ENCODINGS): "png", or "raw"
-    # uint8 pixels [H, W, C] for the Open Inference Protocol's image tensor
+    # how the worker encodes the outputs (the modality's formats): "png" or "raw" uint8
+    # pixels [H, W, C] for images, "wav", "mp3", ... or "f32" samples for speech
     output_format: str = "png"
     idempotency_key: str | None = None
-    # speech models: the request's sentences (one row each) and the duration scale
-    text: list[str] = field(default_factory=list)
-    speed: float = 1.0
+    owner: str = ""  # the principal that submitted it
     id: str = field(default_factory=new_job_id)
     submit_time: float = field(default_factory=time.time)
     # Set by the queue when it hands the job out. delivery: 2 and more means an earlier
@@ -63,17 +69,23 @@ class Job:
     @property
     def rows(self) -> int:
         """Rows this job adds to a forward pass (classifier-free guidance doubles them)."""
-        return self.n * (2 if self.guidance_scale != 1.0 else 1)
+        return self.inputs.rows(self.n)
+
+    @property
+    def modality(self) -> Modality:
+        return modality_named(self.inputs.kind)
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (time.time() if now is None else now) >= self.deadline
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["inputs"] = self.inputs.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Job:
-        return cls(**data)
+        return cls(**{**data, "inputs": inputs_from_dict(data["inputs"])})
 
 
 @dataclass
@@ -94,13 +106,13 @@ class JobResult:
     fingerprint: str = ""
     error: str | None = None
     error_code: str | None = None
-    audio_seconds: float = 0.0  # speech: length of the audio made (for the real-time factor)
-    sample_rate: int = 0  # speech: of the audio in outputs
+    info: Info | None = None  # what the outputs are (the modality's): size, sample rate...
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["state"] = self.state.value
         data["outputs"] = [base64.b64encode(o).decode() for o in self.outputs]
+        data["info"] = None if self.info is None else self.info.to_dict()
         return data
 
     @classmethod
@@ -108,6 +120,8 @@ class JobResult:
         data = dict(data)
         data["state"] = JobState(data["state"])
         data["outputs"] = [base64.b64decode(o) for o in data["outputs"]]
+        if data.get("info") is not None:
+            data["info"] = info_from_dict(data["info"])
         return cls(**data)
 
 

@@ -158,8 +158,8 @@ class Metrics:
         if result.compute_seconds:
             self.queue_wait.labels(job.model).observe(result.queue_seconds)
             self.compute.labels(job.model, job.sampler).observe(result.compute_seconds)
-        if result.audio_seconds:
-            rtf = result.total_seconds / result.audio_seconds
+        if result.info is not None and result.info.duration:
+            rtf = result.total_seconds / result.info.duration
             self.real_time_factor.labels(job.model, job.sampler).observe(rtf)
 
     def observe_request(

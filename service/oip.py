@@ -1,27 +1,19 @@
-"""The Open Inference Protocol (KServe v2) over fewstep's queue, for HTTP and gRPC alike.
+"""The Open Inference Protocol (KServe v2) data plane, shared by HTTP and gRPC.
 
-Each model's OIP signature comes from its spec. An image model takes
-    label           BYTES [-1]  one class name (or synonym) per image; its length is n
-                                (an unconditional model takes n INT32 [1] instead)
-    seed            INT64 [1]   optional; image i uses seed + i, as on /v1/images/generations
-    steps           INT32 [1]   optional
-    sampler         BYTES [1]   optional
-    guidance_scale  FP32 [1]    optional, only on models with classifier-free guidance
-    teleport        BOOL [1]    optional, only on models that ship Gaussian statistics
-and returns image UINT8 [n, H, W, C] and seed INT64 [n]. Request parameters `priority`
-and `timeout` follow Triton's schedule-policy extension.
-
-The transports (service/api/v2.py, service/grpc/server.py) decode their tensors into
-`Tensor`s; `build_infer_job` checks them against the signature and hands them to the
-same build_job as the OpenAI-style endpoint, so an OIP request takes the same queue and
-worker, and the same seed gives the same pixels.
+The transports (service/api/v2.py, service/grpc/server.py) decode their wire format into
+`Tensor`s; this module checks them against the model's signature (its modality's:
+engines.modalities), decodes values (JSON `data`, or raw little-endian bytes for binary
+data and raw contents), maps them to an admission Request (`request`), runs it through
+the same admission as the OpenAI-style endpoints (`infer`), and turns the result into
+output tensors. So an OIP request takes the same queue and worker, and the same seed gives
+the same pixels. Request parameters `priority` and `timeout` follow Triton's
+schedule-policy extension.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-import time
 from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
@@ -29,18 +21,13 @@ from importlib import metadata
 import numpy as np
 from pydantic import ValidationError
 
-from service.api.images import submit
-from service.api.state import ServiceState, build_job
-from service.errors import (
-    Conflict,
-    DeadlineExceeded,
-    FewstepError,
-    InvalidRequest,
-    JobFailed,
-    UnknownModel,
-)
-from service.jobs import Job, JobResult, JobState
-from service.schemas import GenerationRequest
+from engines.modalities import InputError, OutputTensor, Signature, modality_of
+from engines.modalities.base import text_of
+from service import admission
+from service.errors import InvalidRequest
+from service.jobs import Job, JobResult
+from service.schemas import REQUEST_MODELS
+from service.state import ServiceState
 
 NUMPY_TYPES = {
     "BOOL": np.dtype("?"),
@@ -73,67 +60,10 @@ def server_version() -> str:
         return "0.0.0"
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output of a model's signature; -1 is a dimension of any size."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    required: bool = False
-
-    def metadata(self) -> dict:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
-
-
-@dataclass(frozen=True)
-class Signature:
-    inputs: dict[str, TensorSpec]
-    outputs: dict[str, TensorSpec]
-
-
 @cache
 def signature(spec) -> Signature:
     """The OIP inputs and outputs of a model (an engines.repository.ModelSpec)."""
-    if spec.kind == "speech":
-        return speech_signature()
-    s = spec.sampling
-    first = (
-        TensorSpec("label", "BYTES", (-1,), required=True)
-        if spec.labels
-        else TensorSpec("n", "INT32", (1,))
-    )
-    inputs = [
-        first,
-        TensorSpec("seed", "INT64", (1,)),
-        TensorSpec("steps", "INT32", (1,)),
-        TensorSpec("sampler", "BYTES", (1,)),
-    ]
-    if s.max_guidance != 1.0:
-        inputs.append(TensorSpec("guidance_scale", "FP32", (1,)))
-    if s.teleport_sigma is not None:
-        inputs.append(TensorSpec("teleport", "BOOL", (1,)))
-    channels, height, width = spec.image_shape[-3:]
-    outputs = [
-        TensorSpec("image", "UINT8", (-1, height, width, channels)),
-        TensorSpec("seed", "INT64", (-1,)),
-    ]
-    return Signature({t.name: t for t in inputs}, {t.name: t for t in outputs})
-
-
-def resolve(state: ServiceState, name: str, version: str = ""):
-    """The ModelSpec of a model name and version string ("" is the default version)."""
-    versions = state.specs.get(name)
-    if versions is None:
-        raise UnknownModel(f"unknown model {name!r}; available: {sorted(state.specs)}")
-    if not version:
-        return versions[state.default_versions[name]]
-    if not version.isdigit() or int(version) not in versions:
-        raise UnknownModel(
-            f"model {name!r} has no version {version!r}; versions: "
-            f"{[str(v) for v in sorted(versions)]}"
-        )
-    return versions[int(version)]
+    return modality_of(spec).signature(spec)
 
 
 def server_metadata() -> dict:
@@ -193,16 +123,7 @@ def expect_input(spec, name: str, datatype: str, shape: object) -> int:
         raise InvalidRequest(
             f"input {name!r} has shape {shape}; model {spec.name} expects {list(wanted.shape)}"
         )
-    count = math.prod(shape)
-    if name == "label":
-        if count == 0:
-            raise InvalidRequest("input 'label' is empty; send one label per image")
-        if count > spec.max_n:
-            raise InvalidRequest(
-                f"input 'label' asks for {count} images; model {spec.name} makes at most "
-                f"{spec.max_n} per request; send several requests"
-            )
-    return count
+    return math.prod(shape)
 
 
 def from_raw(name: str, datatype: str, raw: bytes, count: int) -> list:
@@ -293,9 +214,9 @@ def _scalar(tensors: dict[str, Tensor], name: str):
 
 def _text(name: str, value: bytes) -> str:
     try:
-        return value.decode()
-    except UnicodeDecodeError:
-        raise InvalidRequest(f"input {name!r} is not UTF-8 text") from None
+        return text_of(name, value)
+    except InputError as err:
+        raise InvalidRequest(err.message) from None
 
 
 def schedule(parameters: dict[str, object]) -> tuple[int, int | None]:
@@ -337,164 +258,66 @@ def validated(model: type, fields: dict):
         raise InvalidRequest(f"{where}: {error['msg']}") from None
 
 
-def build_infer_job(
-    state: ServiceState, spec, tensors: dict[str, Tensor], parameters: dict[str, object]
-) -> Job:
-    """Validate an OIP request (its inputs already checked by expect_input) and make
-    the Job, through the same build_job as the OpenAI-style endpoint."""
-    sig = signature(spec)
-    if spec.kind == "speech":
-        if "text" not in tensors:
-            raise InvalidRequest("input 'text' (BYTES, shape [1]) is missing; send the text")
-        return build_speech_infer_job(state, spec, tensors, parameters)
-    for wanted in sig.inputs.values():
+def request(spec, tensors: dict[str, Tensor], parameters: dict[str, object]) -> admission.Request:
+    """An OIP request (its inputs already checked by expect_input) as an admission Request.
+
+    The modality maps the tensors to its request fields; the values are checked with the
+    same wire model as the OpenAI-style endpoint of that modality.
+    """
+    modality = modality_of(spec)
+    values = {name: tensor.values for name, tensor in tensors.items()}
+    try:
+        fields = modality.from_tensors(spec, values)
+    except InputError as err:
+        raise InvalidRequest(err.message) from None
+    for wanted in signature(spec).inputs.values():
         if wanted.required and wanted.name not in tensors:
             raise InvalidRequest(
                 f"input {wanted.name!r} ({wanted.datatype}, shape {list(wanted.shape)}) is "
                 f"missing; model {spec.name} needs it"
             )
-    labels: list[str] = []
-    if "label" in tensors:
-        for i, value in enumerate(tensors["label"].values):
-            text = _text("label", value)
-            if spec.label_id(text) is None:
-                raise InvalidRequest(
-                    f"input 'label' element {i}: {text!r} is not a class of model "
-                    f"{spec.name}; use one of {list(spec.labels)} "
-                    f"(synonyms: {sorted(spec.synonyms)})"
-                )
-            labels.append(text)
-    n = len(labels) if labels else _scalar(tensors, "n")
-    n = 1 if n is None else n
-    if not 1 <= n <= spec.max_n:
-        raise InvalidRequest(f"input 'n' must be in 1..{spec.max_n} for model {spec.name}")
     sampler = _scalar(tensors, "sampler")
     priority, deadline_ms = schedule(parameters)
-    fields = {
+    common = {
         "model": f"{spec.name}@{spec.version}",
-        "prompt": labels[0] if labels else "",
-        "n": n,
         "sampler": None if sampler is None else _text("sampler", sampler),
         "steps": _scalar(tensors, "steps"),
         "seed": _scalar(tensors, "seed"),
-        "guidance_scale": _scalar(tensors, "guidance_scale"),
-        "teleport": bool(_scalar(tensors, "teleport")),
         "deadline_ms": deadline_ms,
         "priority": priority,
     }
-    job = build_job(validated(GenerationRequest, fields), state)
-    if labels:
-        job.labels = [spec.label_id(text) for text in labels]
-    job.output_format = "raw"
-    return job
-
-
-def speech_signature() -> Signature:
-    """A speech model takes text BYTES [1] (plus seed, steps, sampler, speed) and returns
-    the whole utterance as audio FP32 [samples] in [-1, 1] and its sample_rate INT32 [1]."""
-    inputs = [
-        TensorSpec("text", "BYTES", (1,), required=True),
-        TensorSpec("seed", "INT64", (1,)),
-        TensorSpec("steps", "INT32", (1,)),
-        TensorSpec("sampler", "BYTES", (1,)),
-        TensorSpec("speed", "FP32", (1,)),
-    ]
-    outputs = [TensorSpec("audio", "FP32", (-1,)), TensorSpec("sample_rate", "INT32", (1,))]
-    return Signature({t.name: t for t in inputs}, {t.name: t for t in outputs})
-
-
-def build_speech_infer_job(
-    state: ServiceState, spec, tensors: dict[str, Tensor], parameters: dict[str, object]
-) -> Job:
-    """An OIP speech request as the same Job /v1/audio/speech makes (raw float32 audio)."""
-    from service.api.speech import SpeechRequest, build_speech_job
-
-    sampler = _scalar(tensors, "sampler")
-    speed = _scalar(tensors, "speed")
-    priority, deadline_ms = schedule(parameters)
-    fields = {
-        "model": f"{spec.name}@{spec.version}",
-        "input": _text("text", _scalar(tensors, "text")),
-        "sampler": None if sampler is None else _text("sampler", sampler),
-        "steps": _scalar(tensors, "steps"),
-        "seed": _scalar(tensors, "seed"),
-        "speed": 1.0 if speed is None else speed,
-        "deadline_ms": deadline_ms,
-        "priority": priority,
-    }
-    return build_speech_job(validated(SpeechRequest, fields), state, "f32")
+    wire = REQUEST_MODELS[modality.name]
+    known = {k: v for k, v in fields.items() if k in wire.model_fields}
+    checked = validated(wire, {**common, **known})
+    return admission.Request(
+        **{k: getattr(checked, k) for k in common},
+        fields={**fields, **checked.model_dump(include=set(known))},
+        tensor_output=True,
+    )
 
 
 # -- running it ---------------------------------------------------------------------------
 
 
-def _failure(result: JobResult) -> FewstepError:
-    if result.state is JobState.CANCELED:
-        return Conflict("the request was canceled before it finished")
-    if result.error_code == "deadline_exceeded":
-        return DeadlineExceeded(f"{result.error}; raise the 'timeout' parameter or lower steps")
-    if result.error_code == "invalid_parameter":
-        return InvalidRequest(result.error or "invalid request")
-    return JobFailed(result.error or "generation failed")
+async def infer(
+    state: ServiceState, spec, tensors: dict[str, Tensor], parameters: dict, endpoint: str
+) -> tuple[Job, JobResult]:
+    """Admit an OIP request, run it on the service's queue, wait for its one result."""
+    job = admission.admit(state, request(spec, tensors, parameters)).job
+    return job, await admission.run(state, job, endpoint, admission.OIP)
 
 
-async def run(state: ServiceState, job: Job, endpoint: str) -> JobResult:
-    """Submit the job to the service's queue and wait for its one result."""
-    begin = time.perf_counter()
-    try:
-        job, _ = await submit(state, job, "")
-        wait = state.settings.request_timeout_s
-        if job.deadline is not None:
-            wait = min(wait, max(job.deadline - time.time(), 0) + 1.0)
-        result = await state.queue.result(job.id, wait)
-        if result is None:
-            await state.queue.cancel(job.id)
-            raise DeadlineExceeded(
-                f"no result within {wait:.1f} s; raise the 'timeout' parameter or lower steps"
-            )
-        if result.state is not JobState.SUCCEEDED:
-            raise _failure(result)
-    except FewstepError as exc:
-        state.metrics.observe_request(job.model, job.sampler, endpoint, str(exc.status), None)
-        raise
-    state.metrics.observe_request(
-        job.model, job.sampler, endpoint, "200", time.perf_counter() - begin
-    )
-    return result
+def values(output: OutputTensor) -> list:
+    """An output tensor's values, for JSON."""
+    if output.datatype == "UINT8":
+        return list(output.raw)
+    return np.frombuffer(output.raw, NUMPY_TYPES[output.datatype]).tolist()
 
 
-@dataclass
-class Output:
-    """An output tensor: its raw little-endian bytes, and its values for JSON."""
-
-    name: str
-    datatype: str
-    shape: list[int]
-    raw: bytes
-
-    def values(self) -> list:
-        if self.datatype == "UINT8":
-            return list(self.raw)
-        return np.frombuffer(self.raw, NUMPY_TYPES[self.datatype]).tolist()
-
-
-def outputs(spec, result: JobResult, names: list[str]) -> list[Output]:
+def outputs(spec, result: JobResult, names: list[str]) -> list[OutputTensor]:
     """The requested outputs (all of them if `names` is empty), in the order asked."""
-    sig = signature(spec)
-    n = len(result.outputs)
-    made = {
-        "image": lambda: Output(
-            "image", "UINT8", [n, *sig.outputs["image"].shape[1:]], b"".join(result.outputs)
-        ),
-        "seed": lambda: Output(
-            "seed", "INT64", [n], np.asarray(result.seeds, NUMPY_TYPES["INT64"]).tobytes()
-        ),
-        "audio": lambda: Output("audio", "FP32", [len(result.outputs[0]) // 4], result.outputs[0]),
-        "sample_rate": lambda: Output(
-            "sample_rate", "INT32", [1], np.asarray([result.sample_rate], "<i4").tobytes()
-        ),
-    }
-    return [made[name]() for name in names or sig.outputs]
+    made = modality_of(spec).to_tensors(spec, result.outputs, result.seeds, result.info)
+    return [made[name] for name in names or signature(spec).outputs]
 
 
 def response_parameters(job: Job, result: JobResult) -> dict[str, object]:

@@ -36,6 +36,32 @@ class GenerationRequest(BaseModel):
     preview: bool = False
 
 
+class SpeechRequest(BaseModel):
+    """OpenAI's speech fields (model, input, voice, response_format, speed) plus fewstep's
+    sampler, steps, seed, deadline_ms and priority."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="a speech model, optionally name@version")
+    input: str = Field(description="text to speak")
+    voice: str = Field("slt", description="a voice of the model, or an OpenAI voice name")
+    response_format: Literal["wav", "flac", "pcm", "mp3", "opus", "aac"] | None = None
+    speed: float = Field(1.0, ge=0.25, le=4.0, description="speaking rate (durations / speed)")
+    instructions: str | None = Field(None, max_length=4096)
+    sampler: str | None = None
+    steps: int | None = Field(None, ge=1, le=1000)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    deadline_ms: int | None = Field(None, ge=1, le=86_400_000)
+    priority: int = Field(0, ge=-10, le=10)
+
+
+# the wire request of each modality's OpenAI-style endpoint (OIP checks its values with it)
+REQUEST_MODELS: dict[str, type[BaseModel]] = {
+    "image": GenerationRequest,
+    "speech": SpeechRequest,
+}
+
+
 class ImageData(BaseModel):
     b64_json: str
     revised_prompt: str | None = None

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.errors import NotReady, QueueUnavailable
 
-from .state import State
+from .common import State
 
 router = APIRouter(tags=["health"])
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
 from fastapi.responses import StreamingResponse
 
+from service import admission
 from service.errors import Conflict, InvalidRequest, JobNotFound
 from service.jobs import JobState
-from service.schemas import GenerationRequest, JobResultView, JobView, Progress
+from service.schemas import GenerationRequest, ImageData, JobResultView, JobView, Progress
 
-from .images import image_data, raise_for_failure, submit, timings
-from .state import State, build_job, fingerprint
+from .common import State, fingerprint, image_request, timings
 
 router = APIRouter(tags=["jobs"])
 
@@ -29,7 +30,7 @@ def view(status) -> JobView:
         steps=job.steps,
         n=job.n,
         seed=job.seed,
-        teleport=job.teleport,
+        teleport=getattr(job.inputs, "teleport", False),
         priority=job.priority,
         created=job.submit_time,
         position=status.position,
@@ -58,7 +59,8 @@ async def submit_job(
     state.require_ready()
     if idempotency_key is not None and not idempotency_key.strip():
         raise InvalidRequest("Idempotency-Key must not be blank", param="Idempotency-Key")
-    job, created = await submit(state, build_job(req, state, idempotency_key), fingerprint(req))
+    admitted = admission.admit(state, image_request(req, idempotency_key))
+    job, created = await admission.submit(state, admitted.job, fingerprint(req))
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.status_code = 200
@@ -83,14 +85,16 @@ async def get_result(job_id: str, state: State, wait: float = 0.0) -> JobResultV
             f"/v1/jobs/{job_id}/events, or pass ?wait=SECONDS"
         )
     if result.state is not JobState.SUCCEEDED:
-        raise_for_failure(result)
+        raise admission.failure(result)
     job = status.job
-    spec = state.spec(f"{job.model}@{job.version}")
-    label = spec.labels[job.labels[0]] if job.labels else None
+    label = job.inputs.revised_prompt(state.resolve(job.model, str(job.version)))
     return JobResultView(
         id=job.id,
         status="succeeded",
-        data=image_data(job, result, label),
+        data=[
+            ImageData(b64_json=base64.b64encode(out).decode(), revised_prompt=label, seed=seed)
+            for out, seed in zip(result.outputs, result.seeds, strict=True)
+        ],
         nfe=result.nfe,
         timings=timings(result),
         runtime=result.runtime,

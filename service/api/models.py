@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from .state import State
+from engines.modalities import modality_of
+
+from .common import State
 
 router = APIRouter(tags=["models"])
 
@@ -19,10 +21,10 @@ def describe(name: str, state) -> dict:
         "created": 0,
         "owned_by": "fewstep",
         "kind": spec.kind,
+        "modality": modality_of(spec).name,
         "description": spec.description,
         "versions": sorted(versions),
         "default_version": spec.version,
-        "size": f"{spec.image_shape[-1]}x{spec.image_shape[-2]}" if spec.speech is None else None,
         "labels": list(spec.labels),
         "synonyms": dict(spec.synonyms),
         "samplers": list(s.samplers),
@@ -41,22 +43,7 @@ def describe(name: str, state) -> dict:
         # the engine running the network here; null where this process loads no weights
         # (an API-only process in distributed mode)
         "runtime": state.runtimes.get(name),
-        **speech_fields(spec),
-    }
-
-
-def speech_fields(spec) -> dict:
-    """Speech models: voices, sample rate and the input limits."""
-    if spec.speech is None:
-        return {}
-    from engines.speech.audio import available_formats
-
-    return {
-        "voices": list(spec.speech.voices),
-        "sample_rate": spec.speech.sample_rate,
-        "response_formats": available_formats(),
-        "max_input_chars": spec.speech.max_chars,
-        "max_sentences": spec.speech.max_sentences,
+        **modality_of(spec).describe(spec),
     }
 
 

@@ -18,8 +18,9 @@ from fastapi import APIRouter, Request, Response
 
 from service import oip
 from service.errors import InvalidRequest, NotReady
+from service.state import ServiceState
 
-from .state import ServiceState, State
+from .common import State
 
 router = APIRouter(tags=["kserve-v2"])
 
@@ -46,7 +47,7 @@ async def server_ready(state: State) -> Response:
 
 def _metadata(state: ServiceState, name: str, version: str) -> dict:
     state.require_ready()
-    return oip.model_metadata(state, oip.resolve(state, name, version))
+    return oip.model_metadata(state, state.resolve(name, version))
 
 
 @router.get("/v2/models/{model_name}")
@@ -62,7 +63,7 @@ async def model_version_metadata(model_name: str, model_version: str, state: Sta
 def _ready(state: ServiceState, name: str, version: str) -> Response:
     if not state.ready:
         raise InvalidRequest("models are still loading; retry shortly")
-    oip.resolve(state, name, version)  # unknown: 404, also "not ready" to the protocol
+    state.resolve(name, version)  # unknown: 404, also "not ready" to the protocol
     return Response(status_code=200)
 
 
@@ -229,7 +230,7 @@ def _parameters(request: dict) -> tuple[dict, bool]:
 async def _infer(state: ServiceState, request: Request, name: str, version: str) -> Response:
     if not state.ready:
         raise NotReady("models are still loading; retry shortly", retry_after=2)
-    spec = oip.resolve(state, name, version)
+    spec = state.resolve(name, version)
     body = _decompress(
         await request.body(),
         request.headers.get("content-encoding"),
@@ -242,8 +243,7 @@ async def _infer(state: ServiceState, request: Request, name: str, version: str)
     parameters, binary_output = _parameters(req)
     tensors = _inputs(spec, req.get("inputs"), binary)
     requested = _requested(spec, req.get("outputs"), binary_output)
-    job = oip.build_infer_job(state, spec, tensors, parameters)
-    result = await oip.run(state, job, "v2_http")
+    job, result = await oip.infer(state, spec, tensors, parameters, "v2_http")
     flags = dict(requested)
     response: dict = {"model_name": spec.name, "model_version": str(spec.version)}
     if request_id:
@@ -256,7 +256,7 @@ async def _infer(state: ServiceState, request: Request, name: str, version: str)
             tensor["parameters"] = {"binary_data_size": len(output.raw)}
             chunks.append(output.raw)
         else:
-            tensor["data"] = output.values()
+            tensor["data"] = oip.values(output)
         tensors_out.append(tensor)
     response["outputs"] = tensors_out
     header = json.dumps(response, separators=(",", ":")).encode()

@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from service import oip
-from service.api.state import ServiceState
 from service.errors import FewstepError, InvalidRequest, NotReady
+from service.state import ServiceState
 
 from . import protocol
 
@@ -127,7 +127,7 @@ class InferenceServicer:
         ready = self.state.ready
         if ready:
             try:
-                oip.resolve(self.state, request.name, request.version)
+                self.state.resolve(request.name, request.version)
             except FewstepError:
                 ready = False
         return protocol.METHODS["ModelReady"][1](ready=ready)
@@ -137,14 +137,14 @@ class InferenceServicer:
 
     async def ModelMetadata(self, request, context):
         self.state.require_ready()
-        spec = oip.resolve(self.state, request.name, request.version)
+        spec = self.state.resolve(request.name, request.version)
         return protocol.ModelMetadataResponse(**oip.model_metadata(self.state, spec))
 
     async def ModelInfer(self, request, context):
         state = self.state
         if not state.ready:
             raise NotReady("models are still loading; retry shortly", retry_after=2)
-        spec = oip.resolve(state, request.model_name, request.model_version)
+        spec = state.resolve(request.model_name, request.model_version)
         tensors = _inputs(spec, request)
         for output in request.outputs:
             if output.parameters:
@@ -160,8 +160,7 @@ class InferenceServicer:
             raise InvalidRequest(
                 f"unknown request parameter(s) {unknown}; fewstep reads priority and timeout"
             )
-        job = oip.build_infer_job(state, spec, tensors, parameters)
-        result = await oip.run(state, job, "v2_grpc")
+        job, result = await oip.infer(state, spec, tensors, parameters, "v2_grpc")
         response = protocol.ModelInferResponse(
             model_name=spec.name, model_version=str(spec.version), id=request.id
         )

@@ -17,9 +17,9 @@ from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 
 from engines.noise import row_seeds
+from service.bootstrap import resolve_device
 from service.errors import QueueUnavailable
 from service.jobs import Job, JobEvent, JobResult, JobState
-from service.media import media_type
 from service.metrics import BatchStats, Metrics
 from service.queue.base import JobQueue
 from service.worker.scheduler import Active, Outcome, pick_batch, start, step_batch
@@ -182,8 +182,7 @@ class Worker:
                 )
         if not self.actives:
             return
-        max_rows = self.actives[0].model.spec.max_batch_size
-        batch = pick_batch(self.actives, max_rows, self.static)
+        batch = pick_batch(self.actives, static=self.static)
         if not batch:
             return
         now = time.time()
@@ -227,19 +226,23 @@ class Worker:
             data["preview"] = base64.b64encode(outcome.preview).decode()
         await self.queue.publish(JobEvent(active.job.id, "step", data))
         if outcome.kind == "done":
-            await self._finish(active, JobState.SUCCEEDED, None, None, outcome.outputs)
+            await self._finish(
+                active, JobState.SUCCEEDED, None, None, outcome.outputs, outcome.info
+            )
 
     def _drop(self, active: Active) -> None:
         self.actives.remove(active)
         self._alone -= active.job.alone
         self.metrics.active_jobs.labels(active.job.model).dec()
 
-    async def _finish(self, active: Active, state: JobState, code, message, outputs=()) -> None:
+    async def _finish(
+        self, active: Active, state: JobState, code, message, outputs=(), info=None
+    ) -> None:
         self._drop(active)
-        await self._finish_job(active.job, state, code, message, list(outputs), active)
+        await self._finish_job(active.job, state, code, message, list(outputs), active, info)
 
     async def _finish_job(
-        self, job: Job, state, code, message, outputs=(), active: Active | None = None
+        self, job: Job, state, code, message, outputs=(), active: Active | None = None, info=None
     ):
         now = time.time()
         started = active.first_forward_at if active and active.first_forward_at else now
@@ -248,7 +251,7 @@ class Worker:
             job.id,
             state,
             outputs=list(outputs),
-            media_type=media_type(job.output_format),
+            media_type=job.modality.media_type(job.output_format),
             seeds=row_seeds(job.seed, job.n) if outputs else [],
             nfe=active.nfe if active else 0,
             queue_seconds=started - job.submit_time,
@@ -259,8 +262,7 @@ class Worker:
             fingerprint=model.fingerprint if model else "",
             error=message,
             error_code=code,
-            audio_seconds=active.audio_seconds if active and outputs else 0.0,
-            sample_rate=model.speech.mel.sample_rate if model and model.speech else 0,
+            info=info,
         )
         self.metrics.observe_result(job, result)
         await self._store(result)
@@ -277,17 +279,6 @@ class Worker:
                 log.warning("storing the result of %s: %s", result.job_id, exc.message)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-
-
-def resolve_device(device: str) -> str:
-    """'auto' is CUDA when torch sees a GPU, else the CPU."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fewstep: FEWSTEP_DEVICE=cuda but torch sees no GPU; use auto or cpu")
-    return device
 
 
 def build_worker(queue, models: dict, metrics: Metrics, settings, claim_models=None) -> Worker:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 
+from service import bootstrap
 from service.config import Settings
 from service.metrics import Metrics
 from service.queue.factory import make_queue
@@ -22,12 +23,13 @@ log = logging.getLogger("fewstep.worker")
 async def run_worker(settings: Settings, loaded: dict | None = None, metrics_port: int = 0) -> int:
     """Serve jobs until SIGTERM / SIGINT. `loaded` ({(name, version): LoadedModel}) skips the
     repository (test fixtures)."""
-    from service.app import load_models, tune_gc
-
     metrics = Metrics()
-    models = loaded
-    if models is None:
-        models, _, _ = await asyncio.to_thread(load_models, settings, metrics)
+    if loaded is None:
+        served = await asyncio.to_thread(bootstrap.load_models, settings, metrics)
+    else:
+        served = bootstrap.Models.of(loaded)
+    bootstrap.mark_ready(served, metrics)
+    models = served.loaded
     queue = make_queue(settings)
     await queue.start()
     worker = build_worker(queue, models, metrics, settings, set(models))
@@ -38,7 +40,7 @@ async def run_worker(settings: Settings, loaded: dict | None = None, metrics_por
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port, registry=metrics.registry)
-    tune_gc()
+    bootstrap.tune_gc()
     consumer = getattr(queue, "consumer", "in-process")
     log.info("fewstep worker %s ready: %s", consumer, ", ".join(f"{n}@{v}" for n, v in models))
     try:

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from engines.denoisers import Guided
-from engines.noise import row_seeds
-from engines.samplers import SamplerGen, cat_cond, split_rows
-from engines.sampling import start_sampler
+from engines.modalities import Info, Modality
+from engines.samplers import SamplerGen
 from service.jobs import Job
-from service.media import ENCODINGS, encode_images
 
 
 @dataclass
@@ -32,77 +31,58 @@ class Active:
     gen: SamplerGen
     cond: dict[str, Tensor] | None
     nfe_total: int
+    state: Any = None  # what the modality needs to finish it (speech: frames per sentence)
     pending: tuple[Tensor, float] | None = None
     nfe: int = 0
     claimed_at: float = field(default_factory=time.time)
     first_forward_at: float | None = None
     forward_seconds: float = 0.0
-    frames: Tensor | None = None  # speech: each sentence's mel frames (rows are padded)
-    audio_seconds: float = 0.0  # speech: length of the finished audio
 
     @property
     def rows(self) -> int:
         return self.job.rows
 
+    @property
+    def modality(self) -> Modality:
+        return self.job.modality
+
     def group(self, static: bool) -> tuple:
         job = self.job
-        shape = tuple(self.pending[0].shape[1:]) if self.pending else ()
-        if self.frames is not None:  # speech: any lengths share a pass (padded, masked)
-            shape = shape[:-1]
+        shape = self.modality.batch_key(self.pending[0]) if self.pending else ()
         key = (job.model, job.version, shape)
-        return key + ((job.sampler, job.steps, job.guidance_scale, job.teleport) if static else ())
+        if static:
+            key += (job.sampler, job.steps, *job.inputs.static_key())
+        return key
 
 
 def start(job: Job, model, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Active:
     """Build the request's grid, initial noise and sampler, and run it to its first call.
 
-    Raises SamplerError / ScheduleError (bad arguments) before any compute is used.
+    Raises ValueError (SamplerError, ScheduleError, an unreadable input) before any compute
+    is used.
     """
-    if getattr(model, "speech", None) is not None:
-        return start_speech(job, model, dtype, device)
-    labels = torch.tensor(job.labels, dtype=torch.long) if job.labels else None
-    seeds = row_seeds(job.seed, job.n)
-    gen, cond, total = start_sampler(
-        model,
-        job.sampler,
-        job.steps,
-        seeds,
-        labels,
-        job.teleport,
-        job.guidance_scale,
-        dtype,
-        device,
-    )
-    active = Active(job, model, gen, cond, total)
-    active.pending = next(gen)
+    started = job.modality.start(job, model, dtype, device)
+    active = Active(job, model, started.gen, started.cond, started.nfe, started.state)
+    active.pending = next(started.gen)
     return active
 
 
-def start_speech(job: Job, model, dtype: torch.dtype, device: str) -> Active:
-    """Text -> phones -> durations -> prior mu (the front end and encoder run here, once),
-    then the sampler over the request's padded mels."""
-    try:
-        prepared = model.speech.prepare(job.text, job.speed, device)
-    except (KeyError, RuntimeError) as exc:
-        raise ValueError(f"the text front end could not read the input: {exc}") from None
-    gen, cond, total = model.speech.start(
-        prepared, job.sampler, job.steps, row_seeds(job.seed, job.n), dtype, device
-    )
-    active = Active(job, model, gen, cond, total, frames=prepared.frames)
-    active.pending = next(gen)
-    return active
-
-
-def pick_batch(actives: list[Active], max_rows: int, static: bool = False) -> list[Active]:
-    """The pending requests that share the next forward pass (a pure function)."""
+def pick_batch(
+    actives: list[Active], max_rows: int | None = None, static: bool = False
+) -> list[Active]:
+    """The pending requests that share the next forward pass (a pure function): the most
+    urgent request's group, as many as fit in `max_rows` rows, by default the max_batch_size
+    of that group's model (a request larger than that runs alone)."""
     waiting = [a for a in actives if a.pending is not None]
     if not waiting:
         return []
     waiting.sort(key=lambda a: (-a.job.priority, a.job.submit_time))
-    group = waiting[0].group(static)
+    first = waiting[0]
+    group = first.group(static)
+    limit = max(first.model.spec.max_batch_size if max_rows is None else max_rows, first.rows)
     batch, rows = [], 0
     for active in waiting:
-        if active.group(static) == group and rows + active.rows <= max(max_rows, waiting[0].rows):
+        if active.group(static) == group and rows + active.rows <= limit:
             batch.append(active)
             rows += active.rows
     return batch
@@ -117,25 +97,10 @@ def forward(batch: list[Active]) -> list[Tensor]:
             for a, x in zip(batch, xs, strict=True)
         ]
     )
-    denoiser = batch[0].model.denoiser
-    conds = [a.cond for a in batch]
-    lengths = [x.shape[-1] for x in xs]
-    if len(set(lengths)) > 1:  # speech rows of different lengths: pad, the mask hides it
-        xs, conds = pad_frames(xs, conds, max(lengths))
+    x, cond, split = batch[0].modality.collate(xs, [a.cond for a in batch])
     with torch.inference_mode():
-        out = denoiser(torch.cat(xs), sigma, cat_cond(conds))
-    parts = split_rows(out, [len(x) for x in xs])
-    return [p[..., :n] for p, n in zip(parts, lengths, strict=True)]
-
-
-def pad_frames(xs: list[Tensor], conds: list, frames: int) -> tuple[list[Tensor], list]:
-    """Zero-pad each request's x and per-frame cond tensors (mu, mask) to `frames`."""
-
-    def pad(t: Tensor) -> Tensor:
-        return torch.nn.functional.pad(t, (0, frames - t.shape[-1]))
-
-    padded = [{k: pad(v) if v.ndim == 3 else v for k, v in c.items()} for c in conds]
-    return [pad(x) for x in xs], padded
+        out = batch[0].model.denoiser(x, sigma, cond)
+    return split(out)
 
 
 @dataclass
@@ -148,21 +113,18 @@ class Outcome:
     outputs: list[bytes] = field(default_factory=list)
     code: str | None = None
     message: str | None = None
+    info: Info | None = None  # with "done": what the outputs are
 
 
 def advance(active: Active, x0) -> Outcome:
     """Hand a request its x0, run its sampler to the next call, encode what is due."""
     active.nfe += 1
     values = x0.x0 if isinstance(x0, Guided) else x0
-    data_range = active.model.spec.data_range
     if not bool(torch.isfinite(values).all()):
         message = f"the model returned non-finite values at step {active.nfe}"
         return Outcome(active, "failed", code="non_finite", message=message)
-    model = active.model
-    preview = None
-    if active.job.preview and active.frames is None:
-        with torch.inference_mode():
-            preview = encode_images(model.decode(values[:1]), data_range)[0]
+    job, modality = active.job, active.modality
+    preview = modality.preview(active.model, job, values)
     try:
         active.pending = active.gen.send(x0)
     except StopIteration as stop:
@@ -175,15 +137,8 @@ def advance(active: Active, x0) -> Outcome:
                 code="non_finite",
                 message="the final sample is not finite",
             )
-        if active.frames is not None:
-            audio, active.audio_seconds = active.model.speech.render(
-                stop.value, active.frames, active.job.output_format
-            )
-            return Outcome(active, "done", preview, [audio])
-        encode = ENCODINGS[active.job.output_format][0]
-        with torch.inference_mode():
-            final = model.decode(stop.value)
-        return Outcome(active, "done", preview, encode(final, data_range))
+        outputs, info = modality.finish(active.model, job, stop.value, active.state)
+        return Outcome(active, "done", preview, outputs, info=info)
     except Exception as exc:  # a sampler must never take the worker down
         active.pending = None
         return Outcome(active, "failed", code="sampler_error", message=f"the sampler failed: {exc}")

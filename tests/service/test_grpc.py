@@ -24,12 +24,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from service.api.state import ServiceState
 from service.config import Settings
 from service.grpc import protocol
 from service.grpc.server import start
 from service.metrics import Metrics
 from service.queue.memory import MemoryQueue
+from service.state import ServiceState
 
 from .conftest import serve
 from .test_oip import toy_inputs

@@ -11,6 +11,7 @@ import time
 import pytest
 import redis
 
+from engines.modalities import ImageInputs
 from service.errors import Conflict, QueueFull, QueueUnavailable
 from service.jobs import Job, JobEvent, JobResult, JobState
 from service.queue.keys import GROUP, Keys, lua_prelude
@@ -24,7 +25,7 @@ def job(n=1, priority=0, key=None, seed=0, t=0.0, model="toy") -> Job:
     return Job(
         model,
         1,
-        [0] * n,
+        ImageInputs([0] * n),
         n,
         "euler",
         2,

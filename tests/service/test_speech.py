@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 import tritonclient.grpc as grpcclient
 
+from engines.modalities import SpeechInputs
 from service.jobs import Job
 from service.worker.scheduler import forward, start
 from tests.engines.speech_fixture import tiny_speech_model
@@ -190,7 +191,7 @@ def test_rows_of_different_lengths_share_a_pass_as_if_alone():
 
     def actives():
         jobs = [
-            Job("speech-tiny", 1, [], len(t), "ddpm", 2, seed=i, text=t, output_format="wav")
+            Job("speech-tiny", 1, SpeechInputs(t), len(t), "ddpm", 2, seed=i, output_format="wav")
             for i, t in enumerate(texts)
         ]
         return [start(job, model) for job in jobs]

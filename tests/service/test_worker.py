@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from engines.modalities import ImageInputs
 from service.jobs import Job, JobState
 from service.metrics import Metrics
 from service.queue.memory import MemoryQueue
@@ -17,12 +18,11 @@ def job(n=1, sampler="euler", steps=3, priority=0, t=0.0, model="toy", guidance=
     return Job(
         model,
         1,
-        [0] * n,
+        ImageInputs([0] * n, guidance_scale=guidance),
         n,
         sampler,
         steps,
         1,
-        guidance_scale=guidance,
         priority=priority,
         submit_time=t,
     )
@@ -118,7 +118,7 @@ def test_device_resolution_on_a_cpu_machine():
     import pytest
     import torch
 
-    from service.worker.loop import resolve_device
+    from service.bootstrap import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

@@ -1,4 +1,4 @@
-"""Media encoding: samples in the model's data range -> 8-bit PNG bytes."""
+"""Image encoding: samples in the model's data range -> 8-bit PNG bytes or raw pixels."""
 
 from __future__ import annotations
 
@@ -55,24 +55,8 @@ def raw_pixels(x: Tensor, data_range: tuple[float, float]) -> list[bytes]:
     return [p.numpy().tobytes() for p in pixels]
 
 
-# Job.output_format -> (encoder, media type of the bytes it makes)
+# output format -> (encoder, media type of the bytes it makes)
 ENCODINGS = {
     "png": (encode_images, "image/png"),
     "raw": (raw_pixels, "application/octet-stream"),
 }
-# Speech models render their own audio (engines.speech.model.Speech.render): format -> type.
-# "f32" is raw little-endian float32 samples, the Open Inference Protocol's audio tensor.
-AUDIO_TYPES = {
-    "wav": "audio/wav",
-    "flac": "audio/flac",
-    "pcm": "audio/pcm",
-    "mp3": "audio/mpeg",
-    "opus": "audio/ogg",
-    "f32": "application/octet-stream",
-}
-
-
-def media_type(output_format: str) -> str:
-    if output_format in AUDIO_TYPES:
-        return AUDIO_TYPES[output_format]
-    return ENCODINGS[output_format][1]
