@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from engines.modalities import ImageInputs
 from service.jobs import Job, JobState
@@ -82,6 +83,43 @@ def test_burst_mode_drains_the_queue_and_batches_across_requests():
     assert total / count > 2  # requests really shared forward passes
     nfe = sum(r.nfe for r in results)
     assert nfe == sum(2 + i % 4 for i in range(12))
+
+
+def recording(model, passes: list[tuple[str, int]]):
+    """The model with a denoiser that records (model, rows) of every forward pass."""
+    inner = model.denoiser
+
+    def denoiser(x, sigma, cond):
+        passes.append((model.spec.name, len(x)))
+        return inner(x, sigma, cond)
+
+    return replace(model, denoiser=denoiser)
+
+
+def test_each_model_batches_up_to_its_own_max_batch_size():
+    """One worker, two models with different max_batch_size: every pass keeps the limit of
+    the model it runs (not of whichever request happens to be first in hand)."""
+
+    async def scenario(first: str):
+        queue, passes = MemoryQueue(), []
+        models = {
+            ("small", 1): recording(toy_model("small", max_batch_size=2), passes),
+            ("big", 1): recording(toy_model("big", max_batch_size=64), passes),
+        }
+        order = ["small", "big"] if first == "small" else ["big", "small"]
+        for t, name in enumerate(order):
+            for i in range(6):
+                await queue.submit(job(2, steps=3, model=name, t=t * 10 + i))
+        worker = Worker(queue, models, Metrics(), max_active_samples=64)
+        await asyncio.wait_for(worker.run(burst=True), 30)
+        return passes
+
+    for first in ("small", "big"):
+        passes = asyncio.run(scenario(first))
+        small = [rows for name, rows in passes if name == "small"]
+        big = [rows for name, rows in passes if name == "big"]
+        assert small and max(small) <= 2, (first, small)
+        assert max(big) == 12, (first, big)  # all six big requests in one pass
 
 
 def test_expired_and_unknown_model_jobs_fail_without_compute():
