@@ -98,24 +98,28 @@ def recording(model, passes: list[tuple[str, int]]):
 
 def test_each_model_batches_up_to_its_own_max_batch_size():
     """One worker, two models with different max_batch_size: every pass keeps the limit of
-    the model it runs (not of whichever request happens to be first in hand)."""
+    the model it runs, not of whichever request the worker happens to hold first (urgent
+    requests of the other model arrive while the first model's are in hand)."""
 
-    async def scenario(first: str):
+    async def scenario(first: str, then: str):
         queue, passes = MemoryQueue(), []
         models = {
             ("small", 1): recording(toy_model("small", max_batch_size=2), passes),
             ("big", 1): recording(toy_model("big", max_batch_size=64), passes),
         }
-        order = ["small", "big"] if first == "small" else ["big", "small"]
-        for t, name in enumerate(order):
-            for i in range(6):
-                await queue.submit(job(2, steps=3, model=name, t=t * 10 + i))
+        for i in range(6):
+            await queue.submit(job(2, steps=8, model=first, t=i))
         worker = Worker(queue, models, Metrics(), max_active_samples=64)
-        await asyncio.wait_for(worker.run(burst=True), 30)
+        running = asyncio.create_task(worker.run(burst=True))
+        while not passes:
+            await asyncio.sleep(0.001)
+        for i in range(6):
+            await queue.submit(job(2, steps=3, model=then, priority=5, t=10 + i))
+        await asyncio.wait_for(running, 30)
         return passes
 
-    for first in ("small", "big"):
-        passes = asyncio.run(scenario(first))
+    for first, then in (("big", "small"), ("small", "big")):
+        passes = asyncio.run(scenario(first, then))
         small = [rows for name, rows in passes if name == "small"]
         big = [rows for name, rows in passes if name == "big"]
         assert small and max(small) <= 2, (first, small)
