@@ -316,7 +316,8 @@ def start_serve(*args: str) -> subprocess.Popen:
 
 
 def wait_ready(client, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 60
+    # every shipped model loads (and its engines build) first: minutes on a busy machine
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             if client.is_server_ready():
