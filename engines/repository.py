@@ -32,7 +32,7 @@ from engines.denoisers import (
     EDMDenoiser,
     LCMDenoiser,
 )
-from engines.export import EngineCache, Progress, network_io
+from engines.gaussian import GaussianStats
 from engines.nets import (
     Autoencoder,
     AutoencoderConfig,
@@ -42,6 +42,7 @@ from engines.nets import (
     config_from_dict,
 )
 from engines.runtimes.base import PRECISIONS, RuntimeNet, batch_buckets
+from engines.runtimes.export import EngineCache, Progress, network_io
 from engines.runtimes.select import (
     DEFAULT_PREFERENCE,
     RUNTIMES,
@@ -50,9 +51,8 @@ from engines.runtimes.select import (
     select,
 )
 from engines.samplers import INFO, SAMPLERS
-from engines.schedules import DiscreteVP, consistency_sigmas, karras_sigmas, lcm_sigmas
+from engines.schedules import DiscreteVP, consistency_grid, karras_sigmas, lcm_sigmas
 from engines.speech.spec import SpeechSpec, parse_speech
-from engines.teleport import GaussianStats
 
 MODEL_FILE = "model.yaml"
 log = logging.getLogger("fewstep.engines")
@@ -137,8 +137,7 @@ class ModelSpec:
         'lcm', else the Karras grid of `sampling`."""
         s = self.sampling
         if self.kind == "cm":
-            picks = sorted({min(round(i * 44 / steps), 39) for i in range(steps)})
-            return consistency_sigmas(picks, 40, s.sigma_min, s.sigma_max, s.rho)
+            return consistency_grid(steps, s.sigma_min, s.sigma_max, s.rho)
         if self.kind == "lcm":
             return lcm_sigmas(self.schedule.vp(), steps, self.schedule.original_steps)
         if self.kind == "speech":
