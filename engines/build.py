@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
-import platform
 import shlex
 import time
 from collections.abc import Callable
@@ -22,8 +20,9 @@ from torch import Tensor
 
 from engines.data import FASHION_LABELS, fashion_root, load_fashion_mnist
 from engines.denoisers import Denoiser
+from engines.gaussian import GaussianStats
+from engines.hardware import describe_host
 from engines.repository import LoadedModel, Repository
-from engines.teleport import GaussianStats
 
 REPORTED_RANKS = (16, 32, 64, 128, 256, 784)
 QUALITY_SIGMAS = (0.5, 2.0)
@@ -104,21 +103,6 @@ def denoising_mse(denoiser: Denoiser, x: Tensor, y: Tensor, sigma: float) -> flo
     noisy = x.to(torch.float64) + sigma * torch.randn(x.shape, generator=g, dtype=torch.float64)
     x0 = denoiser(noisy, torch.full((len(x),), sigma, dtype=torch.float64), {"label": y})
     return float((x0 - x).square().mean())
-
-
-def _hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    threads = torch.get_num_threads()
-    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({threads} threads)"
 
 
 def build_gaussian(
@@ -270,5 +254,5 @@ no multimodality within a class.
 
 ## Build
 
-{_hardware()}; {seconds:.0f} s wall time; {today}.
+{describe_host()}; {seconds:.0f} s wall time; {today}.
 """

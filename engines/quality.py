@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from engines.data import fashion_root, load_fashion_mnist
+from engines.hardware import describe_host
 from engines.nets import Classifier, ClassifierConfig, config_from_dict
 from engines.noise import row_seeds
 from engines.repository import LoadedModel, Repository
@@ -222,9 +223,7 @@ in {seconds / 60:.1f} min.
 
 
 def _device_line() -> str:
-    from engines.build import _hardware
-
-    return _hardware()
+    return describe_host()
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

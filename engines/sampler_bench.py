@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from engines.analytic import GaussianMixture
+from engines.gaussian import GaussianStats
 from engines.noise import RowNoise
 from engines.samplers import INFO, create, drive, nfe
 from engines.schedules import karras_sigmas, teleport_sigmas
-from engines.teleport import GaussianStats
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 

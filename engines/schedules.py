@@ -273,6 +273,13 @@ def consistency_sigmas(
     return _finish(ramp[indices], True)
 
 
+def consistency_grid(steps: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
+    """The consistency grid for `steps` steps: picks spread over a 40-point Karras grid
+    (indices round(i * 44 / steps), capped at 39, duplicates dropped), then 0."""
+    picks = sorted({min(round(i * 44 / steps), 39) for i in range(steps)})
+    return consistency_sigmas(picks, 40, sigma_min, sigma_max, rho)
+
+
 def teleport_sigmas(sigma_max: float, follower: Tensor) -> Tensor:
     """Grid for `teleport`: start at sigma_max, jump to follower[0], then run `follower`."""
     if not float(follower[0]) < sigma_max:

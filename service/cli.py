@@ -50,8 +50,8 @@ def _bench_samplers(args: argparse.Namespace) -> int:
 def _bench_engines(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from engines import engine_bench
     from engines.repository import ModelNotFoundError, RepositoryError
+    from engines.runtimes import bench as engine_bench
     from engines.runtimes.base import RuntimeUnavailable
 
     config = engine_bench.BenchConfig(
@@ -105,10 +105,10 @@ def _build_gaussian(args: argparse.Namespace) -> int:
 
 
 def _build_engine(args: argparse.Namespace) -> int:
-    from engines.engine_build import build_engine
-    from engines.export import BuildError, EngineCache
     from engines.repository import ModelNotFoundError, Repository, RepositoryError
     from engines.runtimes.base import RuntimeUnavailable
+    from engines.runtimes.build import build_engine
+    from engines.runtimes.export import BuildError, EngineCache
 
     try:
         report = build_engine(
@@ -291,7 +291,7 @@ def _add_worker(commands: argparse._SubParsersAction) -> None:
 
 def _add_train_eval(commands: argparse._SubParsersAction) -> None:
     from engines import quality
-    from engines.speech import evaluate as speech_eval
+    from engines import quality_speech as speech_eval
     from engines.training import recipes
 
     recipes.add_parsers(commands)

@@ -40,11 +40,14 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-# The `cpu` extra pins torch to the CPU wheel; `test` adds pytest, ruff and the diffusers oracle.
+# The `cpu` extra pins torch to the CPU wheel; `test` adds pytest, ruff, import-linter and the
+# diffusers oracle.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[cpu,test]'
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+# the import contracts in pyproject.toml: layers, engines never importing service, no cycles
+.venv/bin/lint-imports
 
 status=0
 .venv/bin/python -m pytest "$@" || status=$?

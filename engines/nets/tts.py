@@ -15,13 +15,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from engines.speech.frontend import N_PHONES
-
 
 @dataclasses.dataclass(frozen=True)
 class TTSConfig:
     n_mels: int = 80
-    phones: int = N_PHONES
+    # phone ids: Festival's radio phone set (50) and the padding id 0; the front end
+    # (engines.speech.frontend) checks that its inventory has this size
+    phones: int = 51
     width: int = 192  # encoder channels
     enc_convs: int = 3
     enc_layers: int = 2

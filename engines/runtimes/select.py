@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from engines.export import (
+from engines.runtimes.base import IOSpec, Runtime, RuntimeUnavailable
+from engines.runtimes.export import (
     FP32_TOLERANCE,
     OPSET,
     Artifact,
@@ -29,7 +30,6 @@ from engines.export import (
     max_errors,
     torch_reference,
 )
-from engines.runtimes.base import IOSpec, Runtime, RuntimeUnavailable
 from engines.runtimes.onnx_rt import OnnxRuntime, check_provider, import_onnxruntime
 from engines.runtimes.tensorrt_rt import (
     TensorRTRuntime,

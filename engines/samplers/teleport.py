@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from engines.gaussian import GaussianStats
 from engines.noise import RowNoise
 from engines.samplers.base import INFO, SamplerError, SamplerGen, create, register
-from engines.teleport import GaussianStats
 
 
 def _min_steps(opts: dict) -> int:

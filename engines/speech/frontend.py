@@ -15,6 +15,8 @@ import threading
 import torch
 from torch import Tensor
 
+from engines.nets.tts import TTSConfig
+
 VOICE = "cmu_us_slt_arctic_hts"
 # Festival's radio phone set (the slt voice's), in its own order; id 0 pads.
 PHONES = tuple(
@@ -73,6 +75,10 @@ PHONES = tuple(
 )
 PHONE_IDS = {p: i + 1 for i, p in enumerate(PHONES)}
 N_PHONES = len(PHONES) + 1
+if TTSConfig.phones != N_PHONES:  # the network's phone embedding is sized by its config
+    raise RuntimeError(
+        f"the front end has {N_PHONES} phone ids but TTSConfig.phones is {TTSConfig.phones}"
+    )
 
 # Dumps one line per segment: name, end time (s), stress, word id.
 SCHEME = f"""

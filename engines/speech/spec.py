@@ -8,7 +8,7 @@ from torch import Tensor
 
 from engines.nets.config import ConfigError, config_from_dict
 from engines.nets.tts import TTSConfig
-from engines.schedules import consistency_sigmas, karras_sigmas
+from engines.schedules import consistency_grid, karras_sigmas
 
 PARAMETERISATIONS = ("edm", "consistency")
 # OpenAI's standard voices, so unmodified clients work; each maps onto the model's voice.
@@ -56,8 +56,7 @@ class SpeechSpec:
         if self.sigmas and steps == len(self.sigmas):
             return karras_sigmas(1, sigma_min, sigma_max, rho).new_tensor([*self.sigmas, 0.0])
         if self.parameterisation == "consistency":
-            picks = sorted({min(round(i * 44 / steps), 39) for i in range(steps)})
-            return consistency_sigmas(picks, 40, sigma_min, sigma_max, rho)
+            return consistency_grid(steps, sigma_min, sigma_max, rho)
         return karras_sigmas(steps, sigma_min, sigma_max, rho)
 
 

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from engines.build import _hardware
 from engines.data import fashion_root, load_fashion_mnist
+from engines.hardware import describe_host
 
 Log = Callable[[str], None]
 
@@ -222,7 +222,7 @@ def settings_table(*configs: object) -> str:
 def hardware(cfg: RunConfig) -> str:
     if cfg.device.startswith("cuda") and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(cfg.device)}, torch {torch.__version__}"
-    return _hardware()
+    return describe_host()
 
 
 def count_params(module: nn.Module) -> int:

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from engines.data import FASHION_LABELS
 from engines.denoisers import EDMDenoiser
+from engines.gaussian import GaussianStats
 from engines.nets import UNet, UNetConfig
-from engines.teleport import GaussianStats
 from engines.training import common, package
 
 

@@ -17,9 +17,9 @@ import yaml
 from safetensors.torch import load_file
 
 from engines.data import FASHION_LABELS, fashion_root, load_fashion_mnist
+from engines.gaussian import GaussianStats
 from engines.nets import Autoencoder, AutoencoderConfig, config_from_dict, config_to_dict
 from engines.nets.autoencoder import reconstruction_loss
-from engines.teleport import GaussianStats
 from engines.training import common, edm, package
 
 AE_FILE, AE_YAML = "autoencoder.safetensors", "autoencoder.yaml"

@@ -12,10 +12,10 @@ from torch import nn
 
 from engines.build import GAUSSIAN_YAML, truncate
 from engines.data import FASHION_LABELS
+from engines.gaussian import GaussianStats
 from engines.nets import AutoencoderConfig, UNetConfig, config_to_dict
 from engines.repository import Repository
 from engines.runtimes.select import FASTEST_FIRST
-from engines.teleport import GaussianStats
 from engines.training import common
 
 ODE_SAMPLERS = ["dpmpp_2m", "dpmpp_3m", "dpmpp_2s", "unipc", "deis", "euler", "heun", "ddpm"]

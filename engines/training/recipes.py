@@ -1,197 +1,22 @@
-"""The `fewstep train RECIPE` argument parsers and their dispatch."""
+"""`fewstep train RECIPE`: every image and speech recipe, registered and given a parser."""
 
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 
-from engines.nets import UNetConfig
-from engines.training import common
+from engines.training import image_recipes, registry, speech_recipes
 
-# CPU-sized defaults (documented in each model card); a GPU run passes bigger ones.
-DEFAULTS = {
-    "edm-teacher": {"out": "model_repo/fashion-edm", "steps": 3000, "channels": "16,32,64"},
-    "cd": {"out": "model_repo/fashion-cd", "steps": 1000, "lr": 1e-4},
-    "classifier": {"out": "model_repo/_classifiers/fashion-cnn", "steps": 2000},
-    "autoencoder": {"out": "runs/autoencoder", "steps": 2000},
-    "lcm-teacher": {
-        "out": "runs/latent_repo/fashion-latent-edm",
-        "steps": 3000,
-        "channels": "64,128",
-    },
-    "lcm": {"out": "runs/latent_repo/fashion-lcm", "steps": 1000, "lr": 1e-4},
-}
-HELP = {
-    "edm-teacher": "EDM teacher UNet with CFG label dropout and teleport statistics",
-    "cd": "consistency distillation from an EDM teacher package",
-    "classifier": "Fashion-MNIST CNN for the quality harness",
-    "autoencoder": "28x28 <-> 4x7x7 autoencoder for the latent models",
-    "lcm-teacher": "EDM teacher in the autoencoder's latent space",
-    "lcm": "latent consistency distillation with guidance embedding",
-}
-
-
-def _channels(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected e.g. 16,32,64, got {text!r}") from None
-
-
-def _common(p: argparse.ArgumentParser, name: str) -> None:
-    d = DEFAULTS[name]
-    p.add_argument("--out", default=d["out"], help=f"package folder (default {d['out']})")
-    p.add_argument("--version", type=int, default=1, help="version folder (default 1)")
-    p.add_argument("--work", default=None, help="checkpoint folder (default runs/<recipe>)")
-    p.add_argument("--steps", type=int, default=d["steps"], help=f"default {d['steps']}")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=d.get("lr", 1e-3))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
-    p.add_argument("--limit", type=int, default=0, help="first N training images (0: all)")
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--resume", action="store_true", help="continue from --work's checkpoint")
-    p.add_argument(
-        "--max-minutes",
-        type=float,
-        default=0.0,
-        help="stop after this much training wall time; the card records the steps reached",
-    )
-    p.add_argument(
-        "--store-dtype",
-        choices=("float32", "float16", "bfloat16"),
-        default="float32",
-        help="dtype of the packaged weights (float16 halves the files; default float32)",
-    )
-    p.add_argument("--data", default=None, help="Fashion-MNIST folder")
-    if "channels" in d:
-        p.add_argument("--channels", type=_channels, default=_channels(d["channels"]))
-        p.add_argument("--blocks", type=int, default=1, help="res blocks per level (1)")
-        p.add_argument("--emb-dim", type=int, default=128)
-        p.add_argument("--no-attention", action="store_true")
-        p.add_argument("--dropout", type=float, default=0.0)
+registry.register(*image_recipes.RECIPES, *speech_recipes.RECIPES)
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     """`fewstep train` and its recipes."""
     train = commands.add_parser("train", help="train a reference model into model_repo/")
-    recipes = train.add_subparsers(dest="recipe", required=True)
-    for name in DEFAULTS:
-        p = recipes.add_parser(name, help=HELP[name])
-        _common(p, name)
-        if name in ("cd", "lcm"):
-            default = (
-                "model_repo/fashion-edm" if name == "cd" else "runs/latent_repo/fashion-latent-edm"
-            )
-            p.add_argument("--teacher", default=default, help=f"teacher package ({default})")
-            p.add_argument("--grid", type=int, default=18 if name == "cd" else 50)
-            p.add_argument("--ema", type=float, default=0.95)
-            p.add_argument(
-                "--init", default=None, help="continue from this earlier student package"
-            )
-        if name in ("lcm-teacher", "lcm"):
-            p.add_argument("--autoencoder", default="runs/autoencoder")
-        p.set_defaults(run=main)
-    from engines.training import speech_cli
-
-    speech_cli.add_parsers(recipes)
+    registry.add_recipe_parsers(train.add_subparsers(dest="recipe", required=True))
 
 
-def command(args: argparse.Namespace) -> str:
-    """The full command line of this run, every setting spelled out (for the model card)."""
-    words = ["fewstep", "train", args.recipe]
-    for key, value in vars(args).items():
-        if key in ("command", "recipe", "run") or value is None or value is False:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            words.append(flag)
-        else:
-            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-            words += [flag, text]
-    return shlex.join(words)
-
-
-def run_config(args: argparse.Namespace) -> common.RunConfig:
-    return common.RunConfig(
-        command=command(args),
-        out=args.out,
-        work=args.work or f"runs/{args.recipe}",
-        steps=args.steps,
-        batch=args.batch,
-        lr=args.lr,
-        seed=args.seed,
-        device=args.device,
-        limit=args.limit,
-        checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every,
-        resume=args.resume,
-        version=args.version,
-        data=args.data,
-        amp=args.amp,
-        max_minutes=args.max_minutes,
-        store_dtype=args.store_dtype,
-    )
-
-
-def unet_config(args: argparse.Namespace, **extra) -> UNetConfig:
-    return UNetConfig(
-        channels=args.channels,
-        blocks=args.blocks,
-        emb_dim=args.emb_dim,
-        attention=not args.no_attention,
-        dropout=args.dropout,
-        **extra,
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run a recipe; input problems (missing data, a wrong package, a diverging loss) are
-    reported as one line and exit status 2."""
-    from engines.data import DataFormatError
-    from engines.repository import ModelNotFoundError, RepositoryError
-
-    try:
-        return _run(args)
-    except (
-        OSError,
-        DataFormatError,
-        RepositoryError,
-        ModelNotFoundError,
-        common.RecipeError,
-        FloatingPointError,
-    ) as err:
-        print(f"fewstep train {args.recipe}: {err}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
-    run = run_config(args)
-    if args.recipe == "edm-teacher":
-        from engines.training import edm
-
-        edm.run(run, unet_config(args), edm.EDMSettings())
-    elif args.recipe == "classifier":
-        from engines.training import classifier
-
-        classifier.run(run)
-    elif args.recipe == "cd":
-        from engines.training import cd
-
-        cd.run(run, args.teacher, cd.CDSettings(grid=args.grid, ema=args.ema, init=args.init))
-    elif args.recipe == "autoencoder":
-        from engines.training import latent
-
-        latent.run_autoencoder(run)
-    elif args.recipe == "lcm-teacher":
-        from engines.training import latent
-
-        latent.run_teacher(run, unet_config(args, in_channels=4), args.autoencoder)
-    else:
-        from engines.training import lcm
-
-        lcm.run(run, args.teacher, lcm.LCMSettings(grid=args.grid, ema=args.ema, init=args.init))
-    return 0
+if __name__ == "__main__":  # without the service's packages: python -m engines.training.recipes
+    parser = argparse.ArgumentParser(prog="python -m engines.training.recipes")
+    registry.add_recipe_parsers(parser.add_subparsers(dest="recipe", required=True))
+    parsed = parser.parse_args()
+    raise SystemExit(parsed.run(parsed))

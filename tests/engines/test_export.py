@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from engines import quality
-from engines.engine_build import build_engine
-from engines.export import (
+from engines.nets import UNet, UNetConfig
+from engines.repository import Repository
+from engines.runtimes.build import build_engine
+from engines.runtimes.export import (
     FP32_TOLERANCE,
     EngineCache,
     cache_key,
@@ -18,8 +20,6 @@ from engines.export import (
     network_io,
     torch_reference,
 )
-from engines.nets import UNet, UNetConfig
-from engines.repository import Repository
 from engines.runtimes.select import EngineContext, onnx_artifact, prepare
 
 ROOT = Path(__file__).parents[2] / "model_repo"

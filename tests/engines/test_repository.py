@@ -9,11 +9,11 @@ import torch
 import yaml
 
 from engines.data import FASHION_LABELS, load_fashion_mnist
+from engines.gaussian import GaussianStats
 from engines.noise import RowNoise, row_seeds
 from engines.repository import ModelNotFoundError, Repository, RepositoryError
 from engines.samplers import INFO, create, drive
 from engines.schedules import karras_sigmas, teleport_sigmas
-from engines.teleport import GaussianStats
 
 SHIPPED = Path(__file__).parents[2] / "model_repo"
 PACKAGE = SHIPPED / "fashion-gaussian"

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from engines.export import EngineCache, network_io
 from engines.repository import Repository, RepositoryError
 from engines.runtimes import select as selection
 from engines.runtimes.base import (
@@ -18,6 +17,7 @@ from engines.runtimes.base import (
     batch_buckets,
     bucket_for,
 )
+from engines.runtimes.export import EngineCache, network_io
 from engines.runtimes.onnx_rt import tensorrt_ep_options
 from engines.runtimes.tensorrt_rt import plan_key_fields, profile_shapes
 from tests.engines.test_repository import DELETE, rewrite
@@ -228,7 +228,7 @@ TENSORRT_MISSING = (
 
 @pytest.mark.skipif(TENSORRT_MISSING is not None, reason=TENSORRT_MISSING or "")
 def test_tensorrt_plan_matches_torch(repo, tmp_path):
-    from engines.engine_build import build_engine
+    from engines.runtimes.build import build_engine
 
     report = build_engine(
         repo, "fashion-cd", "tensorrt", "fp32", "cuda", EngineCache(tmp_path), progress=print

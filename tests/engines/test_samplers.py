@@ -8,10 +8,10 @@ import torch
 
 from engines.analytic import GaussianMixture
 from engines.denoisers import CFGDenoiser
+from engines.gaussian import GaussianStats
 from engines.noise import RowNoise
 from engines.samplers import INFO, SAMPLERS, SamplerError, create, drive, drive_many
 from engines.schedules import karras_sigmas, logsnr_sigmas
-from engines.teleport import GaussianStats
 
 ROWS, DIM = 16, 6
 

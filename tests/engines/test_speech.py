@@ -10,11 +10,11 @@ import soundfile as sf
 import torch
 
 from engines.nets.tts import TTS, length_regulate
+from engines.quality_speech import mcd_dtw
 from engines.repository import Repository
 from engines.samplers import drive
 from engines.speech import corpus, frontend
 from engines.speech.audio import GriffinLim, MelConfig, encode, log_mel
-from engines.speech.evaluate import mcd_dtw
 from engines.speech.model import split_sentences
 from service.cli import main
 from tests.engines.speech_fixture import TINY, tiny_speech_model

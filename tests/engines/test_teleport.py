@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from engines.analytic import GaussianMixture
+from engines.gaussian import GaussianStats
 from engines.noise import RowNoise
 from engines.samplers import create, drive
 from engines.schedules import karras_sigmas, teleport_sigmas
-from engines.teleport import GaussianStats
 
 
 def test_jump_matches_the_exact_flow_of_a_gaussian():

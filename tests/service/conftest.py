@@ -12,8 +12,8 @@ import pytest
 import torch
 import uvicorn
 
+from engines.gaussian import GaussianStats
 from engines.repository import LoadedModel, ModelSpec, SamplingSpec
-from engines.teleport import GaussianStats
 from service.app import create_app
 from service.config import Settings
 

@@ -19,8 +19,8 @@ import tritonclient.http.aio as aiohttpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from engines.gaussian import GaussianStats
 from engines.repository import LoadedModel
-from engines.teleport import GaussianStats
 from service import oip
 from service.app import create_app
 from service.config import Settings

@@ -1,12 +1,14 @@
-"""`fewstep train speech-data | speech-teacher | prodiff | comospeech`: parsers, dispatch."""
+"""`fewstep train speech-data | speech-teacher | prodiff | comospeech`: the speech recipes'
+arguments and dispatch (registered by engines.training.recipes)."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from engines.nets.tts import TTSConfig
-from engines.training import recipes
+from engines.training.registry import Recipe, run_config
 
 CORPUS = "runs/speech-data/corpus.pt"
 TEACHER = "model_repo/speech-teacher"
@@ -27,18 +29,18 @@ HELP = {
 }
 
 
-def add_parsers(recipes_parsers: argparse._SubParsersAction) -> None:
-    p = recipes_parsers.add_parser(
-        "speech-data", help="offline speech corpus: WordNet sentences, Festival slt, log-mels"
-    )
+def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=str(Path(CORPUS).parent), help="corpus folder")
     p.add_argument("--utterances", type=int, default=2000, help="test ones included (2000)")
     p.add_argument("--test", type=int, default=40, help="held-out test sentences (40)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="festival processes (2)")
-    p.set_defaults(run=data_main)
-    for name, d in DEFAULTS.items():
-        p = recipes_parsers.add_parser(name, help=HELP[name])
+
+
+def _arguments(name: str) -> Callable[[argparse.ArgumentParser], None]:
+    d = DEFAULTS[name]
+
+    def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", default=d["out"], help=f"package folder (default {d['out']})")
         p.add_argument("--version", type=int, default=1)
         p.add_argument("--work", default=None, help="checkpoint folder (default runs/<recipe>)")
@@ -72,7 +74,8 @@ def add_parsers(recipes_parsers: argparse._SubParsersAction) -> None:
             p.add_argument("--sigma-mix", type=float, default=0.5)
         else:
             p.add_argument("--teacher", default=TEACHER, help=f"teacher package ({TEACHER})")
-        p.set_defaults(run=main)
+
+    return add_arguments
 
 
 def data_main(args: argparse.Namespace) -> int:
@@ -85,7 +88,7 @@ def data_main(args: argparse.Namespace) -> int:
 def main(args: argparse.Namespace) -> int:
     from engines.training import speech
 
-    run = recipes.run_config(args)
+    run = run_config(args)
     if args.recipe == "speech-teacher":
         net = TTSConfig(width=args.width, dec_width=args.dec_width, dec_blocks=args.dec_blocks)
         settings = speech.TeacherSettings(sigma_mix=args.sigma_mix)
@@ -97,8 +100,12 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # without the service's packages: python -m engines.training.speech_cli
-    parser = argparse.ArgumentParser(prog="python -m engines.training.speech_cli")
-    add_parsers(parser.add_subparsers(dest="recipe", required=True))
-    parsed = parser.parse_args()
-    raise SystemExit(parsed.run(parsed))
+RECIPES = (
+    Recipe(
+        "speech-data",
+        "offline speech corpus: WordNet sentences, Festival slt, log-mels",
+        _data_arguments,
+        data_main,
+    ),
+    *(Recipe(name, HELP[name], _arguments(name), main) for name in DEFAULTS),
+)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from engines.export import EngineCache, Progress, stderr_progress
 from engines.repository import Repository
 from engines.runtimes.base import Runtime, RuntimeUnavailable
+from engines.runtimes.export import EngineCache, Progress, stderr_progress
 from engines.runtimes.select import prepare
 
 # (runtime, precision) pairs measured on each device; the first is the baseline

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from engines.hardware import describe_host
 from engines.noise import row_seeds
 from engines.repository import Repository
 from engines.samplers import drive
@@ -225,8 +226,6 @@ def write_cards(repo: Repository, names: list[str], text: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from engines.build import _hardware
-
     try:
         repo = Repository(args.model_repo)
         utts = held_out(args.data, args.n)
@@ -251,7 +250,7 @@ def main(args: argparse.Namespace) -> int:
         rows.append(row)
     teacher = models.get("speech-teacher") or next(iter(models.values()))
     rows.append(vocoder_row(teacher, utts))
-    text = table(rows, rtf3, duration_error(teacher, utts), len(utts), _hardware())
+    text = table(rows, rtf3, duration_error(teacher, utts), len(utts), describe_host())
     print(text)
     if args.out:
         Path(args.out).write_text(text)

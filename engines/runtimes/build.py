@@ -1,6 +1,6 @@
 """`fewstep build MODEL`: build (or reuse) a model's engine and check it against torch.
 
-The artifacts go to the build cache (engines.export.EngineCache); the check runs the
+The artifacts go to the build cache (engines.runtimes.export.EngineCache); the check runs the
 runtime and the eager fp32 torch network on the same random inputs at several batch sizes.
 fp32 must agree within 1e-4; fp16 and bf16 errors are reported, not judged.
 """
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from engines.export import (
+from engines.runtimes.export import (
     FP32_TOLERANCE,
     VERIFY_BATCHES,
     BuildError,
@@ -20,8 +21,14 @@ from engines.export import (
     stderr_progress,
     torch_reference,
 )
-from engines.repository import Repository
-from engines.runtimes.select import prepare
+from engines.runtimes.select import EngineContext, prepare
+
+
+class EngineSource(Protocol):
+    """What holds the models' networks (engines.repository.Repository)."""
+
+    def engine_context(self, name: str, version: int | None = None, **options) -> EngineContext:
+        """A version's network with what building its engines needs."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ class BuildReport:
 
 
 def build_engine(
-    repo: Repository,
+    repo: EngineSource,
     name: str,
     runtime: str,
     precision: str = "fp32",
