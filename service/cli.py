@@ -50,20 +50,20 @@ def _bench_samplers(args: argparse.Namespace) -> int:
 def _bench_engines(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from engines.repository import ModelNotFoundError, RepositoryError
+    from engines.repository import ModelNotFoundError, Repository, RepositoryError
     from engines.runtimes import bench as engine_bench
     from engines.runtimes.base import RuntimeUnavailable
 
-    config = engine_bench.BenchConfig(
-        model=args.model,
-        repo=Path(args.model_repo or _default_repo()),
-        device=args.device,
-        batches=args.batches,
-        seconds=0.3 if args.quick else args.seconds,
-        threads=args.threads,
-        cache=Path(args.cache) if args.cache else None,
-    )
     try:
+        config = engine_bench.BenchConfig(
+            model=args.model,
+            source=Repository.of_folder(Path(args.model_repo or _default_repo()) / args.model),
+            device=args.device,
+            batches=args.batches,
+            seconds=0.3 if args.quick else args.seconds,
+            threads=args.threads,
+            cache=Path(args.cache) if args.cache else None,
+        )
         print(engine_bench.run(config))
     except (RepositoryError, ModelNotFoundError, RuntimeUnavailable, OSError) as err:
         print(f"fewstep: {err}", file=sys.stderr)

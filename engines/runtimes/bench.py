@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from engines.repository import Repository
 from engines.runtimes.base import Runtime, RuntimeUnavailable
+from engines.runtimes.build import EngineSource
 from engines.runtimes.export import EngineCache, Progress, stderr_progress
 from engines.runtimes.select import prepare
 
@@ -41,7 +41,7 @@ ROUNDS = 5
 @dataclass
 class BenchConfig:
     model: str
-    repo: Path
+    source: EngineSource  # the model's network (a Repository)
     device: str = "cpu"
     batches: tuple[int, ...] = (1, 8, 32, 128)
     seconds: float = 2.0  # per runtime and batch size
@@ -82,7 +82,7 @@ def load_variants(
     config: BenchConfig, progress: Progress
 ) -> tuple[dict[str, Runtime], list[tuple[str, str]]]:
     """Every variant that loads here, and (variant, reason) for those that do not."""
-    repo = Repository.of_folder(config.repo / config.model)
+    repo = config.source
     loaded, skipped = {}, []
     kind = "cuda" if config.device.startswith("cuda") else "cpu"
     for name, precision in VARIANTS[kind]:
