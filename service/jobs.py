@@ -48,7 +48,8 @@ class Job:
     # what the worker makes of each sample (service.media.ENCODINGS): "png", or "raw"
     # uint8 pixels [H, W, C] for the Open Inference Protocol's image tensor
     output_format: str = "png"
-    idempotency_key: str | None = None
+    idempotency_key: str | None = None  # scoped per owner: two owners' keys never meet
+    owner: str = ""  # the principal that submitted it ("" before authentication existed)
     # speech models: the request's sentences (one row each) and the duration scale
     text: list[str] = field(default_factory=list)
     speed: float = 1.0

@@ -59,7 +59,7 @@ class MemoryQueue:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._heap: list[tuple[int, float, int, str]] = []
         self._order = itertools.count()
-        self._keys: dict[str, str] = {}
+        self._keys: dict[tuple[str, str], str] = {}  # (owner, idempotency key) -> job id
         self._queued_samples = 0
         self._queued_jobs = 0
         self._by_priority: Counter[int] = Counter()  # queued jobs per priority
@@ -78,8 +78,9 @@ class MemoryQueue:
         return 1.0 if eta is None else min(max(eta, 1.0), 60.0)
 
     async def submit(self, job: Job, fingerprint: str = "") -> tuple[Job, bool]:
-        if job.idempotency_key is not None and job.idempotency_key in self._keys:
-            first = self._entries.get(self._keys[job.idempotency_key])
+        scoped = (job.owner, job.idempotency_key)  # one principal's key is not another's
+        if job.idempotency_key is not None and scoped in self._keys:
+            first = self._entries.get(self._keys[scoped])
             if first is not None:
                 if first.fingerprint != fingerprint:
                     raise Conflict(
@@ -99,7 +100,7 @@ class MemoryQueue:
         entry = _Entry(job, fingerprint, (-job.priority, job.submit_time, next(self._order)))
         self._entries[job.id] = entry
         if job.idempotency_key is not None:
-            self._keys[job.idempotency_key] = job.id
+            self._keys[scoped] = job.id
         heapq.heappush(self._heap, (*entry.key, job.id))
         self._queued_samples += job.n
         self._queued_jobs += 1
@@ -126,7 +127,7 @@ class MemoryQueue:
         for job_id in doomed:
             entry = self._entries.pop(job_id)
             if entry.job.idempotency_key is not None:
-                self._keys.pop(entry.job.idempotency_key, None)
+                self._keys.pop((entry.job.owner, entry.job.idempotency_key), None)
 
     def _take_queued(self, entry: _Entry) -> None:
         self._queued_samples -= entry.job.n

@@ -204,6 +204,7 @@ class RedisStreamsQueue:
             job.priority,
             job.idempotency_key or "",
             time.time(),
+            job.owner,
         )
         if reply[0] == "conflict":
             raise Conflict(

@@ -320,13 +320,13 @@ def test_redis_key_names_are_the_same_in_python_and_lua(prefix):
     client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     lua = lua_prelude() + (
         "return {k_stream('m@1', '-3'), k_job('j'), k_result('j'), k_events('j'), "
-        "k_idempotency('i'), k_counters(), k_dead(), k_done(), k_cancel(), "
-        "k_priorities('m@1'), k_models()}"
+        "k_idempotency('alice', 'i'), k_counters(), k_dead(), k_done(), k_cancel(), "
+        "k_priorities('m@1'), k_models(), k_ratelimit('alice'), k_inflight('alice')}"
     )
     got = client.eval(lua, 0, prefix)
     want = [keys.stream("m@1", -3), keys.job("j"), keys.result("j"), keys.events("j")]
-    want += [keys.idempotency("i"), keys.counters, keys.dead, keys.done, keys.cancel]
-    want += [keys.priorities("m@1"), keys.models]
+    want += [keys.idempotency("alice", "i"), keys.counters, keys.dead, keys.done, keys.cancel]
+    want += [keys.priorities("m@1"), keys.models, keys.ratelimit("alice"), keys.inflight("alice")]
     assert got == want and all(k.startswith(prefix) for k in got)
 
 
