@@ -372,6 +372,17 @@ if h[2] == 'queued' then jobs, samples = ahead(h[6], tonumber(h[7]), h[8], h[9])
 return {h[1], h[2], h[3], h[4], h[5], jobs, samples}
 """
 
+# ARGV: prefix, group, id. Drops a finished job's record, result, events and idempotency
+# key; returns 1, or 0 (kept) if the job is unknown or has no result yet.
+FORGET = r"""
+local id = ARGV[3]
+if redis.call('EXISTS', k_result(id)) == 0 then return 0 end
+local idem = redis.call('HGET', k_job(id), 'idempotency')
+if idem and idem ~= '' and redis.call('GET', idem) == id then redis.call('DEL', idem) end
+redis.call('DEL', k_result(id), k_job(id), k_events(id))
+return 1
+"""
+
 # ARGV: prefix, group, consumer. Forget this consumer where it holds nothing (clean exit).
 FORGET_CONSUMER = r"""
 for _, s in ipairs(streams_of(redis.call('SMEMBERS', k_models()))) do
@@ -454,6 +465,7 @@ SCRIPTS = {
     "heartbeat": HEARTBEAT,
     "status": STATUS,
     "forget_consumer": FORGET_CONSUMER,
+    "forget": FORGET,
     "rate_acquire": RATE_ACQUIRE,
     "inflight_acquire": INFLIGHT_ACQUIRE,
     "inflight_release": INFLIGHT_RELEASE,

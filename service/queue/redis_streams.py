@@ -262,6 +262,11 @@ class RedisStreamsQueue:
         return JobState(state)
 
     @_guarded
+    async def forget(self, job_id: str) -> bool:
+        self._unclaimed_done.pop(job_id, None)
+        return bool(await self._script("forget", job_id))
+
+    @_guarded
     async def depth(self) -> tuple[int, int]:
         jobs, samples = await self.redis.hmget(self.keys.counters, "jobs", "samples")
         return int(jobs or 0), int(samples or 0)
@@ -343,6 +348,8 @@ class RedisStreamsQueue:
                     job_id, f["type"], json.loads(f["data"]), int(f["seq"]), float(f["time"])
                 )
                 if event.seq <= after:
+                    if event.terminal:
+                        return  # finished, and the client has seen its end already
                     continue
                 yield event
                 if event.terminal:
