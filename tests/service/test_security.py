@@ -12,7 +12,7 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from service.errors import Forbidden, RateLimited, Unauthorized
+from service.errors import Forbidden, QueueUnavailable, RateLimited, Unauthorized
 from service.security import (
     ANONYMOUS,
     KeyFileError,
@@ -28,7 +28,7 @@ from service.security import (
     load_key_file,
 )
 
-from .redisutil import REDIS_URL, delete_prefix, new_prefix, require_redis
+from .redisutil import REDIS_URL, delete_prefix, free_port, new_prefix, require_redis
 
 ALICE_KEY, BOB_KEY = "fs-alice-secret-0001", "fs-bob-secret-0002"
 
@@ -345,3 +345,22 @@ def test_redis_in_flight_entries_expire_when_a_replica_dies(prefix):
     blocked, freed, ttl = asyncio.run(scenario())
     assert not blocked.allowed and freed.allowed and freed.remaining == 3
     assert 0 < ttl <= 30_000  # the key itself expires with its last entry
+
+
+def test_redis_quota_store_away_is_a_503_not_a_hang():
+    p = Principal("p", Limits(requests_per_second=1, max_samples_in_flight=1))
+
+    async def scenario():
+        client = aioredis.Redis.from_url(
+            f"redis://127.0.0.1:{free_port()}/0", decode_responses=True, socket_timeout=0.5
+        )
+        begin = time.monotonic()
+        with pytest.raises(QueueUnavailable) as first:
+            await RedisRateLimiter(client).acquire(p)
+        with pytest.raises(QueueUnavailable):
+            await RedisInFlight(client).acquire(p, "job_x", 1)
+        await client.aclose()
+        return first.value, time.monotonic() - begin
+
+    err, took = asyncio.run(scenario())
+    assert err.status == 503 and err.retry_after and took < 3
