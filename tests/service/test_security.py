@@ -344,7 +344,7 @@ def test_redis_in_flight_entries_expire_when_a_replica_dies(prefix):
 
     blocked, freed, ttl = asyncio.run(scenario())
     assert not blocked.allowed and freed.allowed and freed.remaining == 3
-    assert 0 < ttl <= 30_000  # the key itself expires with its last entry
+    assert 0 < ttl <= 30_001  # the key itself expires with its last entry (ms, rounded up)
 
 
 def test_redis_quota_store_away_is_a_503_not_a_hang():
