@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_REPO = Path(__file__).resolve().parents[1] / "model_repo"
+MIN_KEY_CHARS = 8
+# a host name or address Starlette's TrustedHostMiddleware matches: "api.example.com",
+# "*.example.com" (any subdomain), "127.0.0.1", "[::1]"
+_HOST = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$|^\[[0-9A-Fa-f:.]+\]$")
+_ORIGIN = re.compile(
+    r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$"
+)
+# a comma-separated list in the environment (FEWSTEP_API_KEY=k1,k2), a list in Python
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split(value: object) -> object:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
 
 
 class Settings(BaseSettings):
@@ -57,6 +73,87 @@ class Settings(BaseSettings):
         3, ge=1, description="a job handed out this often without a result is dead-lettered"
     )
     result_ttl_s: float = Field(86400.0, ge=1, description="results and job records kept for")
+    retained_result_bytes: int = Field(
+        256 * 2**20,
+        ge=2**20,
+        description="in-process queue: bytes of finished results kept (oldest evicted first)",
+    )
+
+    # Security. No key configured: every caller is the anonymous principal (today's
+    # behaviour; `serve` warns when it listens on a non-loopback address).
+    api_key: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="API keys, each its own principal (--api-key, repeatable; env: k1,k2)",
+    )
+    api_key_file: FilePath | None = Field(
+        None, description="YAML or JSON file of named, sha256-hashed keys with limits"
+    )
+    metrics_auth: bool = Field(False, description="/metrics asks for an API key too")
+    trusted_hosts: CommaList = Field(
+        default_factory=list, description="accepted Host headers (empty: any)"
+    )
+    cors_origins: CommaList = Field(
+        default_factory=list, description="origins allowed by CORS (empty: CORS off)"
+    )
+
+    # HTTP server (uvicorn) limits
+    limit_concurrency: int = Field(
+        1024, ge=1, description="connections + tasks beyond which new requests get 503"
+    )
+    timeout_keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections close")
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="a request's headers must arrive within this"
+    )
+    graceful_shutdown_s: int = Field(30, ge=1, description="in-flight requests finish within")
+
+    # gRPC TLS: both or neither (without them: plaintext, for loopback or a TLS ingress)
+    grpc_tls_cert: FilePath | None = Field(None, description="PEM certificate chain")
+    grpc_tls_key: FilePath | None = Field(None, description="PEM private key")
+
+    @field_validator("api_key")
+    @classmethod
+    def _keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for i, key in enumerate(value):
+            text = key.get_secret_value()
+            if len(text) < MIN_KEY_CHARS or not text.isascii() or not text.isprintable():
+                raise ValueError(
+                    f"API key #{i + 1} must be at least {MIN_KEY_CHARS} printable ASCII "
+                    "characters without spaces or commas (generate one with "
+                    "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+                )
+            if " " in text or "," in text:
+                raise ValueError(f"API key #{i + 1} contains a space or a comma; remove it")
+        if len({k.get_secret_value() for k in value}) != len(value):
+            raise ValueError("an API key is given twice; give each key once")
+        return value
+
+    @field_validator("api_key", "trusted_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return _split(value)
+
+    @field_validator("trusted_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if host != "*" and not _HOST.match(host):
+                raise ValueError(
+                    f"trusted host {host!r} is not a host name or address; write it as "
+                    "'api.example.com', '*.example.com', '127.0.0.1' or '[::1]' (no scheme, "
+                    "port or path)"
+                )
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(
+                    f"CORS origin {origin!r} must be scheme://host[:port] such as "
+                    "'https://app.example.com' (no path, no trailing slash), or '*'"
+                )
+        return value
 
     @field_validator("queue")
     @classmethod
@@ -67,3 +164,14 @@ class Settings(BaseSettings):
                 f"got {value!r}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
+            raise ValueError("grpc_tls_cert and grpc_tls_key go together: give both or neither")
+        return self
+
+    @property
+    def api_keys(self) -> list[str]:
+        """The plain API keys (their secret values)."""
+        return [k.get_secret_value() for k in self.api_key]

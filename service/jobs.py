@@ -56,8 +56,8 @@ class Job:
     # how the worker encodes the outputs (the modality's formats): "png" or "raw" uint8
     # pixels [H, W, C] for images, "wav", "mp3", ... or "f32" samples for speech
     output_format: str = "png"
-    idempotency_key: str | None = None
-    owner: str = ""  # the principal that submitted it
+    idempotency_key: str | None = None  # scoped per owner: two owners' keys never meet
+    owner: str = ""  # the principal that submitted it ("" before authentication existed)
     id: str = field(default_factory=new_job_id)
     submit_time: float = field(default_factory=time.time)
     # Set by the queue when it hands the job out. delivery: 2 and more means an earlier

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -48,13 +49,28 @@ def log_mel(wave: Tensor, cfg: MelConfig) -> Tensor:
     return torch.log(torch.clamp(mel_filters(cfg) @ spec, min=1e-5))
 
 
+class Stopped(Exception):
+    """Long compute gave up because its caller's should_stop() said so (the job was
+    canceled or passed its deadline)."""
+
+
+StopCheck = Callable[[], bool]
+
+
+def never() -> bool:
+    return False
+
+
 class Vocoder(Protocol):
     """Log-mel -> waveform; Griffin-Lim now, a neural vocoder can take its place."""
 
     sample_rate: int
 
-    def __call__(self, mels: Tensor, frames: Tensor) -> list[Tensor]:
-        """(B, n_mels, T) padded log-mels and each row's frame count -> one wave per row."""
+    def __call__(
+        self, mels: Tensor, frames: Tensor, should_stop: StopCheck = never
+    ) -> list[Tensor]:
+        """(B, n_mels, T) padded log-mels and each row's frame count -> one wave per row.
+        Raises Stopped as soon as should_stop() is true (checked between iterations)."""
         ...
 
 
@@ -79,17 +95,19 @@ class GriffinLim:
         return torch.istft(spec, self.cfg.n_fft, self.cfg.hop, window=self.window, length=length)
 
     @torch.no_grad()
-    def __call__(self, mels: Tensor, frames: Tensor) -> list[Tensor]:
+    def __call__(
+        self, mels: Tensor, frames: Tensor, should_stop: StopCheck = never
+    ) -> list[Tensor]:
         # FFTs of this size run about 2x faster on one thread than split over two (measured
         # on the 2-core machine), so the iterations run single-threaded.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self._run(mels, frames)
+            return self._run(mels, frames, should_stop)
         finally:
             torch.set_num_threads(threads)
 
-    def _run(self, mels: Tensor, frames: Tensor) -> list[Tensor]:
+    def _run(self, mels: Tensor, frames: Tensor, should_stop: StopCheck) -> list[Tensor]:
         mels = mels.float().cpu()
         mag = torch.clamp(self.inverse @ torch.exp(mels), min=0.0)  # (B, F, T)
         length = (mels.shape[-1] - 1) * self.cfg.hop
@@ -99,6 +117,8 @@ class GriffinLim:
         spec = mag.to(torch.complex64)
         previous = torch.zeros_like(spec)
         for _ in range(self.iterations):
+            if should_stop():
+                raise Stopped("vocoding stopped: the job was canceled or is past its deadline")
             rebuilt = self._stft(self._istft(spec, length))
             angles = rebuilt - (self.momentum / (1 + self.momentum)) * previous
             previous = rebuilt

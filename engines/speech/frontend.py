@@ -8,9 +8,13 @@ Festival expands numbers, money, dates and abbreviations itself.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import select
 import shutil
 import subprocess
 import threading
+import time
 
 import torch
 from torch import Tensor
@@ -104,8 +108,16 @@ SCHEME = f"""
 """
 
 
+log = logging.getLogger("fewstep.speech")
+
+
 class FrontendError(RuntimeError):
     """Festival is missing or failed."""
+
+
+class FrontendUnavailable(FrontendError):
+    """Festival hung (no answer within the timeout) or died mid-request; it was killed and
+    the next call starts a fresh one, so the same request can be retried (a 503, not 400)."""
 
 
 @dataclasses.dataclass
@@ -164,56 +176,116 @@ def festival_command() -> list[str]:
 
 
 class Festival:
-    """A long-lived `festival --pipe` process answering front-end queries, one at a time."""
+    """A long-lived `festival --pipe` process answering front-end queries, one at a time.
 
-    def __init__(self) -> None:
+    Thread-safe (one query at a time, so callers may use worker threads). Every read waits
+    at most `timeout` seconds (`start_timeout` for the first answer of a fresh process,
+    which loads the voice); a Festival that stalls (SIGSTOP, a loop) or dies is killed and
+    the call raises FrontendUnavailable; the next call starts a new process."""
+
+    def __init__(self, timeout: float = 5.0, start_timeout: float = 30.0) -> None:
+        self.timeout, self.start_timeout = timeout, start_timeout
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
+        self._fresh = False  # the process has not answered yet
+        self._buffer = b""
+
+    @property
+    def pid(self) -> int | None:
+        """The running Festival's process id (None when none runs)."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
 
     def _start(self) -> subprocess.Popen:
-        proc = subprocess.Popen(
+        self._proc = proc = subprocess.Popen(
             festival_command(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            text=True,
-            bufsize=1,
+            bufsize=0,
         )
         assert proc.stdin is not None
-        proc.stdin.write(SCHEME + "\n")
-        proc.stdin.flush()
+        proc.stdin.write((SCHEME + "\n").encode())
+        self._fresh, self._buffer = True, b""
         return proc
+
+    def _kill(self, why: str) -> FrontendUnavailable:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()  # SIGKILL ends a stopped process too
+            proc.wait(timeout=5)
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
+        log.warning("festival %s; killed it, the next request starts a new one", why)
+        return FrontendUnavailable(
+            f"the text front end (festival) {why}; it was restarted, retry the request"
+        )
+
+    def _readline(self, proc: subprocess.Popen, timeout: float) -> str:
+        """One line of Festival's output within `timeout` seconds."""
+        assert proc.stdout is not None
+        fd, deadline = proc.stdout.fileno(), time.monotonic() + timeout
+        poller = select.poll()  # not select(): a busy server's descriptors pass 1024
+        poller.register(fd, select.POLLIN)
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not poller.poll(remaining * 1000):
+                raise self._kill(f"did not answer within {timeout:g} s")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise self._kill("exited")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode(errors="replace")
 
     def segments(self, text: str) -> list[Segment]:
         """Festival's segments for text (end times are 0: nothing is synthesised)."""
-        with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                self._proc = self._start()
-            proc = self._proc
-            assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write(f"(fs_front {quote(text)})\n")
-            proc.stdin.flush()
+        if not self._lock.acquire(timeout=self.start_timeout + self.timeout):
+            raise FrontendUnavailable("the text front end (festival) is busy; retry the request")
+        try:
+            try:
+                if self._proc is None or self._proc.poll() is not None:
+                    self._proc = self._start()
+                proc = self._proc
+                assert proc.stdin is not None
+                proc.stdin.write(f"(fs_front {quote(text)})\n".encode())
+            except OSError:  # it exited before reading what we sent
+                raise self._kill("exited") from None
             lines = []
             while True:
-                line = proc.stdout.readline()
-                if not line:
-                    self._proc = None
-                    raise FrontendError(f"festival exited while reading {text[:60]!r}")
+                line = self._readline(proc, self.start_timeout if self._fresh else self.timeout)
+                self._fresh = False
                 if line.strip() == "#END":
                     break
                 lines.append(line)
+        finally:
+            self._lock.release()
         return parse_segments(lines)
 
     def phones(self, text: str) -> Phones:
-        return to_ids(self.segments(text))
+        """Model inputs for one sentence; ValueError if it has nothing to say."""
+        segs = self.segments(text)
+        if not any(s.phone not in ("pau", "h#", "brth") for s in segs):
+            raise ValueError(
+                f"the sentence {text[:60]!r} has nothing to say (only punctuation or spaces); "
+                "remove it or add words"
+            )
+        return to_ids(segs)
 
     def close(self) -> None:
         with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
-                assert self._proc.stdin is not None
-                self._proc.stdin.close()
-                self._proc.wait(timeout=5)
-            self._proc = None
+            proc, self._proc = self._proc, None
+            if proc is not None and proc.poll() is None:
+                assert proc.stdin is not None
+                proc.stdin.close()
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+            if proc is not None and proc.stdout is not None:
+                proc.stdout.close()
 
 
 _SHARED: Festival | None = None

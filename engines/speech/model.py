@@ -21,7 +21,7 @@ from engines.nets.tts import TTS, frames_from_logdur, length_regulate
 from engines.noise import RowNoise
 from engines.samplers import INFO, SamplerGen, create, drive, nfe
 from engines.speech import frontend
-from engines.speech.audio import GriffinLim, MelConfig, Vocoder, encode
+from engines.speech.audio import GriffinLim, MelConfig, StopCheck, Stopped, Vocoder, encode, never
 
 log = logging.getLogger("fewstep.speech")
 PAUSE_S = 0.15  # silence between sentences when they are joined
@@ -42,6 +42,35 @@ def split_sentences(text: str) -> list[str]:
     text = " ".join(text.split())
     parts = re.split(r"(?<=[.!?;])\s+(?=[\"'(A-Z0-9])", text)
     return [p for p in parts if p.strip()]
+
+
+class TooLong(ValueError):
+    """A request whose audio would pass the model's limits: refused before any compute."""
+
+
+def _pad(rows: list[Tensor]) -> Tensor:
+    size = max(len(r) for r in rows)
+    return torch.stack([torch.nn.functional.pad(r, (0, size - len(r))) for r in rows])
+
+
+@dataclasses.dataclass
+class Plan:
+    """A request's cost, known after the front end and the duration predictor and before
+    the sampler runs: frames per sentence at the request's speed."""
+
+    ids: list[frontend.Phones]
+    durations: list[Tensor]  # frames per phone of each sentence, speed included
+    frames: list[int]  # frames of each sentence
+
+    @property
+    def total(self) -> int:
+        """Frames of audio the request makes."""
+        return sum(self.frames)
+
+    @property
+    def padded(self) -> int:
+        """Frames the sampler runs: every row padded to the longest."""
+        return len(self.frames) * max(self.frames)
 
 
 @dataclasses.dataclass
@@ -71,6 +100,58 @@ class Speech:
             else SpeechConsistencyDenoiser(tts.denoiser, 1.0, sigma_min)
         )
 
+    def seconds(self, frames: int) -> float:
+        return frames * self.mel.hop / self.mel.sample_rate
+
+    def _refuse(self, what: str, frames: int, limit: int, advice: str) -> TooLong:
+        return TooLong(
+            f"{what} would be {self.seconds(frames):.1f} s of audio, over model "
+            f"{self.spec.name}'s limit of {self.seconds(limit):.0f} s; {advice}"
+        )
+
+    def _check(self, lengths: list[int], speed: float) -> None:
+        s = self.spec.speech
+        for i, n in enumerate(lengths):
+            if n > s.max_frames_per_sentence:
+                raise self._refuse(
+                    f"sentence {i + 1} at speed {speed:g}",
+                    n,
+                    s.max_frames_per_sentence,
+                    "shorten it, split it into sentences, or raise speed",
+                )
+        if len(lengths) * max(lengths) > s.max_frames_per_request:
+            raise self._refuse(
+                f"the request ({len(lengths)} sentences, each synthesised as long as the longest)",
+                len(lengths) * max(lengths),
+                s.max_frames_per_request,
+                "send the longest sentences in requests of their own, or shorten the text",
+            )
+
+    @torch.no_grad()
+    def plan(self, sentences: list[str], speed: float = 1.0) -> Plan:
+        """The request's frames, checked against the model's limits before any sampling.
+
+        Raises TooLong (a ValueError) past the limits, ValueError for a sentence with
+        nothing to say, frontend.FrontendUnavailable when Festival hung or died (retry),
+        frontend.FrontendError when Festival is missing. Thread-safe; blocks on Festival,
+        so call it off the event loop."""
+        if not sentences:
+            raise ValueError("there is no text to speak; send at least one sentence")
+        ids = [self.festival.phones(t) for t in sentences]
+        # every phone takes at least one frame: refuse what is too long before the encoder
+        # (its attention is quadratic in phones)
+        self._check([len(p) for p in ids], speed)
+        device = self.tts.mel_mean.device
+        phone, stress, final = (
+            _pad([getattr(p, k) for p in ids]).to(device) for k in ("phone", "stress", "final")
+        )
+        _, logdur, pmask = self.tts.encoder(phone, stress, final)
+        frames = frames_from_logdur(logdur, pmask, speed).cpu()
+        durations = [frames[i, : len(p)] for i, p in enumerate(ids)]
+        plan = Plan(ids, durations, [int(d.sum()) for d in durations])
+        self._check(plan.frames, speed)
+        return plan
+
     @torch.no_grad()
     def prepare(
         self,
@@ -83,6 +164,10 @@ class Speech:
         ids = [self.festival.phones(t) for t in sentences]
         return self.prepare_ids(ids, speed, device, durations)
 
+    def prepare_plan(self, plan: Plan, device: str = "cpu") -> Prepared:
+        """The sampler's inputs for a checked plan (no second trip to Festival)."""
+        return self.prepare_ids(plan.ids, 1.0, device, plan.durations)
+
     @torch.no_grad()
     def prepare_ids(
         self,
@@ -91,19 +176,15 @@ class Speech:
         device: str = "cpu",
         durations: list[Tensor] | None = None,
     ) -> Prepared:
-        def pad(rows: list[Tensor]) -> Tensor:
-            size = max(len(r) for r in rows)
-            return torch.stack([torch.nn.functional.pad(r, (0, size - len(r))) for r in rows])
-
         phone, stress, final = (
-            pad([getattr(p, k) for p in ids]) for k in ("phone", "stress", "final")
+            _pad([getattr(p, k) for p in ids]) for k in ("phone", "stress", "final")
         )
         enc = self.tts.encoder
         mu, logdur, pmask = enc(phone.to(device), stress.to(device), final.to(device))
         if durations is None:
             frames = frames_from_logdur(logdur, pmask, speed)
         else:
-            frames = pad(durations).to(device)
+            frames = _pad(durations).to(device)
         mu_f, mask = length_regulate(mu, frames)
         return Prepared(mu_f, mask, frames.sum(1), int(pmask.sum()))
 
@@ -131,10 +212,18 @@ class Speech:
         return self._vocoder
 
     @torch.no_grad()
-    def waves(self, x: Tensor, frames: Tensor) -> list[Tensor]:
-        """Final standardised mels -> one waveform per sentence."""
+    def waves(self, x: Tensor, frames: Tensor, should_stop: StopCheck = never) -> list[Tensor]:
+        """Final standardised mels -> one waveform per sentence, each vocoded at its own
+        length (not padded to the longest). Raises Stopped once should_stop() is true
+        (checked between sentences and between vocoder iterations)."""
         mels = self.tts.to_log_mel(x.float().cpu())
-        return self.vocoder(mels, frames.cpu())
+        out = []
+        for i, n in enumerate(frames.cpu().tolist()):
+            if should_stop():
+                raise Stopped("vocoding stopped: the job was canceled or is past its deadline")
+            n = max(int(n), 1)
+            out += self.vocoder(mels[i : i + 1, :, :n], torch.tensor([n]), should_stop)
+        return out
 
     def join(self, waves: list[Tensor]) -> Tensor:
         gap = torch.zeros(int(PAUSE_S * self.mel.sample_rate))
@@ -145,13 +234,16 @@ class Speech:
         peak = float(audio.abs().max()) if audio.numel() else 0.0
         return audio * (0.9 / peak) if peak > 1e-4 else audio
 
-    def audio(self, x: Tensor, frames: Tensor) -> Tensor:
+    def audio(self, x: Tensor, frames: Tensor, should_stop: StopCheck = never) -> Tensor:
         """The whole request's waveform: sentences vocoded, joined and peak-normalised."""
-        return self.join(self.waves(x, frames))
+        return self.join(self.waves(x, frames, should_stop))
 
-    def render(self, x: Tensor, frames: Tensor, fmt: str) -> tuple[bytes, float]:
-        """Encoded audio of the whole request (sentences joined) and its seconds."""
-        audio = self.audio(x, frames)
+    def render(
+        self, x: Tensor, frames: Tensor, fmt: str, should_stop: StopCheck = never
+    ) -> tuple[bytes, float]:
+        """Encoded audio of the whole request (sentences joined) and its seconds. Raises
+        audio.Stopped as soon as should_stop() is true (a canceled or late job)."""
+        audio = self.audio(x, frames, should_stop)
         seconds = len(audio) / self.mel.sample_rate
         if fmt == "f32":
             return audio.float().numpy().astype("<f4").tobytes(), seconds

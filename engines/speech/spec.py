@@ -43,6 +43,20 @@ class SpeechSpec:
     voices: tuple[str, ...]  # the model's own voices; the first is the default
     max_chars: int  # input text limit per request
     max_sentences: int  # sentences synthesised as one batch
+    # The cost bound, in seconds of audio after the front end and durations (speed
+    # included): one sentence, and the request's rows x its longest sentence (the padded
+    # batch the sampler runs), so that neither one long sentence nor many short rows padded
+    # to a long one run for minutes. Optional in model.yaml.
+    max_seconds_per_sentence: float = 40.0
+    max_seconds_per_request: float = 320.0
+
+    @property
+    def max_frames_per_sentence(self) -> int:
+        return int(self.max_seconds_per_sentence * self.sample_rate / self.hop)
+
+    @property
+    def max_frames_per_request(self) -> int:
+        return int(self.max_seconds_per_request * self.sample_rate / self.hop)
 
     def voice(self, name: str) -> str | None:
         """The model voice a requested name maps to (OpenAI names map to the first)."""
@@ -60,6 +74,13 @@ class SpeechSpec:
         return karras_sigmas(steps, sigma_min, sigma_max, rho)
 
 
+OPTIONAL = {
+    f.name: f.default
+    for f in dataclasses.fields(SpeechSpec)
+    if f.name in ("max_seconds_per_sentence", "max_seconds_per_request")
+}
+
+
 def parse_speech(data: object) -> SpeechSpec:
     """SpeechSpec from a mapping; ValueError names the key that is wrong."""
     if not isinstance(data, dict):
@@ -68,7 +89,7 @@ def parse_speech(data: object) -> SpeechSpec:
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown}; the keys are {names}")
-    missing = sorted(set(names) - set(data))
+    missing = sorted(set(names) - set(data) - set(OPTIONAL))
     if missing:
         raise ValueError(f"missing key(s) {missing}")
     try:
@@ -95,6 +116,14 @@ def parse_speech(data: object) -> SpeechSpec:
         value = data[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    limits = {}
+    for key, default in OPTIONAL.items():
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{key} must be a positive number of seconds, got {value!r}")
+        limits[key] = float(value)
+    if limits["max_seconds_per_sentence"] > limits["max_seconds_per_request"]:
+        raise ValueError("max_seconds_per_sentence must not exceed max_seconds_per_request")
     return SpeechSpec(
         network,
         data["parameterisation"],
@@ -104,4 +133,5 @@ def parse_speech(data: object) -> SpeechSpec:
         tuple(voices),
         data["max_chars"],
         data["max_sentences"],
+        **limits,
     )

@@ -61,11 +61,18 @@ class JobQueue(Protocol):
         ...
 
     def events(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent]:
-        """Every event after seq `after`, replayed then live, ending with a terminal one."""
+        """Every event after seq `after`, replayed then live, ending with a terminal one;
+        ends at once for a finished job whose terminal event is at or before `after`."""
         ...
 
     async def result(self, job_id: str, timeout: float) -> JobResult | None:
         """The job's result, waiting up to `timeout` seconds; None if not done by then."""
+        ...
+
+    async def forget(self, job_id: str) -> bool:
+        """Drop a finished job's record, events, result and idempotency key at once (a
+        synchronous request calls it once it has delivered the result, so results are
+        not kept for nobody); False if the job is unknown or not finished (kept)."""
         ...
 
     async def status(self, job_id: str) -> JobStatus | None: ...

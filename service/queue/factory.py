@@ -9,7 +9,9 @@ from service.queue.memory import MemoryQueue
 
 def make_queue(settings: Settings) -> JobQueue:
     if settings.queue == "memory":
-        return MemoryQueue(settings.max_queued_samples, settings.retained_jobs)
+        return MemoryQueue(
+            settings.max_queued_samples, settings.retained_jobs, settings.retained_result_bytes
+        )
     from service.queue.redis_streams import RedisStreamsQueue
 
     return RedisStreamsQueue(

@@ -13,14 +13,21 @@ Layout (P = prefix, MV = "model@version"):
     P priorities:MV      set of the priorities MV has streams for
     P models             set of every MV ever submitted (for depth and KEDA discovery)
     P job:ID             hash: data (the Job as JSON), state, n, stream, entry, step, steps,
-                         delivery, error, fingerprint, idempotency (expires with the result)
+                         delivery, error, fingerprint, idempotency (the full name of its
+                         idempotency key, or ""; expires with the result)
     P result:ID          the JobResult as JSON, written once (SET NX) with a TTL
     P events:ID          stream of the job's events (seq, type, data, time)
-    P idempotency:KEY    the job id an Idempotency-Key stands for
+    P idempotency:OWNER:KEY  the job id an Idempotency-Key stands for, per principal (OWNER
+                         is a principal name, which holds no ":", so the split is unique)
     P counters           hash: jobs, samples queued (admission control, depth, lag)
     P dead               dead-letter stream: jobs delivered too often without a result
     P done               channel: "ID\\nN\\nSTATE\\nRESULT-JSON-or-empty" when a job finishes
     P cancel             channel: ID of a running job whose client canceled it
+    P ratelimit:NAME     hash: tokens, ts (server time, s) of principal NAME's token bucket;
+                         expires once the bucket would be full again
+    P inflight:NAME      hash: job id -> "samples expiry" of principal NAME's jobs in flight;
+                         entries past their expiry (a replica died) are dropped on the next
+                         acquire, and the key expires after the last one
 """
 
 from __future__ import annotations
@@ -36,11 +43,13 @@ TEMPLATES = {
     "job": "job:{id}",
     "result": "result:{id}",
     "events": "events:{id}",
-    "idempotency": "idempotency:{key}",
+    "idempotency": "idempotency:{owner}:{key}",
     "counters": "counters",
     "dead": "dead",
     "done": "done",
     "cancel": "cancel",
+    "ratelimit": "ratelimit:{name}",
+    "inflight": "inflight:{name}",
 }
 
 
@@ -76,8 +85,8 @@ class Keys:
     def events(self, job_id: str) -> str:
         return self._name("events", id=job_id)
 
-    def idempotency(self, key: str) -> str:
-        return self._name("idempotency", key=key)
+    def idempotency(self, owner: str, key: str) -> str:
+        return self._name("idempotency", owner=owner, key=key)
 
     @property
     def counters(self) -> str:
@@ -94,6 +103,12 @@ class Keys:
     @property
     def cancel(self) -> str:
         return self._name("cancel")
+
+    def ratelimit(self, name: str) -> str:
+        return self._name("ratelimit", name=name)
+
+    def inflight(self, name: str) -> str:
+        return self._name("inflight", name=name)
 
     @property
     def pattern(self) -> str:

@@ -34,6 +34,11 @@ class _Entry:
         self.changed = asyncio.Event()
 
 
+def _size(result: JobResult) -> int:
+    """Bytes a stored result holds (its outputs; the rest is small)."""
+    return sum(len(o) for o in result.outputs)
+
+
 class DrainRate:
     """Exponentially weighted samples-per-second completed, for Retry-After and ETAs."""
 
@@ -54,12 +59,19 @@ class DrainRate:
 class MemoryQueue:
     """JobQueue in process memory; the default for `fewstep serve`."""
 
-    def __init__(self, max_queued_samples: int = 1024, retained_jobs: int = 10000) -> None:
+    def __init__(
+        self,
+        max_queued_samples: int = 1024,
+        retained_jobs: int = 10000,
+        retained_result_bytes: int = 256 * 2**20,
+    ) -> None:
         self.max_queued_samples, self.retained_jobs = max_queued_samples, retained_jobs
+        self.retained_result_bytes = retained_result_bytes
+        self._result_bytes = 0  # outputs of the finished jobs still held
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._heap: list[tuple[int, float, int, str]] = []
         self._order = itertools.count()
-        self._keys: dict[str, str] = {}
+        self._keys: dict[tuple[str, str], str] = {}  # (owner, idempotency key) -> job id
         self._queued_samples = 0
         self._queued_jobs = 0
         self._by_priority: Counter[int] = Counter()  # queued jobs per priority
@@ -78,8 +90,9 @@ class MemoryQueue:
         return 1.0 if eta is None else min(max(eta, 1.0), 60.0)
 
     async def submit(self, job: Job, fingerprint: str = "") -> tuple[Job, bool]:
-        if job.idempotency_key is not None and job.idempotency_key in self._keys:
-            first = self._entries.get(self._keys[job.idempotency_key])
+        scoped = (job.owner, job.idempotency_key)  # one principal's key is not another's
+        if job.idempotency_key is not None and scoped in self._keys:
+            first = self._entries.get(self._keys[scoped])
             if first is not None:
                 if first.fingerprint != fingerprint:
                     raise Conflict(
@@ -99,7 +112,7 @@ class MemoryQueue:
         entry = _Entry(job, fingerprint, (-job.priority, job.submit_time, next(self._order)))
         self._entries[job.id] = entry
         if job.idempotency_key is not None:
-            self._keys[job.idempotency_key] = job.id
+            self._keys[scoped] = job.id
         heapq.heappush(self._heap, (*entry.key, job.id))
         self._queued_samples += job.n
         self._queued_jobs += 1
@@ -111,22 +124,38 @@ class MemoryQueue:
         self._evict()
         return job, True
 
-    def _evict(self) -> None:
-        """Forget the oldest finished jobs beyond `retained_jobs` (oldest first, so the
-        scan stops after a handful of entries)."""
+    def _evict(self, keep: str | None = None) -> None:
+        """Forget the oldest finished jobs beyond `retained_jobs` or `retained_result_bytes`
+        (oldest first, so the scan stops after a handful of entries); `keep` is the job
+        that just finished, kept even if its result alone is over the byte bound."""
         excess = len(self._entries) - self.retained_jobs
-        if excess <= 0:
+        over = self._result_bytes - self.retained_result_bytes
+        if excess <= 0 and over <= 0:
             return
         doomed = []
         for job_id, entry in self._entries.items():
-            if len(doomed) == excess:
+            if excess <= 0 and over <= 0:
                 break
-            if entry.result is not None:
+            if entry.result is not None and job_id != keep:
                 doomed.append(job_id)
+                excess -= 1
+                over -= _size(entry.result)
         for job_id in doomed:
-            entry = self._entries.pop(job_id)
-            if entry.job.idempotency_key is not None:
-                self._keys.pop(entry.job.idempotency_key, None)
+            self._drop(job_id)
+
+    def _drop(self, job_id: str) -> None:
+        entry = self._entries.pop(job_id)
+        if entry.result is not None:
+            self._result_bytes -= _size(entry.result)
+        if entry.job.idempotency_key is not None:
+            self._keys.pop((entry.job.owner, entry.job.idempotency_key), None)
+
+    async def forget(self, job_id: str) -> bool:
+        entry = self._entries.get(job_id)
+        if entry is None or entry.result is None:
+            return False
+        self._drop(job_id)
+        return True
 
     def _take_queued(self, entry: _Entry) -> None:
         self._queued_samples -= entry.job.n
@@ -173,6 +202,7 @@ class MemoryQueue:
         if entry.state is JobState.QUEUED:
             self._take_queued(entry)
         entry.state, entry.result = result.state, result
+        self._result_bytes += _size(result)
         entry.done.set()
         if result.state is JobState.SUCCEEDED:
             self.drain.add(entry.job.n)
@@ -180,6 +210,7 @@ class MemoryQueue:
             {"nfe": result.nfe} if result.state is JobState.SUCCEEDED else {"error": result.error}
         )
         self._add_event(entry, JobEvent(result.job_id, result.state.value, data))
+        self._evict(keep=result.job_id)
 
     async def cancel(self, job_id: str) -> JobState | None:
         entry = self._entries.get(job_id)
@@ -225,6 +256,8 @@ class MemoryQueue:
                 yield event
                 if event.terminal:
                     return
+            if entry.events[-1].terminal:
+                return  # finished, and the client has seen its end already
             await waiter.wait()
 
     async def result(self, job_id: str, timeout: float) -> JobResult | None:

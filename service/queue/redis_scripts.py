@@ -115,7 +115,7 @@ local function finish(id, result, state, err, data, ttl, now, inline_max)
   add_event(id, state, data, now)
   redis.call('EXPIRE', job, ttl)
   redis.call('EXPIRE', k_events(id), ttl)
-  if h[3] and h[3] ~= '' then redis.call('EXPIRE', k_idempotency(h[3]), ttl) end
+  if h[3] and h[3] ~= '' then redis.call('EXPIRE', h[3], ttl) end
   if #result > inline_max then result = '' end
   redis.call('PUBLISH', k_done(), id .. '\n' .. n .. '\n' .. state .. '\n' .. result)
   return true
@@ -128,12 +128,14 @@ end
 """
 
 # ARGV: prefix, group, id, job json, n, fingerprint, max queued samples, model@version,
-# priority, idempotency key or "", now
+# priority, idempotency key or "", now, owner (idempotency keys are scoped per owner)
 SUBMIT = r"""
 local id, data, n, fp = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local limit, mv, prio, idem, now = tonumber(ARGV[7]), ARGV[8], ARGV[9], ARGV[10], ARGV[11]
+local ikey = ''
+if idem ~= '' then ikey = k_idempotency(ARGV[12], idem) end
 if idem ~= '' then
-  local first = redis.call('GET', k_idempotency(idem))
+  local first = redis.call('GET', ikey)
   if first then
     local h = redis.call('HMGET', k_job(first), 'fingerprint', 'data')
     if h[2] then
@@ -152,13 +154,13 @@ if redis.call('EXISTS', stream) == 0 then
 end
 local entry = redis.call('XADD', stream, '*', 'id', id, 'n', n, 'job', data)
 redis.call('HSET', k_job(id), 'data', data, 'fingerprint', fp, 'state', 'queued', 'n', n,
-  'model', mv, 'priority', prio, 'stream', stream, 'entry', entry, 'idempotency', idem,
+  'model', mv, 'priority', prio, 'stream', stream, 'entry', entry, 'idempotency', ikey,
   'step', 0, 'steps', 0, 'delivery', 0, 'error', '')
 redis.call('SADD', k_priorities(mv), prio)
 redis.call('SADD', k_models(), mv)
 redis.call('HINCRBY', k_counters(), 'jobs', 1)
 redis.call('HINCRBY', k_counters(), 'samples', n)
-if idem ~= '' then redis.call('SET', k_idempotency(idem), id) end
+if idem ~= '' then redis.call('SET', ikey, id) end
 local position = undelivered(mv, tonumber(prio)) - 1
 add_event(id, 'queued', '{"position": ' .. position .. '}', now)
 return {'created', tostring(position)}
@@ -370,6 +372,17 @@ if h[2] == 'queued' then jobs, samples = ahead(h[6], tonumber(h[7]), h[8], h[9])
 return {h[1], h[2], h[3], h[4], h[5], jobs, samples}
 """
 
+# ARGV: prefix, group, id. Drops a finished job's record, result, events and idempotency
+# key; returns 1, or 0 (kept) if the job is unknown or has no result yet.
+FORGET = r"""
+local id = ARGV[3]
+if redis.call('EXISTS', k_result(id)) == 0 then return 0 end
+local idem = redis.call('HGET', k_job(id), 'idempotency')
+if idem and idem ~= '' and redis.call('GET', idem) == id then redis.call('DEL', idem) end
+redis.call('DEL', k_result(id), k_job(id), k_events(id))
+return 1
+"""
+
 # ARGV: prefix, group, consumer. Forget this consumer where it holds nothing (clean exit).
 FORGET_CONSUMER = r"""
 for _, s in ipairs(streams_of(redis.call('SMEMBERS', k_models()))) do
@@ -383,6 +396,64 @@ end
 return 0
 """
 
+# ARGV: prefix, group, principal name, rate (tokens per second), burst, cost.
+# One token bucket per principal, shared by every API replica; Redis's clock, so replicas
+# with skewed clocks agree. Returns {allowed 0/1, retry after s, tokens left, reset s} (as
+# strings: Lua numbers would reach the client truncated to integers).
+RATE_ACQUIRE = r"""
+local key = k_ratelimit(ARGV[3])
+local rate, burst, cost = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local h = redis.call('HMGET', key, 'tokens', 'ts')
+local tokens, ts = tonumber(h[1]), tonumber(h[2])
+if tokens == nil or ts == nil then tokens, ts = burst, now end
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local allowed, retry = 0, (cost - tokens) / rate
+if tokens >= cost then
+  tokens, allowed, retry = tokens - cost, 1, 0
+end
+redis.call('HSET', key, 'tokens', string.format('%.17g', tokens), 'ts',
+  string.format('%.17g', now))
+local reset = (burst - tokens) / rate
+redis.call('PEXPIRE', key, math.ceil(reset * 1000) + 1000)
+return {allowed, string.format('%.17g', retry), string.format('%.17g', tokens),
+  string.format('%.17g', reset)}
+"""
+
+# ARGV: prefix, group, principal name, job id, samples, limit, ttl s. Admits the job's
+# samples if the principal's samples in flight stay within limit; an entry older than its
+# ttl (its replica died before releasing it) no longer counts. Idempotent per job id.
+# Returns {allowed 0/1, samples in flight after}.
+INFLIGHT_ACQUIRE = r"""
+local key, job = k_inflight(ARGV[3]), ARGV[4]
+local n, limit, ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local used, latest, again = 0, now + ttl, false
+local flat = redis.call('HGETALL', key)
+for i = 1, #flat, 2 do
+  local samples, expiry = string.match(flat[i + 1], '(%d+) (%S+)')
+  if tonumber(expiry) <= now then
+    redis.call('HDEL', key, flat[i])
+  else
+    used = used + tonumber(samples)
+    latest = math.max(latest, tonumber(expiry))
+    again = again or flat[i] == job
+  end
+end
+if again then return {1, used} end  -- already admitted (a retried admission)
+if used + n > limit then return {0, used} end
+redis.call('HSET', key, job, n .. ' ' .. string.format('%.17g', now + ttl))
+redis.call('PEXPIREAT', key, math.ceil(latest * 1000))
+return {1, used + n}
+"""
+
+# ARGV: prefix, group, principal name, job id. Returns 1 if the job was in flight.
+INFLIGHT_RELEASE = r"""
+return redis.call('HDEL', k_inflight(ARGV[3]), ARGV[4])
+"""
+
 SCRIPTS = {
     "submit": SUBMIT,
     "claim": CLAIM,
@@ -394,6 +465,10 @@ SCRIPTS = {
     "heartbeat": HEARTBEAT,
     "status": STATUS,
     "forget_consumer": FORGET_CONSUMER,
+    "forget": FORGET,
+    "rate_acquire": RATE_ACQUIRE,
+    "inflight_acquire": INFLIGHT_ACQUIRE,
+    "inflight_release": INFLIGHT_RELEASE,
 }
 
 

@@ -204,6 +204,7 @@ class RedisStreamsQueue:
             job.priority,
             job.idempotency_key or "",
             time.time(),
+            job.owner,
         )
         if reply[0] == "conflict":
             raise Conflict(
@@ -259,6 +260,11 @@ class RedisStreamsQueue:
         if job_id in self._held:
             self._canceled.add(job_id)  # held here: the worker sees it at its next step
         return JobState(state)
+
+    @_guarded
+    async def forget(self, job_id: str) -> bool:
+        self._unclaimed_done.pop(job_id, None)
+        return bool(await self._script("forget", job_id))
 
     @_guarded
     async def depth(self) -> tuple[int, int]:
@@ -342,6 +348,8 @@ class RedisStreamsQueue:
                     job_id, f["type"], json.loads(f["data"]), int(f["seq"]), float(f["time"])
                 )
                 if event.seq <= after:
+                    if event.terminal:
+                        return  # finished, and the client has seen its end already
                     continue
                 yield event
                 if event.terminal:

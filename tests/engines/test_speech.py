@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import io
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +20,8 @@ from engines.quality_speech import mcd_dtw
 from engines.repository import Repository
 from engines.samplers import drive
 from engines.speech import corpus, frontend
-from engines.speech.audio import GriffinLim, MelConfig, encode, log_mel
-from engines.speech.model import split_sentences
+from engines.speech.audio import GriffinLim, MelConfig, Stopped, encode, log_mel
+from engines.speech.model import TooLong, split_sentences
 from service.cli import main
 from tests.engines.speech_fixture import TINY, tiny_speech_model
 
@@ -239,3 +245,169 @@ def test_shipped_speech_models_load_speak_and_fit_the_size_limit(name):
     gen, cond, _ = model.speech.start(long, s.default_sampler, s.default_steps, [0])
     x = drive(gen, model.denoiser, cond)
     assert torch.isfinite(x).all() and x.abs().max() < 20
+
+
+# -- a front end that never stalls, a cost known before compute, compute that stops ---------
+
+
+def test_a_punctuation_only_sentence_is_a_clear_value_error():
+    with pytest.raises(ValueError, match="nothing to say"):
+        frontend.shared().phones("?! ...")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_a_stopped_festival_is_killed_and_the_next_call_starts_a_new_one():
+    festival = frontend.Festival(timeout=1.0)
+    try:
+        before = len(festival.phones("Hello there."))
+        pid = festival.pid
+        os.kill(pid, signal.SIGSTOP)
+        begin = time.monotonic()
+        with pytest.raises(frontend.FrontendUnavailable, match="did not answer within 1 s"):
+            festival.phones("Hello there.")
+        took = time.monotonic() - begin
+        assert 0.9 < took < 3 and _gone(pid)
+        assert len(festival.phones("Hello there.")) == before and festival.pid != pid
+    finally:
+        festival.close()
+
+
+def test_a_festival_dying_mid_request_fails_that_request_at_once():
+    festival = frontend.Festival(timeout=30.0)
+    try:
+        festival.phones("Warm.")
+        pid = festival.pid
+        os.kill(pid, signal.SIGSTOP)  # holds the request in flight ...
+        threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()  # ... then dies
+        begin = time.monotonic()
+        with pytest.raises(frontend.FrontendUnavailable, match="exited"):
+            festival.phones("Hello there.")
+        assert time.monotonic() - begin < 5  # EOF, not the 30 s timeout
+        assert len(festival.phones("Hello there.")) > 3
+    finally:
+        festival.close()
+
+
+def test_a_festival_that_exits_at_start_is_unavailable_not_a_crash(monkeypatch):
+    monkeypatch.setattr(frontend, "festival_command", lambda: ["sh", "-c", "exit 0"])
+    festival = frontend.Festival(timeout=2.0, start_timeout=2.0)
+    with pytest.raises(frontend.FrontendUnavailable, match="exited"):
+        festival.phones("Hello.")
+
+
+def test_the_front_end_answers_threads_one_at_a_time():
+    texts = ["One.", "Two words.", "Three short words.", "Four is a number."] * 3
+    serial = [phones(t) for t in texts]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda t: [s.phone for s in frontend.shared().segments(t)], texts))
+    assert threaded == serial
+
+
+def limited(sentence_s: float, request_s: float):
+    model = tiny_speech_model()
+    speech = model.speech
+    limits = dataclasses.replace(
+        speech.spec.speech,
+        max_seconds_per_sentence=sentence_s,
+        max_seconds_per_request=request_s,
+    )
+    speech.spec = dataclasses.replace(speech.spec, speech=limits)
+    return speech
+
+
+def test_plan_gives_the_frames_prepare_will_make():
+    speech = tiny_speech_model().speech
+    sentences = ["Hi.", "This sentence is a good deal longer than the first."]
+    plan = speech.plan(sentences, speed=0.5)
+    prepared = speech.prepare(sentences, speed=0.5)
+    assert plan.frames == prepared.frames.tolist() and plan.total == sum(plan.frames)
+    assert plan.padded == 2 * max(plan.frames)
+    again = speech.prepare_plan(plan)
+    torch.testing.assert_close(again.mu, prepared.mu)
+    assert speech.plan(sentences).total < plan.total  # speed is part of the cost
+
+
+def test_abusive_speech_requests_are_refused_before_compute():
+    speech = tiny_speech_model().speech  # the default limits: 40 s a sentence, 320 s padded
+    long_sentence = " ".join(["The committee will meet again on Tuesday"] * 8) + "."
+    begin = time.monotonic()
+    with pytest.raises(TooLong, match=r"sentence 16 at speed 0.25 .* limit of 40 s"):
+        speech.plan(["Go."] * 15 + [long_sentence], speed=0.25)
+    with pytest.raises(TooLong, match="sentence 1 at speed 1"):
+        speech.plan(["1" * 1999], speed=1.0)  # refused on its phones, before the encoder
+    assert time.monotonic() - begin < 10  # Festival reading 1999 digits is most of it
+    assert speech.plan(["Go."] * 15 + [long_sentence], speed=1.0).total > 0
+
+
+def test_many_short_rows_padded_to_a_long_one_count_as_padded():
+    speech = limited(sentence_s=10, request_s=20)
+    medium = "This sentence is a good deal longer than the first one was."
+    plan = speech.plan([medium], speed=1.0)
+    assert speech.seconds(plan.frames[0]) < 10
+    rows = max(2, int(20 // speech.seconds(plan.frames[0])) + 1)
+    with pytest.raises(TooLong, match=f"the request \\({rows} sentences"):
+        speech.plan(["Go."] * (rows - 1) + [medium])
+
+
+class Recording:
+    """A vocoder that records the mel lengths it is given."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.sample_rate, self.lengths = inner, inner.sample_rate, []
+
+    def __call__(self, mels, frames, should_stop=lambda: False):
+        self.lengths.append(mels.shape[-1])
+        return self.inner(mels, frames, should_stop)
+
+
+def test_each_sentence_is_vocoded_at_its_own_length():
+    model = tiny_speech_model()
+    speech = model.speech
+    recording = Recording(GriffinLim(speech.mel, iterations=4))
+    speech._vocoder = recording
+    prepared = speech.prepare(["Hi.", "This sentence is a good deal longer than the first."])
+    gen, cond, _ = speech.start(prepared, "ddpm", 2, [0, 1])
+    waves = speech.waves(drive(gen, model.denoiser, cond), prepared.frames)
+    assert recording.lengths == prepared.frames.tolist()
+    assert [len(w) for w in waves] == [(n - 1) * speech.mel.hop for n in prepared.frames.tolist()]
+
+
+def test_should_stop_ends_vocoding_between_iterations():
+    model = tiny_speech_model()
+    speech = model.speech
+    prepared = speech.prepare(["Hi.", "This sentence is a good deal longer than the first."])
+    gen, cond, _ = speech.start(prepared, "ddpm", 2, [0, 1])
+    x = drive(gen, model.denoiser, cond)
+    calls = []
+
+    def should_stop() -> bool:
+        calls.append(1)
+        return len(calls) > 5
+
+    with pytest.raises(Stopped):
+        speech.render(x, prepared.frames, "wav", should_stop)
+    assert len(calls) == 6  # stopped inside the first sentence's iterations, not after all
+    assert speech.render(x, prepared.frames, "wav")[1] > 0  # without it: the whole audio
+
+
+def test_speech_limits_in_model_yaml_are_optional_and_checked():
+    import yaml
+
+    from engines.speech.spec import parse_speech
+
+    raw = yaml.safe_load((SHIPPED / "speech-prodiff" / "model.yaml").read_text())["speech"]
+    spec = parse_speech(raw)  # the shipped files leave the limits out: the defaults apply
+    assert spec.max_seconds_per_sentence == 40 and spec.max_frames_per_sentence == 3445
+    assert parse_speech({**raw, "max_seconds_per_request": 100}).max_frames_per_request == 8613
+    for bad in ({"max_seconds_per_sentence": 0}, {"max_seconds_per_request": "60"}):
+        with pytest.raises(ValueError, match="positive number of seconds"):
+            parse_speech({**raw, **bad})
+    with pytest.raises(ValueError, match="must not exceed"):
+        parse_speech({**raw, "max_seconds_per_sentence": 50, "max_seconds_per_request": 40})

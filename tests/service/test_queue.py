@@ -21,7 +21,7 @@ from service.queue.redis_streams import RedisStreamsQueue
 from .redisutil import REDIS_URL, delete_prefix, free_port, new_prefix, require_redis
 
 
-def job(n=1, priority=0, key=None, seed=0, t=0.0, model="toy") -> Job:
+def job(n=1, priority=0, key=None, seed=0, t=0.0, model="toy", owner="") -> Job:
     return Job(
         model,
         1,
@@ -33,6 +33,7 @@ def job(n=1, priority=0, key=None, seed=0, t=0.0, model="toy") -> Job:
         priority=priority,
         idempotency_key=key,
         submit_time=t,
+        owner=owner,
     )
 
 
@@ -142,6 +143,65 @@ def test_idempotency_key_dedupes_and_detects_a_different_body(make):
     first, created, again, created_again, depth = run(scenario, make())
     assert created and not created_again and again.id == first.id
     assert depth == (1, 1)
+
+
+def test_idempotency_keys_are_scoped_per_owner(make):
+    async def scenario(queue):
+        alice, created_a = await queue.submit(job(key="k", owner="alice"), "body-a")
+        bob, created_b = await queue.submit(job(key="k", owner="bob"), "body-b")  # no Conflict
+        again, created_again = await queue.submit(job(key="k", owner="bob"), "body-b")
+        return alice, bob, again, (created_a, created_b, created_again), await queue.status(bob.id)
+
+    alice, bob, again, created, status = run(scenario, make())
+    assert alice.id != bob.id and again.id == bob.id and created == (True, True, False)
+    assert status.job.owner == "bob"  # the owner travels with the job
+
+
+def test_events_of_a_finished_job_end_at_once_past_their_end(make):
+    async def scenario(queue):
+        j = job()
+        await queue.submit(j)
+        await queue.claim(1, 0)
+        await queue.complete(JobResult(j.id, JobState.SUCCEEDED, nfe=2))
+        begin = time.perf_counter()
+        at_end = await asyncio.wait_for(_all(queue.events(j.id, after=2)), 5)
+        past = await asyncio.wait_for(_all(queue.events(j.id, after=10**9)), 5)
+        return at_end, past, time.perf_counter() - begin
+
+    at_end, past, took = run(scenario, make())
+    assert at_end == [] and past == [] and took < 1.0
+
+
+async def _all(aiter) -> list:
+    return [item async for item in aiter]
+
+
+def test_forget_drops_a_delivered_result_and_keeps_unfinished_jobs(make):
+    async def scenario(queue):
+        done, running = job(key="sync", t=1), job(t=2)
+        await queue.submit(done)
+        await queue.submit(running)
+        await queue.claim(10, 0)
+        await queue.complete(JobResult(done.id, JobState.SUCCEEDED, outputs=[b"x" * 100]))
+        delivered = await queue.result(done.id, 1)
+        forgot, kept = await queue.forget(done.id), await queue.forget(running.id)
+        unknown = await queue.forget("job_nope")
+        gone = (await queue.status(done.id), await queue.result(done.id, 0))
+        events = await asyncio.wait_for(_all(queue.events(done.id)), 5)
+        fresh, created = await queue.submit(job(key="sync"))  # the key is free again
+        return (
+            delivered,
+            (forgot, kept, unknown),
+            gone,
+            events,
+            await queue.status(running.id),
+            (fresh.id != done.id and created),
+        )
+
+    delivered, answers, gone, events, running, fresh = run(scenario, make())
+    assert delivered.outputs == [b"x" * 100] and answers == (True, False, False)
+    assert gone == (None, None) and events == [] and fresh
+    assert running.state is JobState.RUNNING
 
 
 def test_position_and_eta(make):
@@ -300,6 +360,26 @@ def test_memory_forgets_finished_jobs_beyond_retention():
     assert statuses[4].state is JobState.QUEUED
 
 
+def test_memory_bounds_retained_results_by_bytes_oldest_first():
+    queue = MemoryQueue(max_queued_samples=100, retained_jobs=100, retained_result_bytes=250)
+
+    async def scenario(q):
+        jobs = [job(t=i) for i in range(4)]
+        for j in jobs:
+            await q.submit(j)
+        await q.claim(10, 0)
+        for j in jobs[:3]:
+            await q.complete(JobResult(j.id, JobState.SUCCEEDED, outputs=[b"x" * 100]))
+        kept = [await q.status(j.id) is not None for j in jobs]
+        # one result over the whole bound: the others go, the newest stays to be read
+        await q.complete(JobResult(jobs[3].id, JobState.SUCCEEDED, outputs=[b"y" * 400]))
+        return kept, [await q.status(j.id) is not None for j in jobs], q._result_bytes
+
+    kept, after, held = run(scenario, queue)
+    assert kept == [False, True, True, True]  # 300 bytes > 250: the oldest result went
+    assert after == [False, False, False, True] and held == 400
+
+
 # -- redis only --------------------------------------------------------------------------------
 
 
@@ -321,13 +401,13 @@ def test_redis_key_names_are_the_same_in_python_and_lua(prefix):
     client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     lua = lua_prelude() + (
         "return {k_stream('m@1', '-3'), k_job('j'), k_result('j'), k_events('j'), "
-        "k_idempotency('i'), k_counters(), k_dead(), k_done(), k_cancel(), "
-        "k_priorities('m@1'), k_models()}"
+        "k_idempotency('alice', 'i'), k_counters(), k_dead(), k_done(), k_cancel(), "
+        "k_priorities('m@1'), k_models(), k_ratelimit('alice'), k_inflight('alice')}"
     )
     got = client.eval(lua, 0, prefix)
     want = [keys.stream("m@1", -3), keys.job("j"), keys.result("j"), keys.events("j")]
-    want += [keys.idempotency("i"), keys.counters, keys.dead, keys.done, keys.cancel]
-    want += [keys.priorities("m@1"), keys.models]
+    want += [keys.idempotency("alice", "i"), keys.counters, keys.dead, keys.done, keys.cancel]
+    want += [keys.priorities("m@1"), keys.models, keys.ratelimit("alice"), keys.inflight("alice")]
     assert got == want and all(k.startswith(prefix) for k in got)
 
 
