@@ -339,7 +339,7 @@ class _RedisScripts:
         }
 
     async def run(self, name: str, *args):
-        from service.queue.redis_streams import DOWN
+        from service.queue.redis_common import DOWN
 
         try:
             return await self._scripts[name](args=[self.prefix, self.group, *args])

@@ -29,63 +29,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import json
 import logging
-import os
-import socket
 import time
-import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from service.errors import Conflict, QueueFull, QueueUnavailable
+from service.errors import Conflict, QueueFull
 from service.jobs import Job, JobEvent, JobResult, JobState, JobStatus
 from service.queue.keys import GROUP, Keys, model_version
 from service.queue.memory import DrainRate
+from service.queue.redis_common import (
+    DOWN,
+    INLINE_RESULT_BYTES,
+    _guarded,
+    _unavailable,
+    consumer_name,
+)
 from service.queue.redis_scripts import sources
+from service.queue.redis_worker import WorkerSide
 
 log = logging.getLogger("fewstep.queue")
 
-DOWN = (RedisConnectionError, RedisTimeoutError, OSError)  # Redis is away, not wrong
-INLINE_RESULT_BYTES = 256 * 1024  # results up to this size travel on the done channel
 
-
-def _unavailable(exc: Exception) -> QueueUnavailable:
-    return QueueUnavailable(
-        f"the job queue (Redis) is unavailable: {exc}; nothing was lost, retry after the "
-        "Retry-After interval",
-        retry_after=2,
-    )
-
-
-def _guarded(method):
-    """Translate 'Redis is away' into QueueUnavailable for the API's 503."""
-
-    @functools.wraps(method)
-    async def wrapper(self, *args, **kwargs):
-        try:
-            return await method(self, *args, **kwargs)
-        except DOWN as exc:
-            raise _unavailable(exc) from exc
-
-    return wrapper
-
-
-def consumer_name() -> str:
-    """Unique per worker process, and says where it runs: host:pid:random."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-class RedisStreamsQueue:
+class RedisStreamsQueue(WorkerSide):
     """JobQueue over Redis Streams; see the module docstring for the protocol."""
 
     def __init__(
@@ -354,193 +328,6 @@ class RedisStreamsQueue:
                 yield event
                 if event.terminal:
                     return
-
-    # -- worker side ------------------------------------------------------------------------
-
-    @_guarded
-    async def claim(
-        self, max_samples: int, timeout: float, models: Collection[tuple[str, int]] | None = None
-    ) -> list[Job]:
-        names = sorted(model_version(m, v) for m, v in models) if models is not None else []
-        self._listen("worker", names)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            reclaim = loop.time() >= self._next_reclaim
-            if reclaim:
-                self._next_reclaim = loop.time() + self.claim_timeout / 4
-            rows = await self._script(
-                "claim",
-                self.consumer,
-                max_samples,
-                int(reclaim),
-                int(self.claim_timeout * 1000),
-                self.max_deliveries,
-                self.result_ttl,
-                time.time(),
-                INLINE_RESULT_BYTES,
-                self._dead_head,
-                self._dead_tail,
-                self._dead_message(),
-                json.dumps({"error": self._dead_message()}),
-                int(not self._held),
-                *names,
-            )
-            if rows:
-                return [self._hold(*row) for row in rows]
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return []
-            if self._held:  # (static batching topping up a batch) look again shortly
-                await asyncio.sleep(min(remaining, 0.005))
-                continue
-            rows = await self._wait_for_entry(names, remaining)
-            if rows:
-                return [self._hold(*row) for row in rows]
-
-    async def _wait_for_entry(self, names: list[str], timeout: float) -> list:
-        """An idle worker blocks in XREADGROUP, so Redis hands the next entry (which carries
-        the job) to exactly one waiting worker the moment it is added: one hop, and no herd
-        of workers woken to race for it. The worker starts at once; the TAKE script that
-        marks the job running goes out with its first events (if the worker dies before,
-        the entry is pending and is reclaimed like any other)."""
-        loop = asyncio.get_running_loop()
-        expiry, known_for, streams = self._streams
-        if loop.time() >= expiry or known_for != names:
-            streams = await self._script("streams", *names)
-            # a stream created meanwhile (new model or priority) is seen within a second
-            self._streams = (loop.time() + (1.0 if streams else 0.0), names, streams)
-        if not streams:
-            await asyncio.sleep(min(timeout, 0.05))
-            return []
-        block_s = min(timeout, 0.25, self.timeout / 2)
-        reply = await self.redis.xreadgroup(
-            GROUP,
-            self.consumer,
-            dict.fromkeys(streams, ">"),
-            count=1,
-            block=max(1, int(block_s * 1000)),
-        )
-        rows = []
-        for stream, entries in reply or ():
-            for entry, fields in entries:
-                if fields:  # None: deleted since; TAKE acknowledges it
-                    rows.append((fields["job"], JobState.RUNNING.value, 1, stream, entry))
-                self._takes += [stream, entry]
-        if self._takes:
-            self._flush_soon()
-        return rows
-
-    def _hold(self, data: str, state: str, delivery: int, stream: str, entry: str) -> Job:
-        job = Job.from_dict(json.loads(data))
-        job.delivery = int(delivery)
-        job.alone = job.delivery > 1 and job.delivery >= self.max_deliveries
-        self._held[job.id] = (stream, entry)
-        if state == JobState.CANCELED.value:
-            self._canceled.add(job.id)
-        return job
-
-    async def heartbeat(self, job_ids: Collection[str]) -> list[str]:
-        """Keep the claims on these held jobs alive; returns the ones this worker lost (its
-        claim lapsed and another worker took them over: that one finishes them)."""
-        args = []
-        for job_id in job_ids:
-            if job_id in self._held:
-                args += [*self._held[job_id], job_id]
-        if not args:
-            return []
-        try:
-            lost, canceled = await self._script("heartbeat", self.consumer, *args)
-        except DOWN as exc:
-            raise _unavailable(exc) from exc
-        self._canceled.update(canceled)
-        for job_id in lost:
-            self._held.pop(job_id, None)
-            self._canceled.discard(job_id)
-        return list(lost)
-
-    async def is_canceled(self, job_id: str) -> bool:
-        if job_id in self._held:
-            return job_id in self._canceled
-        try:
-            state, done = await self.redis.hget(self.keys.job(job_id), "state"), False
-            if state == JobState.CANCELED.value:
-                done = bool(await self.redis.exists(self.keys.result(job_id)))
-        except DOWN as exc:
-            raise _unavailable(exc) from exc
-        return state == JobState.CANCELED.value and not done
-
-    async def publish(self, event: JobEvent) -> None:
-        """Buffer the event; the buffer goes out in one round trip at the end of the
-        worker's tick (or with the job's result), not one per event."""
-        self._outbox.append(event)
-        self._flush_soon()
-
-    def _flush_soon(self) -> None:
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_quietly())
-
-    async def _flush_quietly(self) -> None:
-        with contextlib.suppress(*DOWN):  # kept in the outbox, sent with the next flush
-            await self._flush()
-
-    def _queue_events(self, pipe, events: list[JobEvent]) -> None:
-        args = []
-        for e in events:
-            step = e.data.get("step", "") if e.type == "step" else ""
-            steps = e.data.get("steps", "") if e.type == "step" else ""
-            args += [e.job_id, e.type, json.dumps(e.data), e.time, step, steps]
-        self._queue_script(pipe, "publish", *args)
-
-    async def _flush(self, then=None):
-        """Send buffered events, then `then(pipe)`'s commands, in one pipeline, in order."""
-        async with self._write_lock:
-            events, self._outbox = self._outbox, []
-            takes, self._takes = self._takes, []
-            if not events and not takes and then is None:
-                return None
-            try:
-                for attempt in (1, 2):
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        if takes:
-                            self._queue_script(pipe, "take", *takes)
-                        if events:
-                            self._queue_events(pipe, events)
-                        if then is not None:
-                            then(pipe)
-                        try:
-                            replies = await pipe.execute()
-                        except NoScriptError:
-                            if attempt == 2:
-                                raise
-                            await self._load_scripts()
-                            continue
-                        if takes:  # canceled while queued: the worker stops them
-                            self._canceled.update(i for i in replies[0] if i in self._held)
-                        return replies
-            except BaseException:
-                self._outbox[:0] = events
-                self._takes[:0] = takes
-                raise
-
-    @_guarded
-    async def complete(self, result: JobResult) -> None:
-        data = (
-            {"nfe": result.nfe} if result.state is JobState.SUCCEEDED else {"error": result.error}
-        )
-        args = (
-            result.job_id,
-            json.dumps(result.to_dict()),
-            result.state.value,
-            result.error or "",
-            json.dumps(data),
-            self.result_ttl,
-            time.time(),
-            INLINE_RESULT_BYTES,
-        )
-        await self._flush(lambda pipe: self._queue_script(pipe, "complete", *args))
-        self._held.pop(result.job_id, None)
-        self._canceled.discard(result.job_id)
 
     # -- pub/sub ----------------------------------------------------------------------------
 
