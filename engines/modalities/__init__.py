@@ -1,10 +1,12 @@
 """Modalities: what differs between images and speech, one module each (see base.py).
 
-`modality_of(spec)` is the one place that maps a model kind to its modality; nothing
-above this package branches on the kind.
+`modality_of(spec)` finds a model's modality from its kind's entry in the repository's
+kind registry (engines.repository.kinds); nothing above this package branches on the kind.
 """
 
 from __future__ import annotations
+
+from engines.repository.kinds import KINDS
 
 from .base import (
     Cost,
@@ -22,12 +24,11 @@ from .image import ImageInfo, ImageInputs, ImageModality
 from .speech import AudioInfo, SpeechInputs, SpeechModality
 
 MODALITIES: dict[str, Modality] = {m.name: m for m in (ImageModality(), SpeechModality())}
-_KIND_MODALITY = {"speech": "speech"}  # every other kind makes images
 
 
 def modality_of(spec) -> Modality:
     """The modality of a model (an engines.repository.ModelSpec)."""
-    return MODALITIES[_KIND_MODALITY.get(spec.kind, "image")]
+    return MODALITIES[KINDS[spec.kind].modality]
 
 
 def modality_named(name: str) -> Modality:

@@ -53,6 +53,7 @@ class Kind:
     families: tuple[str, ...]  # sampler families (engines.samplers.INFO) that fit it
     guidance: bool  # whether it supports classifier-free guidance
     load: Loader
+    modality: str = "image"  # what its requests and outputs are (engines.modalities)
 
 
 def _load_gaussian(
@@ -187,5 +188,7 @@ KINDS: dict[str, Kind] = {
     "edm": Kind(("ode", "sde"), guidance=True, load=_load_edm),
     "cm": Kind(("consistency",), guidance=False, load=_load_cm),
     "lcm": Kind(("consistency",), guidance=True, load=_load_lcm),
-    "speech": Kind(("ode", "sde", "consistency"), guidance=False, load=_load_speech),
+    "speech": Kind(
+        ("ode", "sde", "consistency"), guidance=False, load=_load_speech, modality="speech"
+    ),
 }
