@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import FewstepError, InvalidRequest, PayloadTooLarge
+from service.parsing import parse_uint
 
 
 class BodyLimit:
@@ -25,8 +26,13 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, send)
+        if declared is not None:
+            try:
+                length = parse_uint(declared.decode("latin-1"), name="header Content-Length")
+            except InvalidRequest as err:
+                return await error_response(scope["path"], err)({"type": "http"}, None, send)
+            if length > self.limit:
+                return await self._refuse(scope, send)
         body, more = b"", True
         while more:
             message = await receive()
