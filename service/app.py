@@ -138,7 +138,8 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
                 worker.stop()
             if not workers:
                 task.cancel()
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            # a worker that died has been logged (_watch_worker): shut down all the same
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(task, 30)
             await queue.close()
 

@@ -49,9 +49,8 @@ class ServiceState:
         if not self.ready:
             raise NotReady("models are still loading; retry shortly", retry_after=2)
 
-    def resolve(self, name: str, version: str = "", param: str | None = None, explicit=False):
-        """The ModelSpec of a model name and version text ("" is the default version,
-        unless `explicit`: "name@" names no version).
+    def resolve(self, name: str, version: str = "", param: str | None = None):
+        """The ModelSpec of a model name and version text ("" is the default version).
 
         A version that is not 1 to 18 ASCII digits (parse_uint) is as unknown as a number
         the model does not have: 404 listing the versions it has, never a 500."""
@@ -60,7 +59,7 @@ class ServiceState:
             raise UnknownModel(
                 f"unknown model {name!r}; available: {sorted(self.specs)}", param=param
             )
-        if not version and not explicit:
+        if not version:
             return versions[self.default_versions[name]]
         try:
             number = parse_uint(version, name="version")
