@@ -15,7 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from service import bootstrap
-from service.api import health, images, jobs, models, speech, v2
+from service.api import health, images, jobs, models, openapi, speech, v2
 from service.api.errors import BodyLimit, install_error_handlers
 from service.config import Settings
 from service.metrics import Metrics
@@ -153,6 +153,7 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
     for module in (images, jobs, models, health, v2, speech):
         app.include_router(module.router)
     install_error_handlers(app)
+    openapi.install(app, state)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     if settings.cors_origins:  # off unless configured: no page may read the responses
         app.add_middleware(

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.errors import QueueUnavailable
 
-from .common import Bearer, State
+from .common import State
 
 router = APIRouter(tags=["health"])
 
@@ -29,7 +29,7 @@ async def readyz(state: State) -> dict:
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(request: Request, state: State, _: Bearer) -> Response:
+async def metrics(request: Request, state: State) -> Response:
     if state.settings.metrics_auth:
         state.keys.authenticate(request.headers.get("authorization"))
     # queue_depth / queue_lag: the backlog an autoscaler reads (with Redis, of every API
