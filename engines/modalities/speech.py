@@ -175,15 +175,22 @@ class SpeechModality(Modality):
     def check(self, spec, inputs: SpeechInputs, model) -> None:
         """Frames after the front end and the duration predictor, per sentence and per
         request, against the model's limits (`Speech.plan`). Without weights (an API-only
-        process) the front end alone bounds the cost: every phone takes at least a frame;
-        the worker checks the frames before it samples."""
+        process) the front end alone bounds the cost: every phone takes at least a frame
+        (skipped where Festival is not installed beside the API); the worker checks the
+        frames at start, before it samples."""
+        from engines.speech.frontend import FrontendError, FrontendUnavailable
         from engines.speech.model import plan_phones
 
         with _front_end_errors():
             if model is not None:
                 model.speech.plan(inputs.sentences, inputs.speed)
-            else:
+                return
+            try:
                 plan_phones(spec, inputs.sentences, inputs.speed)
+            except FrontendUnavailable:
+                raise
+            except FrontendError:
+                return  # no Festival beside this API: the worker checks at start
 
     def start(self, job, model, dtype: torch.dtype, device: str) -> Started:
         """The checked plan (front end and durations, cached from admission) -> prior mu,
