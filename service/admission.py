@@ -163,11 +163,15 @@ def admit(state: ServiceState, req: Request, principal: Principal = ANONYMOUS) -
 
 async def check_cost(state: ServiceState, admitted: Admitted) -> None:
     """The modality's check of what only the model can tell (speech: frames after the
-    front end), in a thread: the speech front end is a process that may stall."""
-    spec = admitted.spec
+    front end), in a thread where it may block: the speech front end is a process that
+    may stall, and the event loop must not stall with it."""
+    spec, modality = admitted.spec, admitted.modality
     model = state.loaded.get((spec.name, spec.version))
     try:
-        await asyncio.to_thread(admitted.modality.check, spec, admitted.job.inputs, model)
+        if modality.may_block:
+            await asyncio.to_thread(modality.check, spec, admitted.job.inputs, model)
+        else:
+            modality.check(spec, admitted.job.inputs, model)
     except InputError as err:
         raise InvalidRequest(err.message, param=err.param) from None
     except Unavailable as err:

@@ -157,6 +157,10 @@ class Modality(ABC):
     endpoint: ClassVar[str]  # the OpenAI-style endpoint that serves it
     inputs_type: ClassVar[type[Inputs]]
     info_type: ClassVar[type[Info]]
+    # whether `check` and `start` may block (a front-end process): admission and the worker
+    # then always run them in a thread, never on the event loop; else they may run inline
+    # (a thread hop costs the hot path of small models about a millisecond)
+    may_block: ClassVar[bool] = False
 
     # -- requests ----------------------------------------------------------------------
 

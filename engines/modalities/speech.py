@@ -123,6 +123,7 @@ class SpeechModality(Modality):
     endpoint = "POST /v1/audio/speech"
     inputs_type = SpeechInputs
     info_type = AudioInfo
+    may_block = True  # Festival
 
     def parse(self, spec, fields: Mapping[str, Any]) -> tuple[SpeechInputs, int]:
         """Fields: input (the text), voice, speed, instructions."""

@@ -60,15 +60,15 @@ def _refuse(spec, what: str, frames: int, limit: int, advice: str) -> TooLong:
     )
 
 
-def check_frames(spec, lengths: list[int], speed: float) -> None:
-    """Raise TooLong if a sentence of `lengths` frames, or the request's padded batch
-    (rows x its longest), passes the model's limits."""
+def check_frames(spec, lengths: list[int], speed: float, first: int = 1) -> None:
+    """Raise TooLong if a sentence of `lengths` frames (numbered from `first`), or the
+    request's padded batch (rows x its longest), passes the model's limits."""
     s = spec.speech
     for i, n in enumerate(lengths):
         if n > s.max_frames_per_sentence:
             raise _refuse(
                 spec,
-                f"sentence {i + 1} at speed {speed:g}",
+                f"sentence {i + first} at speed {speed:g}",
                 n,
                 s.max_frames_per_sentence,
                 "shorten it, split it into sentences, or raise speed",
@@ -152,6 +152,15 @@ class Speech:
     def seconds(self, frames: int) -> float:
         return frames * self.mel.hop / self.mel.sample_rate
 
+    def _durations(self, ids: frontend.Phones, speed: float) -> Tensor:
+        """Frames per phone of one sentence at `speed` (the encoder's duration predictor)."""
+        device = self.tts.mel_mean.device
+        phone, stress, final = (
+            getattr(ids, k)[None].to(device) for k in ("phone", "stress", "final")
+        )
+        _, logdur, pmask = self.tts.encoder(phone, stress, final)
+        return frames_from_logdur(logdur, pmask, speed)[0].cpu()
+
     @torch.no_grad()
     def plan(self, sentences: list[str], speed: float = 1.0) -> Plan:
         """The request's frames, checked against the model's limits before any sampling.
@@ -169,13 +178,13 @@ class Speech:
         # every phone takes at least one frame: refuse what is too long before the encoder
         # (its attention is quadratic in phones)
         ids = plan_phones(self.spec, sentences, speed, self.festival)
-        device = self.tts.mel_mean.device
-        phone, stress, final = (
-            _pad([getattr(p, k) for p in ids]).to(device) for k in ("phone", "stress", "final")
-        )
-        _, logdur, pmask = self.tts.encoder(phone, stress, final)
-        frames = frames_from_logdur(logdur, pmask, speed).cpu()
-        durations = [frames[i, : len(p)] for i, p in enumerate(ids)]
+        # each sentence alone, longest first: no row pays for padding to the longest (the
+        # encoder's attention is quadratic), a sentence over the limit is refused before the
+        # rest are encoded, and a sentence's durations never depend on its neighbours
+        durations: list[Tensor | None] = [None] * len(ids)
+        for i in sorted(range(len(ids)), key=lambda i: -len(ids[i])):
+            durations[i] = self._durations(ids[i], speed)
+            check_frames(self.spec, [int(durations[i].sum())], speed, first=i + 1)
         plan = Plan(ids, durations, [int(d.sum()) for d in durations])
         check_frames(self.spec, plan.frames, speed)
         with self._plans_lock:  # admission plans, the worker starts: one trip to Festival

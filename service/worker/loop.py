@@ -106,11 +106,12 @@ class Worker:
             self._drop(active)
 
     async def _start_off_loop(self, job: Job, model) -> Active:
-        """scheduler.start in the compute thread (the speech front end may block), or on the
-        event loop for a model whose starts recently took less than inline_compute_ms."""
+        """scheduler.start in the compute thread (always where the modality may block: the
+        speech front end), or on the event loop for a model whose starts recently took less
+        than inline_compute_ms."""
         key = ("start", job.model)
         begin = time.perf_counter()
-        if self._recent.get(key, math.inf) < self.inline_compute:
+        if not job.modality.may_block and self._recent.get(key, math.inf) < self.inline_compute:
             active = start(job, model, device=self.device)
         else:
             loop = asyncio.get_running_loop()

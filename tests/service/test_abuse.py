@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import threading
 import time
-from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import httpx
@@ -18,13 +20,14 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from engines.modalities import SpeechInputs
-from engines.speech import frontend
+from engines.speech.frontend import Festival
 from service.jobs import Job
 from service.worker import loop as worker_loop
 from service.worker.scheduler import advance, forward, start
 from tests.engines.speech_fixture import tiny_speech_model
 
-from .conftest import fixture_models, serve
+from .conftest import serve
+from .redisutil import Process, free_port, wait_ready
 
 HEALTHZ_BUDGET_S = 0.1
 LONG_SENTENCE = " ".join(
@@ -32,31 +35,37 @@ LONG_SENTENCE = " ".join(
 )
 
 
-def long_speech_model():
-    """The tiny speech model with the shipped models' text limits (2000 characters, 16
-    sentences) and their default cost bounds (40 s per sentence, 320 s per request)."""
-    model = tiny_speech_model()
-    spec = replace(model.spec, speech=replace(model.spec.speech, max_chars=2000, max_sentences=16))
-    model.speech.spec = spec
-    return replace(model, spec=spec)
-
-
 @pytest.fixture(scope="module")
-def server():
-    models = fixture_models()
-    speech = long_speech_model()
-    models[speech.spec.name, 1] = speech
-    with serve(models, grpc=True, grpc_port=0, host="127.0.0.1") as s:
-        s.grpc_url = f"127.0.0.1:{s.app.state.grpc_port}"
-        with httpx.Client(base_url=s.url, timeout=60) as c:  # Festival up and warm
+def server(tmp_path_factory):
+    """`fewstep serve` as a process of its own (fixtures + a speech model with the shipped
+    text limits): the clients and probes of these tests share no interpreter with it."""
+    port, grpc_port = free_port(), free_port()
+    log = tmp_path_factory.mktemp("abuse") / "serve.log"
+    proc = Process(["-m", "tests.service.fixture_proc", "serve", str(port), str(grpc_port)], log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        with httpx.Client(base_url=url, timeout=60) as c:  # Festival up and warm
             assert c.post("/v1/audio/speech", json=speech_body("Hello there.")).is_success
-        yield s
+        yield SimpleNamespace(url=url, port=port, grpc_url=f"127.0.0.1:{grpc_port}", proc=proc)
+    finally:
+        proc.kill()
 
 
 @pytest.fixture
 def client(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
+
+
+def festival_pid(server) -> int:
+    """The Festival process the server runs (a child of one of its threads)."""
+    tasks = Path(f"/proc/{server.proc.proc.pid}/task").glob("*/children")
+    children = [c for task in tasks for c in task.read_text().split()]
+    for child in children:
+        if "festival" in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
+            return int(child)
+    raise AssertionError(f"no festival among the server's children {children}")
 
 
 def speech_body(text: str, **extra) -> dict:
@@ -85,20 +94,27 @@ class Healthz:
     def slowest(self) -> float:
         return max(self.latencies)
 
+    def _polls(self, more_than: int) -> None:
+        deadline = time.monotonic() + 5
+        while len(self.latencies) <= more_than and time.monotonic() < deadline:
+            time.sleep(0.005)
+
     def __enter__(self) -> Healthz:
         self._thread.start()
-        time.sleep(0.05)
+        self._polls(0)
+        self._entered = len(self.latencies)
         return self
 
     def __exit__(self, *exc) -> None:
+        self._polls(self._entered)  # at least one answer while the block ran
         self._stop.set()
         self._thread.join(10)
-        assert self.latencies and not self.failures
+        assert len(self.latencies) > self._entered and not self.failures
         assert self.slowest < HEALTHZ_BUDGET_S, f"/healthz took {self.slowest * 1000:.0f} ms"
 
 
-def rss_bytes() -> int:
-    with open(f"/proc/{os.getpid()}/statm") as f:
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -107,12 +123,12 @@ def test_the_21_minute_speech_request_is_refused_at_once(server, client):
     19 GB; now the plan (front end + durations) refuses it before anything is queued."""
     text = "Go. " * 15 + LONG_SENTENCE + "."
     assert len(text) <= 2000
-    before = rss_bytes()
+    before = rss_bytes(server.proc.proc.pid)
     with Healthz(server.url) as health:
         begin = time.perf_counter()
         r = client.post("/v1/audio/speech", json=speech_body(text, speed=0.25))
         took = time.perf_counter() - begin
-    grown = rss_bytes() - before
+    grown = rss_bytes(server.proc.proc.pid) - before
     assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
     assert "s of audio, over model speech-tiny's limit" in message and "raise speed" in message
@@ -125,9 +141,7 @@ def test_the_21_minute_speech_request_is_refused_at_once(server, client):
 
 
 def test_a_stopped_festival_is_a_503_while_images_are_served(server, client):
-    fest = frontend.shared()
-    pid = fest.pid
-    assert pid is not None
+    pid = festival_pid(server)
     images: list[int] = []
     stop = threading.Event()
 
@@ -149,21 +163,22 @@ def test_a_stopped_festival_is_a_503_while_images_are_served(server, client):
             loader.join(30)
     finally:
         stop.set()
-        if fest.pid == pid:
+        with contextlib.suppress(ProcessLookupError):  # killed by the server by now
             os.kill(pid, signal.SIGCONT)
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "text_frontend_unavailable"
     assert "retry" in r.json()["error"]["message"] and "retry-after" in r.headers
-    assert took < fest.timeout + 1.5, f"503 after {took:.1f} s"
+    timeout = Festival().timeout  # the server's own: the defaults
+    assert took < timeout + 1.5, f"503 after {took:.1f} s"
     assert len(images) >= 5 and set(images) == {200}, images
     print(
-        f"\nstopped festival: 503 in {took:.2f} s (timeout {fest.timeout:g} s), "
+        f"\nstopped festival: 503 in {took:.2f} s (timeout {timeout:g} s), "
         f"{len(images)} image requests served meanwhile, healthz max "
         f"{health.slowest * 1000:.1f} ms"
     )
     # a fresh Festival answers the next request
     assert client.post("/v1/audio/speech", json=speech_body("Back again.")).status_code == 200
-    assert fest.pid not in (None, pid)
+    assert festival_pid(server) != pid
 
 
 @pytest.mark.parametrize(
@@ -271,7 +286,7 @@ def test_oip_infer_refuses_what_a_web_page_can_send(server, client):
     assert page.status_code == 403
 
 
-def test_an_exception_at_start_fails_that_job_only(server, client, monkeypatch):
+def test_an_exception_at_start_fails_that_job_only(monkeypatch):
     real = worker_loop.start
 
     def start_or_crash(job, model, **kw):
@@ -280,10 +295,11 @@ def test_an_exception_at_start_fails_that_job_only(server, client, monkeypatch):
         return real(job, model, **kw)
 
     monkeypatch.setattr(worker_loop, "start", start_or_crash)
-    r = client.post("/v1/images/generations", json={"model": "tiny-model", "prompt": "dark"})
-    assert r.status_code == 422 and "start exploded" in r.json()["error"]["message"]
-    assert client.post("/v1/images/generations", json={"model": "toy", "prompt": "dark"}).is_success
-    assert client.get("/readyz").status_code == 200
+    with serve() as s, httpx.Client(base_url=s.url, timeout=30) as client:
+        r = client.post("/v1/images/generations", json={"model": "tiny-model", "prompt": "dark"})
+        assert r.status_code == 422 and "start exploded" in r.json()["error"]["message"]
+        toy = client.post("/v1/images/generations", json={"model": "toy", "prompt": "dark"})
+        assert toy.is_success and client.get("/readyz").status_code == 200
 
 
 def test_a_dead_worker_makes_readyz_fail(caplog):
