@@ -5,7 +5,8 @@ FEWSTEP_* variables (FEWSTEP_QUEUE, FEWSTEP_REDIS_PREFIX, FEWSTEP_CLAIM_TIMEOUT_
     python -m tests.service.fixture_proc api PORT # create_app, uvicorn, no worker
     python -m tests.service.fixture_proc serve PORT GRPC_PORT  # embedded worker, + speech
 
-The worker also serves 'poison-model', whose forward pass kills its own process (SIGKILL,
+With FEWSTEP_TEST_SPEECH=1 both also serve a tiny speech model. The worker also serves
+'poison-model', whose forward pass kills its own process (SIGKILL,
 as a segfaulting kernel would) whenever a 'light' row is in the batch.
 """
 
@@ -47,9 +48,12 @@ def long_speech_model():
 
 
 def models() -> dict:
+    """The fixtures, the poison model, and with FEWSTEP_TEST_SPEECH=1 the speech model."""
     loaded = fixture_models()
     poison = toy_model("poison-model", kills_for_light(toy_stats()))
     loaded[poison.spec.name, poison.spec.version] = poison
+    if os.environ.get("FEWSTEP_TEST_SPEECH") == "1":
+        loaded["speech-tiny", 1] = long_speech_model()
     return loaded
 
 
@@ -62,7 +66,7 @@ def main(argv: list[str]) -> int:
     port = int(argv[1])
     if argv[0] == "serve":  # what `fewstep serve` runs, on the fixtures and a speech model
         settings = Settings(warmup=False, host="127.0.0.1", port=port, grpc_port=int(argv[2]))
-        loaded = {**models(), ("speech-tiny", 1): long_speech_model()}
+        loaded = {**models(), ("speech-tiny", 1): long_speech_model()}  # always here
         app = create_app(settings, loaded=loaded)
         uvicorn.Server(server_config(app, settings, log_level="warning")).run()
         return 0
