@@ -233,3 +233,13 @@ def test_two_api_processes_share_one_quota_in_redis(tmp_path):
         for proc, _ in procs:
             proc.kill()
         delete_prefix(prefix)
+
+
+def test_metrics_ask_for_a_key_when_metrics_auth_is_set():
+    with serve(api_key=[PLAIN], metrics_auth=True) as s:
+        assert httpx.get(s.url + "/metrics").status_code == 401
+        ok = httpx.get(s.url + "/metrics", headers={"Authorization": f"Bearer {PLAIN}"})
+        assert ok.status_code == 200 and "fewstep_requests_total" in ok.text
+        assert httpx.get(s.url + "/healthz").status_code == 200
+        schema = httpx.get(s.url + "/openapi.json").json()
+        assert schema["paths"]["/metrics"]["get"]["security"] == [{"HTTPBearer": []}]
