@@ -6,16 +6,24 @@ the model and version, check the request against the spec and its modality, buil
 Job), then `submit` (queue it) or `run` (queue it, wait for its one result, and turn a
 failure into the error its client sees). The modality (engines.modalities) knows what
 differs between images and speech; nothing here branches on a model's kind.
+
+`accept` is what the front ends call: `admit`, then the checks that must wait or block,
+each in its own function: the modality's cost check that needs the model (`check_cost`,
+off the event loop) and the caller's quotas (`take_quota`). A job's samples in flight are
+released when it ends: by `run` once its result is in hand, and for a job submitted to
+run on its own (`submit_owned`, POST /v1/jobs) by a task that waits for its result here.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from engines.modalities import InputError, Modality, modality_named, modality_of
+from engines.modalities import InputError, Modality, Unavailable, modality_named, modality_of
 from engines.samplers import INFO
 from service.errors import (
     Conflict,
@@ -24,8 +32,12 @@ from service.errors import (
     InvalidRequest,
     JobFailed,
     QueueFull,
+    QueueUnavailable,
+    RateLimited,
+    TextFrontendUnavailable,
 )
 from service.jobs import Job, JobResult, JobState
+from service.security import ANONYMOUS, Principal
 from service.state import ServiceState
 
 
@@ -112,11 +124,14 @@ def _check_modality(state: ServiceState, spec, modality: Modality, wanted: str |
     )
 
 
-def admit(state: ServiceState, req: Request) -> Admitted:
-    """Validate a request against its model and modality and make its Job.
+def admit(state: ServiceState, req: Request, principal: Principal = ANONYMOUS) -> Admitted:
+    """Validate a request against its model and modality and make its Job, owned by
+    `principal`.
 
-    Every refusal is an InvalidRequest / UnknownModel that says what to change.
+    Every refusal is an InvalidRequest / UnknownModel that says what to change (a priority
+    the principal may not use: Forbidden).
     """
+    principal.check_priority(req.priority)
     spec = state.spec(req.model)
     modality = modality_of(spec)
     _check_modality(state, spec, modality, req.modality)
@@ -140,9 +155,54 @@ def admit(state: ServiceState, req: Request) -> Admitted:
         preview=req.preview,
         output_format=output_format,
         idempotency_key=req.idempotency_key,
+        owner=principal.name,
         submit_time=now,
     )
     return Admitted(job, spec, modality)
+
+
+async def check_cost(state: ServiceState, admitted: Admitted) -> None:
+    """The modality's check of what only the model can tell (speech: frames after the
+    front end), in a thread where it may block: the speech front end is a process that
+    may stall, and the event loop must not stall with it."""
+    spec, modality = admitted.spec, admitted.modality
+    model = state.loaded.get((spec.name, spec.version))
+    try:
+        if modality.may_block:
+            await asyncio.to_thread(modality.check, spec, admitted.job.inputs, model)
+        else:
+            modality.check(spec, admitted.job.inputs, model)
+    except InputError as err:
+        raise InvalidRequest(err.message, param=err.param) from None
+    except Unavailable as err:
+        raise TextFrontendUnavailable(str(err), retry_after=1) from None
+
+
+async def take_quota(state: ServiceState, principal: Principal, job: Job) -> None:
+    """One request of the principal's rate, and the job's samples in flight (released by
+    `release`); RateLimited (429) when either is spent."""
+    try:
+        (await state.rate.acquire(principal)).check(principal, "requests")
+        (await state.in_flight.acquire(principal, job.id, job.n)).check(principal, "samples")
+    except RateLimited:
+        state.metrics.rejected.labels("rate_limited").inc()
+        raise
+
+
+async def release(state: ServiceState, principal: Principal, job_id: str) -> None:
+    """Give back a job's samples in flight. Never raises: with Redis away the entry
+    expires by itself (RedisInFlight's ttl)."""
+    with contextlib.suppress(QueueUnavailable):
+        await state.in_flight.release(principal, job_id)
+
+
+async def accept(state: ServiceState, req: Request, principal: Principal = ANONYMOUS) -> Admitted:
+    """admit, then the cost check and the quotas: what every front end calls. The job holds
+    samples in flight from here on: pass it to `run` or `submit_owned`."""
+    admitted = admit(state, req, principal)
+    await check_cost(state, admitted)
+    await take_quota(state, principal, admitted.job)
+    return admitted
 
 
 async def submit(state: ServiceState, job: Job, fingerprint: str = "") -> tuple[Job, bool]:
@@ -165,12 +225,55 @@ def failure(result: JobResult, dialect: Dialect = OPENAI) -> FewstepError:
         )
     if result.error_code == "invalid_parameter":
         return InvalidRequest(result.error or "invalid request")
+    if result.error_code == "unavailable":
+        return TextFrontendUnavailable(result.error or "retry the request", retry_after=1)
     return JobFailed(result.error or "generation failed")
 
 
-async def run(state: ServiceState, job: Job, endpoint: str, dialect: Dialect = OPENAI) -> JobResult:
+async def submit_owned(
+    state: ServiceState, principal: Principal, job: Job, fingerprint: str = ""
+) -> tuple[Job, bool]:
+    """`submit` for a job that runs on its own (the client polls it): its samples in flight
+    are released when it finishes, or at once if it is not queued (an error, or a repeated
+    idempotency key that names an earlier job)."""
+    try:
+        queued, created = await submit(state, job, fingerprint)
+    except BaseException:
+        await release(state, principal, job.id)
+        raise
+    if not created:
+        await release(state, principal, job.id)
+    elif principal.limits.max_samples_in_flight:
+        task = asyncio.create_task(_release_when_done(state, principal, job.id))
+        state.watchers.add(task)
+        task.add_done_callback(state.watchers.discard)
+    return queued, created
+
+
+async def _release_when_done(state: ServiceState, principal: Principal, job_id: str) -> None:
+    deadline = time.monotonic() + state.settings.result_ttl_s
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            if await state.queue.result(job_id, remaining) is not None:
+                break
+            if await state.queue.status(job_id) is None:  # forgotten or evicted
+                break
+        except QueueUnavailable:
+            await asyncio.sleep(1.0)
+    await release(state, principal, job_id)
+
+
+async def run(
+    state: ServiceState,
+    job: Job,
+    endpoint: str,
+    dialect: Dialect = OPENAI,
+    principal: Principal = ANONYMOUS,
+) -> JobResult:
     """Submit a job, wait for its one result and return it if it succeeded; else raise
-    the error its client sees. Counts the request in the metrics either way."""
+    the error its client sees. Counts the request in the metrics either way. The result
+    is forgotten by the queue once in hand (nobody else asks for it) and the job's samples
+    in flight are released."""
     begin = time.perf_counter()
     try:
         job, _ = await submit(state, job)
@@ -184,11 +287,15 @@ async def run(state: ServiceState, job: Job, endpoint: str, dialect: Dialect = O
                 f"no result within {wait:.1f} s; {dialect.on_timeout}",
                 param=dialect.deadline_param,
             )
+        with contextlib.suppress(QueueUnavailable):
+            await state.queue.forget(job.id)
         if result.state is not JobState.SUCCEEDED:
             raise failure(result, dialect)
     except FewstepError as exc:
         state.metrics.observe_request(job.model, job.sampler, endpoint, str(exc.status), None)
         raise
+    finally:
+        await release(state, principal, job.id)
     state.metrics.observe_request(
         job.model, job.sampler, endpoint, "200", time.perf_counter() - begin
     )

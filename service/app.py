@@ -1,23 +1,64 @@
-"""create_app(settings): the FastAPI service; its lifespan starts queue, models and worker."""
+"""create_app(settings): the FastAPI service; its lifespan starts queue, models and worker.
+
+Who may call (API keys), their quotas (in process, or in Redis when the queue is shared so
+that API replicas share them), the accepted Host headers and CORS are set up here too."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from service import bootstrap
-from service.api import health, images, jobs, models, speech, v2
+from service.api import health, images, jobs, models, openapi, speech, v2
 from service.api.errors import BodyLimit, install_error_handlers
 from service.config import Settings
 from service.metrics import Metrics
 from service.queue.factory import make_queue
+from service.security import KeyStore, RedisInFlight, RedisRateLimiter
 from service.state import ServiceState
 from service.worker.loop import Worker, build_worker
 
 log = logging.getLogger("fewstep")
+
+
+def loopback(host: str) -> bool:
+    """Whether a bind address is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _shared_quotas(state: ServiceState, queue) -> None:
+    """Quotas in the queue's Redis, so that every API replica draws from the same ones."""
+    prefix = state.settings.redis_prefix
+    state.rate = RedisRateLimiter(queue.redis, prefix)
+    state.in_flight = RedisInFlight(queue.redis, prefix)
+
+
+def _watch_worker(state: ServiceState, task: asyncio.Task, stopping: list) -> None:
+    """If the worker task ends while the service runs, readiness fails (and it is logged):
+    a server whose worker died must not look ready behind a load balancer."""
+
+    def ended(task: asyncio.Task) -> None:
+        if task.cancelled() or stopping:
+            return
+        exc = task.exception()
+        if exc is None and not state.settings.worker:
+            return  # an API-only process: boot ends once the specs are loaded
+        state.ready = False
+        state.broken = f"the worker stopped ({exc!r}); the server must be restarted"
+        log.error("fewstep worker task ended: %s", state.broken, exc_info=exc)
+
+    task.add_done_callback(ended)
 
 
 def create_app(settings: Settings | None = None, loaded: dict | None = None) -> FastAPI:
@@ -25,7 +66,8 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
     settings = settings or Settings()
     metrics = Metrics()
     queue = make_queue(settings)
-    state = ServiceState(settings, queue, metrics)
+    keys = KeyStore.from_settings(settings.api_keys, settings.api_key_file)
+    state = ServiceState(settings, queue, metrics, keys=keys)
 
     workers: list[Worker] = []
 
@@ -44,7 +86,7 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
             log.info("fewstep API ready (no worker): %s", ", ".join(sorted(state.specs)))
             return
         bootstrap.mark_ready(served, metrics)
-        state.runtimes = served.runtimes()
+        state.runtimes, state.loaded = served.runtimes(), served.loaded
         # with a shared queue, other workers may serve other models
         claim = None if settings.queue == "memory" else set(served.loaded)
         worker = build_worker(queue, served.loaded, metrics, settings, claim)
@@ -58,20 +100,37 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
     async def lifespan(app: FastAPI):
         # Models load in the background: /healthz answers at once, /readyz once warm.
         await queue.start()
+        if settings.queue != "memory":
+            _shared_quotas(state, queue)
+        if state.keys.open and not loopback(settings.host):
+            log.warning(
+                "no API key is configured and the server listens on %s: anyone who can reach "
+                "it can use it; set --api-key or FEWSTEP_API_KEY (README, Security)",
+                settings.host,
+            )
         task = asyncio.create_task(boot(), name="fewstep-worker")
         app.state.worker_task = task
+        stopping: list = []
+        _watch_worker(state, task, stopping)
         grpc_server = None
         if settings.grpc:
             from service.grpc.server import start as start_grpc
 
             grpc_server = await start_grpc(
-                state, settings.host, settings.grpc_port, settings.max_body_bytes
+                state,
+                settings.host,
+                settings.grpc_port,
+                settings.max_body_bytes,
+                bootstrap.grpc_tls(settings),
             )
             app.state.grpc_port = grpc_server.port
         try:
             yield
         finally:
+            stopping.append(True)
             state.ready = False
+            for watcher in list(state.watchers):
+                watcher.cancel()
             if grpc_server is not None:
                 # in-flight calls still need the worker: stop gRPC before it
                 await grpc_server.stop(grace=10)
@@ -79,7 +138,8 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
                 worker.stop()
             if not workers:
                 task.cancel()
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            # a worker that died has been logged (_watch_worker): shut down all the same
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(task, 30)
             await queue.close()
 
@@ -93,5 +153,15 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
     for module in (images, jobs, models, health, v2, speech):
         app.include_router(module.router)
     install_error_handlers(app)
+    openapi.install(app, state)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.cors_origins:  # off unless configured: no page may read the responses
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+        )
+    if settings.trusted_hosts:  # outermost: a wrong Host (DNS rebinding) is refused first
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts)
     return app

@@ -29,13 +29,23 @@ def settings(overrides: dict) -> Settings:
     from pydantic import ValidationError
 
     from engines.repository import Repository, RepositoryError
+    from service.security import KeyFileError, KeyStore
 
     try:
         result = Settings(**{k: v for k, v in overrides.items() if v is not None})
         Repository(result.model_repo).specs()  # fail fast on a broken repository
-    except (ValidationError, RepositoryError, OSError) as err:
+        KeyStore.from_settings(result.api_keys, result.api_key_file)  # and a bad key file
+        grpc_tls(result)
+    except (ValidationError, RepositoryError, KeyFileError, OSError) as err:
         raise BootError(str(err)) from None
     return result
+
+
+def grpc_tls(settings: Settings) -> tuple[bytes, bytes] | None:
+    """(PEM certificate chain, PEM private key) for gRPC over TLS, or None (plaintext)."""
+    if settings.grpc_tls_cert is None or settings.grpc_tls_key is None:
+        return None
+    return settings.grpc_tls_cert.read_bytes(), settings.grpc_tls_key.read_bytes()
 
 
 def configure_logging(level: str) -> None:

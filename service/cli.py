@@ -184,6 +184,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from service import bootstrap
     from service.app import create_app
+    from service.httpserver import server_config
 
     settings = _settings(
         {
@@ -196,6 +197,8 @@ def _serve(args: argparse.Namespace) -> int:
             "max_queue_delay_ms": args.max_queue_delay_ms,
             "queue": args.queue,
             "worker": False if args.no_worker else None,
+            "api_key": args.api_key,
+            "api_key_file": args.api_key_file,
         }
     )
     if settings is None:
@@ -208,13 +211,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
     bootstrap.configure_logging(args.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level,
-        access_log=False,
-    )
+    uvicorn.Server(server_config(create_app(settings), settings, log_level=args.log_level)).run()
     return 0
 
 
@@ -238,6 +235,18 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--no-worker", action="store_true", help="API only: `fewstep worker`s run the jobs"
+    )
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="accept this API key (Authorization: Bearer KEY); repeat for more keys, each its "
+        "own tenant (env FEWSTEP_API_KEY=k1,k2). None configured: no authentication",
+    )
+    serve.add_argument(
+        "--api-key-file",
+        default=None,
+        help="YAML file of named, sha256-hashed keys with quotas (`fewstep keys new NAME`)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=_serve)
@@ -326,8 +335,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build(commands)
     _add_serve(commands)
     _add_worker(commands)
+    _add_keys(commands)
     _add_train_eval(commands)
     return parser
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from service.security import keys_command
+
+    return keys_command(args.rest)
+
+
+def _add_keys(commands: argparse._SubParsersAction) -> None:
+    keys = commands.add_parser(
+        "keys",
+        help="`keys new NAME`: make an API key and its key file entry; `keys hash`: the "
+        "sha256 of a key read from stdin",
+        add_help=False,
+    )
+    keys.add_argument("rest", nargs=argparse.REMAINDER)
+    keys.set_defaults(run=_keys)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

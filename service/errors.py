@@ -94,6 +94,11 @@ class PayloadTooLarge(FewstepError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class UnsupportedMediaType(FewstepError):
+    status, type, code = 415, "invalid_request_error", "unsupported_media_type"
+    grpc_code = "INVALID_ARGUMENT"
+
+
 class JobFailed(FewstepError):
     """The job ran and failed (for example non-finite values); the service stays healthy."""
 

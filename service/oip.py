@@ -27,6 +27,7 @@ from service import admission
 from service.errors import InvalidRequest
 from service.jobs import Job, JobResult
 from service.schemas import REQUEST_MODELS
+from service.security import ANONYMOUS, Principal
 from service.state import ServiceState
 
 NUMPY_TYPES = {
@@ -179,6 +180,11 @@ def _json_ok(datatype: str, value: object) -> bool:
 
 def from_json(name: str, datatype: str, data: object, count: int, depth: int) -> list:
     """Values of a tensor sent as JSON `data`, nested as the shape or flat."""
+    if datatype not in NUMPY_TYPES and datatype != "BYTES":
+        raise InvalidRequest(
+            f"input {name!r}: {datatype} values cannot be sent as JSON data; send the tensor "
+            "as FP32, or as raw bytes (binary_data_size)"
+        )
     values = _flatten(name, data, depth)
     if len(values) != count:
         raise InvalidRequest(
@@ -300,11 +306,17 @@ def request(spec, tensors: dict[str, Tensor], parameters: dict[str, object]) -> 
 
 
 async def infer(
-    state: ServiceState, spec, tensors: dict[str, Tensor], parameters: dict, endpoint: str
+    state: ServiceState,
+    spec,
+    tensors: dict[str, Tensor],
+    parameters: dict,
+    endpoint: str,
+    principal: Principal = ANONYMOUS,
 ) -> tuple[Job, JobResult]:
-    """Admit an OIP request, run it on the service's queue, wait for its one result."""
-    job = admission.admit(state, request(spec, tensors, parameters)).job
-    return job, await admission.run(state, job, endpoint, admission.OIP)
+    """Admit an OIP request for `principal`, run it on the service's queue, wait for its
+    one result."""
+    job = (await admission.accept(state, request(spec, tensors, parameters), principal)).job
+    return job, await admission.run(state, job, endpoint, admission.OIP, principal)
 
 
 def values(output: OutputTensor) -> list:

@@ -22,6 +22,11 @@ if ! command -v promtool >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus
 fi
 
+# openssl makes a throwaway certificate for the gRPC TLS test (tests/service/test_hygiene.py).
+if ! command -v openssl >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl
+fi
+
 # Redis 7 for the distributed-mode tests (tests/service/test_queue.py, test_distributed.py,
 # test_faults.py): start one on 127.0.0.1:6379 unless one answers there already.
 if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then

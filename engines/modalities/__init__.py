@@ -19,6 +19,7 @@ from .base import (
     Signature,
     Started,
     TensorSpec,
+    Unavailable,
 )
 from .image import ImageInfo, ImageInputs, ImageModality
 from .speech import AudioInfo, SpeechInputs, SpeechModality
@@ -65,6 +66,7 @@ __all__ = [
     "SpeechModality",
     "Started",
     "TensorSpec",
+    "Unavailable",
     "info_from_dict",
     "inputs_from_dict",
     "modality_named",

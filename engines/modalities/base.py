@@ -5,7 +5,9 @@ answer with a branch on the model's kind:
 
 - **inputs**: which request fields it takes, their limits, and the typed payload a Job
   carries across the queue (`parse`);
-- **cost**: rows x steps of a request, known before it is admitted (`cost`);
+- **cost**: rows x steps of a request, known before it is admitted (`cost`), and what
+  only the model can tell before any sampling (speech: frames after the front end,
+  `check`);
 - **start**: grid, seeded noise and conditioning, i.e. a started sampler (`start`);
 - **batching**: which pending calls may share a forward pass and how rows of different
   sizes are joined and split again (`batch_key`, `collate`);
@@ -39,6 +41,18 @@ class InputError(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message, self.param = message, param
+
+
+class Unavailable(RuntimeError):
+    """Something a modality needs is unavailable for now (the speech front end hung or
+    died and is being restarted): the same request can be retried (a 503, not a 400)."""
+
+
+StopCheck = Callable[[], bool]
+
+
+def never() -> bool:
+    return False
 
 
 class Payload:
@@ -143,6 +157,10 @@ class Modality(ABC):
     endpoint: ClassVar[str]  # the OpenAI-style endpoint that serves it
     inputs_type: ClassVar[type[Inputs]]
     info_type: ClassVar[type[Info]]
+    # whether `check` and `start` may block (a front-end process): admission and the worker
+    # then always run them in a thread, never on the event loop; else they may run inline
+    # (a thread hop costs the hot path of small models about a millisecond)
+    may_block: ClassVar[bool] = False
 
     # -- requests ----------------------------------------------------------------------
 
@@ -165,6 +183,14 @@ class Modality(ABC):
         """Rows x steps of a request, before it is admitted."""
         return Cost(inputs.rows(n), steps)
 
+    def check(self, spec, inputs: Inputs, model) -> None:
+        """Refuse, before admission, a request whose cost only the model can tell (speech:
+        frames after the front end, speed included). `model` is the LoadedModel, or None in
+        a process without weights (check what can be checked without them). May block (a
+        front-end process): call it off the event loop. Raises InputError, Unavailable.
+        The default: nothing beyond `parse` and `cost` to check."""
+        return None
+
     def describe(self, spec) -> dict:
         """What /v1/models shows of this modality beyond the common fields."""
         return {}
@@ -174,7 +200,9 @@ class Modality(ABC):
     @abstractmethod
     def start(self, job, model, dtype: torch.dtype, device: str) -> Started:
         """Grid, seeded noise and conditioning for the job: its sampler, not yet run.
-        Raises ValueError (SamplerError, ScheduleError...) for arguments that cannot work."""
+        Raises ValueError (SamplerError, ScheduleError...) for arguments that cannot work,
+        Unavailable for what may work on a retry. May block: the worker runs it in its
+        compute thread."""
 
     def batch_key(self, x: Tensor) -> tuple:
         """Pending calls with equal keys (and model) may share a forward pass."""
@@ -190,9 +218,12 @@ class Modality(ABC):
         return None
 
     @abstractmethod
-    def finish(self, model, job, sample: Tensor, state: Any) -> tuple[list[bytes], Info]:
+    def finish(
+        self, model, job, sample: Tensor, state: Any, should_stop: StopCheck = never
+    ) -> tuple[list[bytes], Info]:
         """The finished sample as encoded outputs (one per sample, or one for the whole
-        request) and what they are."""
+        request) and what they are. Long finishing work (vocoding) gives up with an
+        exception as soon as should_stop() is true (the job was canceled or is late)."""
 
     # -- Open Inference Protocol -------------------------------------------------------
 

@@ -27,7 +27,9 @@ from .base import (
     OutputTensor,
     Signature,
     Started,
+    StopCheck,
     TensorSpec,
+    never,
     scalar,
     text_of,
 )
@@ -159,7 +161,9 @@ class ImageModality(Modality):
         with torch.inference_mode():
             return encode_images(model.decode(x0[:1]), model.spec.data_range)[0]
 
-    def finish(self, model, job, sample: Tensor, state: Any) -> tuple[list[bytes], ImageInfo]:
+    def finish(
+        self, model, job, sample: Tensor, state: Any, should_stop: StopCheck = never
+    ) -> tuple[list[bytes], ImageInfo]:
         encode = ENCODINGS[job.output_format][0]
         with torch.inference_mode():
             pixels = model.decode(sample)

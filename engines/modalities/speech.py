@@ -1,13 +1,17 @@
 """Speech: text -> phones -> mels (the sampler) -> vocoder -> one encoded utterance.
 
-A request's sentences are its rows. The front end and encoder run when the request
-starts (`Speech.prepare`); the sampler then runs on each sentence's standardised mels,
-and rows of different lengths share a forward pass, zero-padded with the mask hiding the
-padding. When the sampler is done the sentences are vocoded, joined and encoded.
+A request's sentences are its rows. Before admission `check` runs the front end and the
+duration predictor (`Speech.plan`) and refuses what would be too long; when the request
+starts the checked plan (cached, no second trip to Festival) is encoded; the sampler then
+runs on each sentence's standardised mels, and rows of different lengths share a forward
+pass, zero-padded with the mask hiding the padding. When the sampler is done the
+sentences are vocoded (each at its own length, giving up once the job is canceled or
+late), joined and encoded.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -28,7 +32,10 @@ from .base import (
     OutputTensor,
     Signature,
     Started,
+    StopCheck,
     TensorSpec,
+    Unavailable,
+    never,
     scalar,
     text_of,
 )
@@ -94,12 +101,29 @@ def sentences_of(text: str, spec) -> list[str]:
     return sentences
 
 
+@contextlib.contextmanager
+def _front_end_errors():
+    """The front end's failures as the modality's: a hung or dead (or missing) Festival is
+    Unavailable (503), a text it cannot speak or a plan over the limits an InputError."""
+    from engines.speech.frontend import FrontendError
+
+    try:
+        yield
+    except FrontendError as exc:
+        raise Unavailable(str(exc)) from None
+    except ValueError as exc:  # TooLong, nothing to say
+        raise InputError(str(exc), param="input") from None
+    except (KeyError, RuntimeError) as exc:
+        raise InputError(f"the text front end could not read the input: {exc}", "input") from None
+
+
 class SpeechModality(Modality):
     name = "speech"
     noun = "speech"
     endpoint = "POST /v1/audio/speech"
     inputs_type = SpeechInputs
     info_type = AudioInfo
+    may_block = True  # Festival
 
     def parse(self, spec, fields: Mapping[str, Any]) -> tuple[SpeechInputs, int]:
         """Fields: input (the text), voice, speed, instructions."""
@@ -149,14 +173,33 @@ class SpeechModality(Modality):
             "max_sentences": spec.speech.max_sentences,
         }
 
+    def check(self, spec, inputs: SpeechInputs, model) -> None:
+        """Frames after the front end and the duration predictor, per sentence and per
+        request, against the model's limits (`Speech.plan`). Without weights (an API-only
+        process) the front end alone bounds the cost: every phone takes at least a frame
+        (skipped where Festival is not installed beside the API); the worker checks the
+        frames at start, before it samples."""
+        from engines.speech.frontend import FrontendError, FrontendUnavailable
+        from engines.speech.model import plan_phones
+
+        with _front_end_errors():
+            if model is not None:
+                model.speech.plan(inputs.sentences, inputs.speed)
+                return
+            try:
+                plan_phones(spec, inputs.sentences, inputs.speed)
+            except FrontendUnavailable:
+                raise
+            except FrontendError:
+                return  # no Festival beside this API: the worker checks at start
+
     def start(self, job, model, dtype: torch.dtype, device: str) -> Started:
-        """Text -> phones -> durations -> prior mu (front end and encoder run here, once),
+        """The checked plan (front end and durations, cached from admission) -> prior mu,
         then the sampler over the request's padded mels."""
         inputs: SpeechInputs = job.inputs
-        try:
-            prepared = model.speech.prepare(inputs.sentences, inputs.speed, device)
-        except (KeyError, RuntimeError) as exc:
-            raise ValueError(f"the text front end could not read the input: {exc}") from None
+        with _front_end_errors():
+            plan = model.speech.plan(inputs.sentences, inputs.speed)
+        prepared = model.speech.prepare_plan(plan, device)
         gen, cond, total = model.speech.start(
             prepared, job.sampler, job.steps, row_seeds(job.seed, job.n), dtype, device
         )
@@ -185,8 +228,10 @@ class SpeechModality(Modality):
 
         return torch.cat(xs), cat_cond(conds), split
 
-    def finish(self, model, job, sample: Tensor, state: Any) -> tuple[list[bytes], AudioInfo]:
-        audio, seconds = model.speech.render(sample, state, job.output_format)
+    def finish(
+        self, model, job, sample: Tensor, state: Any, should_stop: StopCheck = never
+    ) -> tuple[list[bytes], AudioInfo]:
+        audio, seconds = model.speech.render(sample, state, job.output_format, should_stop)
         return [audio], AudioInfo(model.speech.mel.sample_rate, seconds)
 
     # -- Open Inference Protocol -------------------------------------------------------

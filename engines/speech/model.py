@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import threading
 import time
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
@@ -25,6 +27,7 @@ from engines.speech.audio import GriffinLim, MelConfig, StopCheck, Stopped, Voco
 
 log = logging.getLogger("fewstep.speech")
 PAUSE_S = 0.15  # silence between sentences when they are joined
+PLAN_CACHE = 256  # checked plans kept (small tensors: phone ids and durations)
 
 
 class SpeechConsistencyDenoiser(ConsistencyDenoiser):
@@ -46,6 +49,50 @@ def split_sentences(text: str) -> list[str]:
 
 class TooLong(ValueError):
     """A request whose audio would pass the model's limits: refused before any compute."""
+
+
+def _refuse(spec, what: str, frames: int, limit: int, advice: str) -> TooLong:
+    s = spec.speech
+    seconds = frames * s.hop / s.sample_rate
+    return TooLong(
+        f"{what} would be {seconds:.1f} s of audio, over model {spec.name}'s limit of "
+        f"{limit * s.hop / s.sample_rate:.0f} s; {advice}"
+    )
+
+
+def check_frames(spec, lengths: list[int], speed: float, first: int = 1) -> None:
+    """Raise TooLong if a sentence of `lengths` frames (numbered from `first`), or the
+    request's padded batch (rows x its longest), passes the model's limits."""
+    s = spec.speech
+    for i, n in enumerate(lengths):
+        if n > s.max_frames_per_sentence:
+            raise _refuse(
+                spec,
+                f"sentence {i + first} at speed {speed:g}",
+                n,
+                s.max_frames_per_sentence,
+                "shorten it, split it into sentences, or raise speed",
+            )
+    if len(lengths) * max(lengths) > s.max_frames_per_request:
+        raise _refuse(
+            spec,
+            f"the request ({len(lengths)} sentences, each synthesised as long as the longest)",
+            len(lengths) * max(lengths),
+            s.max_frames_per_request,
+            "send the longest sentences in requests of their own, or shorten the text",
+        )
+
+
+def plan_phones(spec, sentences: list[str], speed: float = 1.0, festival=None):
+    """Each sentence's phones, checked with the bound the front end alone gives (every phone
+    takes at least one frame): what a process without the model's weights can check.
+    Raises as Speech.plan does."""
+    if not sentences:
+        raise ValueError("there is no text to speak; send at least one sentence")
+    festival = festival or frontend.shared()
+    ids = [festival.phones(t) for t in sentences]
+    check_frames(spec, [len(p) for p in ids], speed)
+    return ids
 
 
 def _pad(rows: list[Tensor]) -> Tensor:
@@ -93,6 +140,8 @@ class Speech:
         self.mel = MelConfig(sample_rate=s.sample_rate, hop=s.hop, n_mels=s.network.n_mels)
         self._vocoder = vocoder
         self.festival = festival or frontend.shared()
+        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self._plans_lock = threading.Lock()
         sigma_min = spec.sampling.sigma_min
         self.denoiser: Denoiser = (
             EDMDenoiser(tts.denoiser, 1.0)
@@ -103,29 +152,14 @@ class Speech:
     def seconds(self, frames: int) -> float:
         return frames * self.mel.hop / self.mel.sample_rate
 
-    def _refuse(self, what: str, frames: int, limit: int, advice: str) -> TooLong:
-        return TooLong(
-            f"{what} would be {self.seconds(frames):.1f} s of audio, over model "
-            f"{self.spec.name}'s limit of {self.seconds(limit):.0f} s; {advice}"
+    def _durations(self, ids: frontend.Phones, speed: float) -> Tensor:
+        """Frames per phone of one sentence at `speed` (the encoder's duration predictor)."""
+        device = self.tts.mel_mean.device
+        phone, stress, final = (
+            getattr(ids, k)[None].to(device) for k in ("phone", "stress", "final")
         )
-
-    def _check(self, lengths: list[int], speed: float) -> None:
-        s = self.spec.speech
-        for i, n in enumerate(lengths):
-            if n > s.max_frames_per_sentence:
-                raise self._refuse(
-                    f"sentence {i + 1} at speed {speed:g}",
-                    n,
-                    s.max_frames_per_sentence,
-                    "shorten it, split it into sentences, or raise speed",
-                )
-        if len(lengths) * max(lengths) > s.max_frames_per_request:
-            raise self._refuse(
-                f"the request ({len(lengths)} sentences, each synthesised as long as the longest)",
-                len(lengths) * max(lengths),
-                s.max_frames_per_request,
-                "send the longest sentences in requests of their own, or shorten the text",
-            )
+        _, logdur, pmask = self.tts.encoder(phone, stress, final)
+        return frames_from_logdur(logdur, pmask, speed)[0].cpu()
 
     @torch.no_grad()
     def plan(self, sentences: list[str], speed: float = 1.0) -> Plan:
@@ -134,22 +168,29 @@ class Speech:
         Raises TooLong (a ValueError) past the limits, ValueError for a sentence with
         nothing to say, frontend.FrontendUnavailable when Festival hung or died (retry),
         frontend.FrontendError when Festival is missing. Thread-safe; blocks on Festival,
-        so call it off the event loop."""
-        if not sentences:
-            raise ValueError("there is no text to speak; send at least one sentence")
-        ids = [self.festival.phones(t) for t in sentences]
+        so call it off the event loop. The last PLAN_CACHE plans are kept, so the worker
+        starting a request admission planned does not ask Festival again."""
+        key = (tuple(sentences), float(speed))
+        with self._plans_lock:
+            if key in self._plans:
+                self._plans.move_to_end(key)
+                return self._plans[key]
         # every phone takes at least one frame: refuse what is too long before the encoder
         # (its attention is quadratic in phones)
-        self._check([len(p) for p in ids], speed)
-        device = self.tts.mel_mean.device
-        phone, stress, final = (
-            _pad([getattr(p, k) for p in ids]).to(device) for k in ("phone", "stress", "final")
-        )
-        _, logdur, pmask = self.tts.encoder(phone, stress, final)
-        frames = frames_from_logdur(logdur, pmask, speed).cpu()
-        durations = [frames[i, : len(p)] for i, p in enumerate(ids)]
+        ids = plan_phones(self.spec, sentences, speed, self.festival)
+        # each sentence alone, longest first: no row pays for padding to the longest (the
+        # encoder's attention is quadratic), a sentence over the limit is refused before the
+        # rest are encoded, and a sentence's durations never depend on its neighbours
+        durations: list[Tensor | None] = [None] * len(ids)
+        for i in sorted(range(len(ids)), key=lambda i: -len(ids[i])):
+            durations[i] = self._durations(ids[i], speed)
+            check_frames(self.spec, [int(durations[i].sum())], speed, first=i + 1)
         plan = Plan(ids, durations, [int(d.sum()) for d in durations])
-        self._check(plan.frames, speed)
+        check_frames(self.spec, plan.frames, speed)
+        with self._plans_lock:  # admission plans, the worker starts: one trip to Festival
+            self._plans[key] = plan
+            while len(self._plans) > PLAN_CACHE:
+                self._plans.popitem(last=False)
         return plan
 
     @torch.no_grad()

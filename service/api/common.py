@@ -1,5 +1,5 @@
-"""What the HTTP front ends share: the state dependency, and the translation of the
-OpenAI-style request bodies into admission's protocol-neutral Request."""
+"""What the HTTP front ends share: the state and caller dependencies, and the translation
+of the OpenAI-style request bodies into admission's protocol-neutral Request."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import json
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.admission import Request as Admit
 from service.errors import InvalidRequest
 from service.jobs import JobResult
 from service.schemas import GenerationRequest, SpeechRequest, Timings
+from service.security import Principal
 from service.state import ServiceState
 
 
@@ -20,6 +22,19 @@ async def get_state(request: Request) -> ServiceState:
 
 
 State = Annotated[ServiceState, Depends(get_state)]
+
+# documents `Authorization: Bearer` in the OpenAPI schema; the KeyStore decides
+_BEARER = HTTPBearer(auto_error=False, description="an API key of this server")
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+
+
+async def get_principal(request: Request, state: State, _: Bearer) -> Principal:
+    """The caller, from `Authorization: Bearer KEY`; 401 when a key is needed and this is
+    not one (the anonymous principal where no key is configured)."""
+    return state.keys.authenticate(request.headers.get("authorization"))
+
+
+Caller = Annotated[Principal, Depends(get_principal)]
 
 _COMMON = ("model", "sampler", "steps", "seed", "deadline_ms", "priority")
 

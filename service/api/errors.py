@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import FewstepError, InvalidRequest, PayloadTooLarge
+from service.parsing import parse_uint
 
 
 class BodyLimit:
@@ -25,8 +26,13 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, send)
+        if declared is not None:
+            try:
+                length = parse_uint(declared.decode("latin-1"), name="header Content-Length")
+            except InvalidRequest as err:
+                return await error_response(scope["path"], err)({"type": "http"}, None, send)
+            if length > self.limit:
+                return await self._refuse(scope, send)
         body, more = b"", True
         while more:
             message = await receive()
@@ -87,4 +93,25 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException):
         err = FewstepError(str(exc.detail))
         err.status, err.type, err.code = exc.status_code, "invalid_request_error", "http_error"
-        return error_response(request.url.path, err, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # every route on the path, not only the first that matched
+            headers = {"Allow": ", ".join(allowed(app, request.scope))}
+            err.message = f"{request.method} is not served here; use {headers['Allow']}"
+        return error_response(request.url.path, err, headers)
+
+
+def _flat(routes):
+    """Routes, with those of included routers (included without a prefix here) inlined."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        yield from _flat(inner.routes) if inner is not None else (route,)
+
+
+def allowed(app: FastAPI, scope) -> list[str]:
+    """The methods some route serves on this request's path."""
+    methods: set[str] = set()
+    for route in _flat(app.router.routes):
+        regex, served = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex is not None and served and regex.match(scope["path"]):
+            methods |= served
+    return sorted(methods)

@@ -1,13 +1,14 @@
-"""Liveness, readiness and the Prometheus endpoint."""
+"""Liveness, readiness and the Prometheus endpoint: open to any caller (probes and
+scrapers carry no key), except /metrics where `metrics_auth` is set."""
 
 from __future__ import annotations
 
 import contextlib
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.errors import NotReady, QueueUnavailable
+from service.errors import QueueUnavailable
 
 from .common import State
 
@@ -21,13 +22,16 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(state: State) -> dict:
-    if not state.ready:
-        raise NotReady("models are still loading", retry_after=2)
+    """200 once the models are loaded and the worker runs; 503 before, and for good if the
+    worker stopped."""
+    state.require_ready()
     return {"status": "ready", "models": sorted(state.specs)}
 
 
-@router.get("/metrics")
-async def metrics(state: State) -> Response:
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request, state: State) -> Response:
+    if state.settings.metrics_auth:
+        state.keys.authenticate(request.headers.get("authorization"))
     # queue_depth / queue_lag: the backlog an autoscaler reads (with Redis, of every API
     # and worker sharing the queue); while the queue is unreachable they keep their last
     # value and the other metrics are still served

@@ -10,17 +10,17 @@ from fastapi.responses import JSONResponse
 from service import admission
 from service.schemas import GenerationRequest, ImagesResponse
 
-from .common import State, image_request, timings
+from .common import Caller, State, image_request, timings
 
 router = APIRouter(tags=["openai"])
 
 
 @router.post("/v1/images/generations", response_model=ImagesResponse)
-async def generate_images(req: GenerationRequest, state: State) -> JSONResponse:
+async def generate_images(req: GenerationRequest, state: State, caller: Caller) -> JSONResponse:
     state.require_ready()
-    admitted = admission.admit(state, image_request(req))
+    admitted = await admission.accept(state, image_request(req), caller)
     job = admitted.job
-    result = await admission.run(state, job, "images")
+    result = await admission.run(state, job, "images", principal=caller)
     label = job.inputs.revised_prompt(admitted.spec)
     # Built as a plain dict: this is the hot path, and FastAPI would validate the model
     # again on the way out. ImagesResponse stays the documented schema.

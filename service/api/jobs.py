@@ -12,9 +12,11 @@ from fastapi.responses import StreamingResponse
 from service import admission
 from service.errors import Conflict, InvalidRequest, JobNotFound
 from service.jobs import JobState
+from service.parsing import parse_uint
 from service.schemas import GenerationRequest, ImageData, JobResultView, JobView, Progress
+from service.security import Principal
 
-from .common import State, fingerprint, image_request, timings
+from .common import Caller, State, fingerprint, image_request, timings
 
 router = APIRouter(tags=["jobs"])
 
@@ -40,9 +42,10 @@ def view(status) -> JobView:
     )
 
 
-async def _status(state, job_id: str):
+async def _status(state, job_id: str, caller: Principal):
+    """The job's status if it is the caller's; another principal's job is as unknown."""
     status = await state.queue.status(job_id)
-    if status is None:
+    if status is None or status.job.owner != caller.name:
         raise JobNotFound(
             f"no job {job_id!r}; it never existed or has been forgotten", param="job_id"
         )
@@ -53,31 +56,32 @@ async def _status(state, job_id: str):
 async def submit_job(
     req: GenerationRequest,
     state: State,
+    caller: Caller,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobView:
     state.require_ready()
     if idempotency_key is not None and not idempotency_key.strip():
         raise InvalidRequest("Idempotency-Key must not be blank", param="Idempotency-Key")
-    admitted = admission.admit(state, image_request(req, idempotency_key))
-    job, created = await admission.submit(state, admitted.job, fingerprint(req))
+    admitted = await admission.accept(state, image_request(req, idempotency_key), caller)
+    job, created = await admission.submit_owned(state, caller, admitted.job, fingerprint(req))
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.status_code = 200
-    return view(await _status(state, job.id))
+    return view(await _status(state, job.id, caller))
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobView)
-async def get_job(job_id: str, state: State) -> JobView:
-    return view(await _status(state, job_id))
+async def get_job(job_id: str, state: State, caller: Caller) -> JobView:
+    return view(await _status(state, job_id, caller))
 
 
 @router.get("/v1/jobs/{job_id}/result", response_model=JobResultView)
-async def get_result(job_id: str, state: State, wait: float = 0.0) -> JobResultView:
+async def get_result(job_id: str, state: State, caller: Caller, wait: float = 0.0) -> JobResultView:
     """The result once done; `wait` (seconds, at most 60) long-polls for it."""
     if not 0 <= wait <= 60:
         raise InvalidRequest("wait must be between 0 and 60 seconds", param="wait")
-    status = await _status(state, job_id)
+    status = await _status(state, job_id, caller)
     result = await state.queue.result(job_id, wait)
     if result is None:
         raise Conflict(
@@ -103,21 +107,24 @@ async def get_result(job_id: str, state: State, wait: float = 0.0) -> JobResultV
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobView)
-async def cancel_job(job_id: str, state: State) -> JobView:
+async def cancel_job(job_id: str, state: State, caller: Caller) -> JobView:
     """Cancel a queued job at once, a running one between two steps."""
-    await _status(state, job_id)
+    await _status(state, job_id, caller)
     await state.queue.cancel(job_id)
-    return view(await _status(state, job_id))
+    return view(await _status(state, job_id, caller))
 
 
 @router.get("/v1/jobs/{job_id}/events")
 async def job_events(
-    job_id: str, state: State, last_event_id: Annotated[str | None, Header()] = None
+    job_id: str,
+    state: State,
+    caller: Caller,
+    last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """Server-sent events: queued, started, step (k of N, optional preview), then one of
     succeeded / failed / canceled. Reconnect with Last-Event-ID to resume."""
-    await _status(state, job_id)
-    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    await _status(state, job_id, caller)
+    after = 0 if last_event_id is None else parse_uint(last_event_id, name="Last-Event-ID")
 
     async def stream():
         async for event in state.queue.events(job_id, after):

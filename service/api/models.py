@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from engines.modalities import modality_of
 
-from .common import State
+from .common import Caller, State
 
 router = APIRouter(tags=["models"])
 
@@ -48,11 +48,11 @@ def describe(name: str, state) -> dict:
 
 
 @router.get("/v1/models")
-async def list_models(state: State) -> dict:
+async def list_models(state: State, _: Caller) -> dict:
     return {"object": "list", "data": [describe(name, state) for name in sorted(state.specs)]}
 
 
 @router.get("/v1/models/{name}")
-async def get_model(name: str, state: State) -> dict:
+async def get_model(name: str, state: State, _: Caller) -> dict:
     state.spec(name)
     return describe(name.partition("@")[0], state)

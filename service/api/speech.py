@@ -11,17 +11,17 @@ from fastapi.responses import Response
 from service import admission
 from service.schemas import SpeechRequest
 
-from .common import State, speech_request
+from .common import Caller, State, speech_request
 
 router = APIRouter(tags=["openai"])
 
 
 @router.post("/v1/audio/speech")
-async def create_speech(req: SpeechRequest, state: State) -> Response:
+async def create_speech(req: SpeechRequest, state: State, caller: Caller) -> Response:
     state.require_ready()
     begin = time.perf_counter()
-    job = admission.admit(state, speech_request(req)).job
-    result = await admission.run(state, job, "speech")
+    job = (await admission.accept(state, speech_request(req), caller)).job
+    result = await admission.run(state, job, "speech", principal=caller)
     seconds = time.perf_counter() - begin
     audio = result.info
     rtf = seconds / audio.duration if audio.duration else 0.0

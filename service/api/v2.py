@@ -7,6 +7,12 @@ each input with `parameters.binary_data_size` takes its bytes from what follows,
 outputs asked for with `binary_data` (or all of them with `binary_data_output`) come back
 the same way. gzip and deflate request bodies are accepted (tritonclient's
 request_compression_algorithm). Errors are {"error": "..."} (service/app.py renders them).
+
+Infer takes `Content-Type: application/json` or `application/octet-stream` (binary tensor
+data), or none at all as tritonclient sends, but then only from a non-browser client: a
+cross-site browser request carries `Origin`, and a page must not post jobs to a server on
+the user's machine (the types an HTML form can send are refused too). Health stays open;
+everything else needs the caller's key when keys are configured.
 """
 
 from __future__ import annotations
@@ -17,20 +23,23 @@ import zlib
 from fastapi import APIRouter, Request, Response
 
 from service import oip
-from service.errors import InvalidRequest, NotReady
+from service.errors import Forbidden, InvalidRequest, NotReady, UnsupportedMediaType
+from service.parsing import parse_uint
+from service.security import Principal
 from service.state import ServiceState
 
-from .common import State
+from .common import Caller, State
 
 router = APIRouter(tags=["kserve-v2"])
 
 HEADER_LENGTH = "inference-header-content-length"
+CONTENT_TYPES = ("application/json", "application/octet-stream")
 REQUEST_KEYS = ("id", "parameters", "inputs", "outputs")
 INPUT_KEYS = ("name", "shape", "datatype", "parameters", "data")
 
 
 @router.get("/v2")
-async def server_metadata() -> dict:
+async def server_metadata(_: Caller) -> dict:
     return oip.server_metadata()
 
 
@@ -51,12 +60,14 @@ def _metadata(state: ServiceState, name: str, version: str) -> dict:
 
 
 @router.get("/v2/models/{model_name}")
-async def model_metadata(model_name: str, state: State) -> dict:
+async def model_metadata(model_name: str, state: State, _: Caller) -> dict:
     return _metadata(state, model_name, "")
 
 
 @router.get("/v2/models/{model_name}/versions/{model_version}")
-async def model_version_metadata(model_name: str, model_version: str, state: State) -> dict:
+async def model_version_metadata(
+    model_name: str, model_version: str, state: State, _: Caller
+) -> dict:
     return _metadata(state, model_name, model_version)
 
 
@@ -78,15 +89,34 @@ async def model_version_ready(model_name: str, model_version: str, state: State)
 
 
 @router.post("/v2/models/{model_name}/infer")
-async def infer(model_name: str, request: Request, state: State) -> Response:
-    return await _infer(state, request, model_name, "")
+async def infer(model_name: str, request: Request, state: State, caller: Caller) -> Response:
+    return await _infer(state, request, caller, model_name, "")
 
 
 @router.post("/v2/models/{model_name}/versions/{model_version}/infer")
 async def infer_version(
-    model_name: str, model_version: str, request: Request, state: State
+    model_name: str, model_version: str, request: Request, state: State, caller: Caller
 ) -> Response:
-    return await _infer(state, request, model_name, model_version)
+    return await _infer(state, request, caller, model_name, model_version)
+
+
+def _check_content_type(request: Request) -> None:
+    """JSON, binary tensor data, or (tritonclient) no type from a client that is no web
+    page; anything else, such as what an HTML form or a page's plain text post sends, 415."""
+    declared = request.headers.get("content-type")
+    if declared is None:
+        if request.headers.get("origin") is not None:
+            raise Forbidden(
+                "a browser request to infer needs Content-Type: application/json (cross-site "
+                "requests without it are refused)"
+            )
+        return
+    media = declared.partition(";")[0].strip().lower()
+    if media not in CONTENT_TYPES:
+        raise UnsupportedMediaType(
+            f"Content-Type {declared[:60]!r} is not accepted by infer; send "
+            "application/json, or application/octet-stream with Inference-Header-Content-Length"
+        )
 
 
 def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
@@ -108,12 +138,13 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     """The JSON header of a request and the binary data after it."""
     binary = b""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        length = parse_uint(header_length, name="header Inference-Header-Content-Length")
+        if length > len(body):
             raise InvalidRequest(
                 f"Inference-Header-Content-Length must be the byte length of the JSON header, "
-                f"at most the body's {len(body)} bytes, got {header_length!r}"
+                f"at most the body's {len(body)} bytes, got {length}"
             )
-        body, binary = body[: int(header_length)], body[int(header_length) :]
+        body, binary = body[:length], body[length:]
     try:
         request = json.loads(body)
     except (ValueError, RecursionError):
@@ -227,9 +258,12 @@ def _parameters(request: dict) -> tuple[dict, bool]:
     return parameters, binary
 
 
-async def _infer(state: ServiceState, request: Request, name: str, version: str) -> Response:
+async def _infer(
+    state: ServiceState, request: Request, caller: Principal, name: str, version: str
+) -> Response:
     if not state.ready:
         raise NotReady("models are still loading; retry shortly", retry_after=2)
+    _check_content_type(request)
     spec = state.resolve(name, version)
     body = _decompress(
         await request.body(),
@@ -243,7 +277,7 @@ async def _infer(state: ServiceState, request: Request, name: str, version: str)
     parameters, binary_output = _parameters(req)
     tensors = _inputs(spec, req.get("inputs"), binary)
     requested = _requested(spec, req.get("outputs"), binary_output)
-    job, result = await oip.infer(state, spec, tensors, parameters, "v2_http")
+    job, result = await oip.infer(state, spec, tensors, parameters, "v2_http", caller)
     flags = dict(requested)
     response: dict = {"model_name": spec.name, "model_version": str(spec.version)}
     if request_id:

@@ -3,7 +3,9 @@
 Runs on grpc.aio in the event loop of the HTTP app (started by its lifespan), so both
 surfaces share one queue and one worker. Validation and results come from service/oip.py,
 the same as over HTTP; a FewstepError becomes the status its `grpc_code` names, with the
-message as details (tritonclient raises it as InferenceServerException).
+message as details (tritonclient raises it as InferenceServerException). Calls other than
+the liveness and readiness ones carry the caller's key as `authorization` metadata
+(tritonclient's `headers=`), checked as the HTTP header is.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from service import oip
 from service.errors import FewstepError, InvalidRequest, NotReady
+from service.security import Principal
 from service.state import ServiceState
 
 from . import protocol
@@ -111,6 +114,13 @@ def _set(parameter, value: object) -> None:
         parameter.string_param = str(value)
 
 
+def caller(state: ServiceState, context) -> Principal:
+    """The principal of a call, from its `authorization` metadata ("Bearer KEY");
+    Unauthorized (UNAUTHENTICATED) when a key is needed and this is not one."""
+    values = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+    return state.keys.authenticate(values[0] if len(values) == 1 else None)
+
+
 class InferenceServicer:
     """The six RPCs of the protocol, over a ServiceState."""
 
@@ -133,15 +143,18 @@ class InferenceServicer:
         return protocol.METHODS["ModelReady"][1](ready=ready)
 
     async def ServerMetadata(self, request, context):
+        caller(self.state, context)
         return protocol.METHODS["ServerMetadata"][1](**oip.server_metadata())
 
     async def ModelMetadata(self, request, context):
+        caller(self.state, context)
         self.state.require_ready()
         spec = self.state.resolve(request.name, request.version)
         return protocol.ModelMetadataResponse(**oip.model_metadata(self.state, spec))
 
     async def ModelInfer(self, request, context):
         state = self.state
+        principal = caller(state, context)
         if not state.ready:
             raise NotReady("models are still loading; retry shortly", retry_after=2)
         spec = state.resolve(request.model_name, request.model_version)
@@ -160,7 +173,7 @@ class InferenceServicer:
             raise InvalidRequest(
                 f"unknown request parameter(s) {unknown}; fewstep reads priority and timeout"
             )
-        job, result = await oip.infer(state, spec, tensors, parameters, "v2_grpc")
+        job, result = await oip.infer(state, spec, tensors, parameters, "v2_grpc", principal)
         response = protocol.ModelInferResponse(
             model_name=spec.name, model_version=str(spec.version), id=request.id
         )
@@ -224,8 +237,15 @@ async def _serve_when_ready(state: ServiceState, health: health_aio.HealthServic
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
 
-async def start(state: ServiceState, host: str, port: int, max_message_bytes: int) -> GrpcServer:
-    """Serve OIP gRPC and grpc.health.v1 on host:port (0: a free port) in this event loop.
+async def start(
+    state: ServiceState,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    tls: tuple[bytes, bytes] | None = None,
+) -> GrpcServer:
+    """Serve OIP gRPC and grpc.health.v1 on host:port (0: a free port) in this event loop;
+    over TLS with `tls` (PEM certificate chain, PEM private key), else plaintext.
 
     Health reports NOT_SERVING for "" and the inference service until the models are
     ready, then SERVING, and NOT_SERVING again from shutdown on.
@@ -243,10 +263,14 @@ async def start(state: ServiceState, host: str, port: int, max_message_bytes: in
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            chain, key = tls
+            bound = server.add_secure_port(address, grpc.ssl_server_credentials([(key, chain)]))
     except RuntimeError as err:
         raise SystemExit(f"fewstep: cannot serve gRPC on {address} ({err})") from None
     await server.start()
     watcher = asyncio.create_task(_serve_when_ready(state, health), name="fewstep-grpc-health")
-    log.info("OIP gRPC on %s:%d", host, bound)
+    log.info("OIP gRPC on %s:%d (%s)", host, bound, "TLS" if tls else "plaintext")
     return GrpcServer(server, bound, health, watcher)

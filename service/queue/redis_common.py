@@ -9,11 +9,13 @@ import socket
 import uuid
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.errors import QueueUnavailable
 
-DOWN = (RedisConnectionError, RedisTimeoutError, OSError)  # Redis is away, not wrong
+# Redis is away (or full, past its maxmemory under noeviction), not wrong: a 503, retry
+DOWN = (RedisConnectionError, RedisTimeoutError, OSError, OutOfMemoryError)
 INLINE_RESULT_BYTES = 256 * 1024  # results up to this size travel on the done channel
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
 import logging
 import math
 import time
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 
+from engines.modalities import InputError, Unavailable
 from engines.noise import row_seeds
 from service.bootstrap import resolve_device
 from service.errors import QueueUnavailable
@@ -25,6 +28,7 @@ from service.queue.base import JobQueue
 from service.worker.scheduler import Active, Outcome, pick_batch, start, step_batch
 
 log = logging.getLogger("fewstep.worker")
+CANCEL_POLL_S = 0.25  # how often a cancel is looked for while a long pass runs
 
 
 class Worker:
@@ -101,6 +105,37 @@ class Worker:
             log.warning("job %s was taken over by another worker; dropping it", active.job.id)
             self._drop(active)
 
+    async def _start_off_loop(self, job: Job, model) -> Active:
+        """scheduler.start in the compute thread (always where the modality may block: the
+        speech front end), or on the event loop for a model whose starts recently took less
+        than inline_compute_ms."""
+        key = ("start", job.model)
+        begin = time.perf_counter()
+        if not job.modality.may_block and self._recent.get(key, math.inf) < self.inline_compute:
+            active = start(job, model, device=self.device)
+        else:
+            loop = asyncio.get_running_loop()
+            active = await loop.run_in_executor(
+                self._executor, functools.partial(start, job, model, device=self.device)
+            )
+        took = time.perf_counter() - begin
+        self._recent[key] = 0.8 * self._recent.get(key, took) + 0.2 * took
+        return active
+
+    async def _in_thread(self, batch: list[Active]):
+        """step_batch in the compute thread; meanwhile a client's cancel reaches the jobs
+        (long vocoding checks Active.should_stop)."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, step_batch, batch)
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=CANCEL_POLL_S)
+            if done:
+                return future.result()
+            with contextlib.suppress(QueueUnavailable):  # the pass's outcome must not be lost
+                for active in batch:
+                    if not active.canceled and await self.queue.is_canceled(active.job.id):
+                        active.canceled = True
+
     async def _compute(self, batch: list[Active]):
         """step_batch on the event loop if this model's passes are short, else in the thread."""
         name = batch[0].job.model
@@ -108,8 +143,7 @@ class Worker:
         if self._recent.get(name, math.inf) < self.inline_compute:
             outcomes, seconds = step_batch(batch)
         else:
-            loop = asyncio.get_running_loop()
-            outcomes, seconds = await loop.run_in_executor(self._executor, step_batch, batch)
+            outcomes, seconds = await self._in_thread(batch)
         # the whole tick counts (forward, sampler steps, encoding): that is what an inline
         # tick would keep the API waiting for
         took = time.perf_counter() - begin
@@ -157,9 +191,21 @@ class Worker:
             )
             return
         try:
-            active = start(job, model, device=self.device)
+            active = await self._start_off_loop(job, model)
+        except InputError as exc:
+            await self._finish_job(job, JobState.FAILED, "invalid_parameter", exc.message)
+            return
+        except Unavailable as exc:
+            await self._finish_job(job, JobState.FAILED, "unavailable", str(exc))
+            return
         except ValueError as exc:
             await self._finish_job(job, JobState.FAILED, "invalid_parameter", str(exc))
+            return
+        except Exception as exc:  # one job's start never takes the worker down
+            log.exception("job %s could not start", job.id)
+            await self._finish_job(
+                job, JobState.FAILED, "start_failed", f"the job could not start: {exc}"
+            )
             return
         self.actives.append(active)
         self._alone += job.alone
@@ -219,7 +265,8 @@ class Worker:
     async def _report(self, outcome: Outcome) -> None:
         active = outcome.active
         if outcome.kind == "failed":
-            await self._finish(active, JobState.FAILED, outcome.code, outcome.message)
+            state = JobState.CANCELED if outcome.code == "canceled" else JobState.FAILED
+            await self._finish(active, state, outcome.code, outcome.message)
             return
         data = {"step": active.nfe, "steps": active.nfe_total}
         if outcome.preview is not None:

@@ -37,6 +37,23 @@ class Active:
     claimed_at: float = field(default_factory=time.time)
     first_forward_at: float | None = None
     forward_seconds: float = 0.0
+    # set from the event loop while compute runs in the thread: the client canceled it
+    canceled: bool = False
+
+    def should_stop(self) -> bool:
+        """Whether long compute for this request should give up (canceled or late)."""
+        return self.canceled or self.job.expired()
+
+    def stopped(self) -> Outcome:
+        """The outcome of a request that gave up because should_stop() said so."""
+        if self.canceled:
+            return Outcome(self, "failed", code="canceled", message="canceled by the client")
+        return Outcome(
+            self,
+            "failed",
+            code="deadline_exceeded",
+            message="the deadline passed while the output was being made",
+        )
 
     @property
     def rows(self) -> int:
@@ -59,7 +76,8 @@ def start(job: Job, model, dtype: torch.dtype = torch.float32, device: str = "cp
     """Build the request's grid, initial noise and sampler, and run it to its first call.
 
     Raises ValueError (SamplerError, ScheduleError, an unreadable input) before any compute
-    is used.
+    is used, modalities.Unavailable for what may work on a retry. May block (the speech
+    front end): the worker calls it in its compute thread.
     """
     started = job.modality.start(job, model, dtype, device)
     active = Active(job, model, started.gen, started.cond, started.nfe, started.state)
@@ -137,7 +155,16 @@ def advance(active: Active, x0) -> Outcome:
                 code="non_finite",
                 message="the final sample is not finite",
             )
-        outputs, info = modality.finish(active.model, job, stop.value, active.state)
+        try:
+            outputs, info = modality.finish(
+                active.model, job, stop.value, active.state, active.should_stop
+            )
+        except Exception as exc:
+            if active.should_stop():  # vocoding gave up: canceled or late
+                return active.stopped()
+            return Outcome(
+                active, "failed", code="encode_error", message=f"making the output failed: {exc}"
+            )
         return Outcome(active, "done", preview, outputs, info=info)
     except Exception as exc:  # a sampler must never take the worker down
         active.pending = None

@@ -3,8 +3,10 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
-from service.cli import main
+from service.cli import build_parser, main
+from service.security import KeyStore
 
 
 def test_bench_samplers_prints_both_tables(capsys):
@@ -121,3 +123,27 @@ def test_bench_engines_on_cuda_needs_no_service_packages():
 
     if not torch.cuda.is_available():
         assert rc == "2" and "sees no GPU" in proc.stderr
+
+
+def test_keys_command_makes_a_key_whose_hash_serve_accepts(tmp_path):
+    run = [sys.executable, "-m", "service.cli", "keys"]
+    made = subprocess.run([*run, "new", "alice"], capture_output=True, text=True, check=True)
+    key = made.stderr.split("give it to the client): ")[1].strip()
+    entry = yaml.safe_load(made.stdout)["keys"][0]
+    assert entry["name"] == "alice" and key not in made.stdout
+    hashed = subprocess.run([*run, "hash"], input=key + "\n", capture_output=True, text=True)
+    assert hashed.stdout.strip() == entry["sha256"]
+    path = tmp_path / "keys.yaml"
+    path.write_text(made.stdout)
+    store = KeyStore.from_settings([], path)
+    assert store.authenticate(f"Bearer {key}").name == "alice"
+
+
+def test_serve_takes_repeated_api_keys_and_refuses_a_bad_key_file(tmp_path):
+    args = build_parser().parse_args(["serve", "--api-key", "k" * 10, "--api-key", "j" * 10])
+    assert args.api_key == ["k" * 10, "j" * 10]
+    bad = tmp_path / "keys.yaml"
+    bad.write_text("keys: [{name: bob, sha256: nothex}]\n")
+    run = [sys.executable, "-m", "service.cli", "serve", "--api-key-file", str(bad)]
+    refused = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "sha256 must be 64 lower-case hex" in refused.stderr

@@ -108,6 +108,33 @@ def test_admission_position_and_backlog_metrics_across_processes(tmp_path):
         delete_prefix(prefix)
 
 
+def test_an_api_without_weights_leaves_speech_frames_to_the_worker(tmp_path):
+    """An API-only process bounds speech by Festival's phones alone; the 21-minute request
+    passes that bound, and the worker refuses it when it starts, before any sampling: the
+    client still gets a 400 saying what to change, quickly."""
+    require_redis()
+    prefix = new_prefix()
+    env = {"FEWSTEP_QUEUE": REDIS_URL, "FEWSTEP_REDIS_PREFIX": prefix, "FEWSTEP_TEST_SPEECH": "1"}
+    api, url = fixture_api(env, tmp_path / "api.log")
+    worker = fixture_worker(env, tmp_path / "worker.log")
+    body = {"model": "speech-tiny", "response_format": "wav", "seed": 1}
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            assert c.post("/v1/audio/speech", json={**body, "input": "Hello there."}).is_success
+            text = "Go. " * 15 + " ".join(["the quick brown fox jumps over the lazy dog,"] * 40)
+            begin = time.perf_counter()
+            r = c.post("/v1/audio/speech", json={**body, "input": text + ".", "speed": 0.25})
+            took = time.perf_counter() - begin
+        assert r.status_code == 400, r.text
+        assert "s of audio, over model speech-tiny's limit" in r.json()["error"]["message"]
+        assert took < 5, f"refused after {took:.1f} s"
+    finally:
+        worker.signal(signal.SIGTERM)
+        worker.wait(30)
+        api.kill()
+        delete_prefix(prefix)
+
+
 def test_a_job_waits_for_a_worker_that_serves_its_model(tmp_path):
     """A worker claims only the models it loaded; another model's job stays queued for the
     worker that has it."""
