@@ -236,6 +236,7 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
                 state, settings.host, settings.grpc_port, settings.max_body_bytes
             )
             app.state.grpc_port = grpc_server.port
+            app.state.grpc_server = grpc_server  # service.drain reports NOT_SERVING on SIGTERM
         try:
             yield
         finally:

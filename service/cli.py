@@ -171,12 +171,12 @@ def _add_build(commands: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    import uvicorn
     from pydantic import ValidationError
 
     from engines.repository import Repository, RepositoryError
     from service.app import create_app
     from service.config import Settings
+    from service.drain import serve
 
     overrides = {
         "host": args.host,
@@ -203,13 +203,8 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level,
-        access_log=False,
-    )
+    app = create_app(settings)
+    serve(app, settings.host, settings.port, settings.drain_delay_s, args.log_level)
     return 0
 
 
@@ -253,6 +248,7 @@ def _worker(args: argparse.Namespace) -> int:
         "model_repo": args.model_repo,
         "models": args.models.split(",") if args.models else None,
         "batching": args.batching,
+        "health_port": args.health_port,
     }
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -283,6 +279,12 @@ def _add_worker(commands: argparse._SubParsersAction) -> None:
     worker.add_argument("--batching", choices=["continuous", "static"], default=None)
     worker.add_argument(
         "--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)"
+    )
+    worker.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="serve /healthz (loop heartbeat age), /readyz and /metrics here (0: off)",
     )
     worker.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]

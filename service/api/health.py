@@ -23,6 +23,9 @@ async def healthz() -> dict:
 async def readyz(state: State) -> dict:
     if not state.ready:
         raise NotReady("models are still loading", retry_after=2)
+    if state.draining:
+        raise NotReady("this replica is shutting down; retry on another", retry_after=1)
+    await state.queue.depth()  # an unreachable queue raises QueueUnavailable: 503
     return {"status": "ready", "models": sorted(state.specs)}
 
 

@@ -31,6 +31,7 @@ class ServiceState:
     # name -> the runtime running its default version (empty in an API-only process)
     runtimes: dict[str, dict] = field(default_factory=dict)
     ready: bool = False
+    draining: bool = False  # SIGTERM received: /readyz fails while requests are still served
 
     def require_ready(self) -> None:
         if not self.ready:

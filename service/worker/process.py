@@ -25,12 +25,15 @@ async def run_worker(settings: Settings, loaded: dict | None = None, metrics_por
     from service.app import load_models, tune_gc
 
     metrics = Metrics()
+    health = _health(settings, metrics)  # answers /healthz while the models load
     models = loaded
     if models is None:
         models, _, _ = await asyncio.to_thread(load_models, settings, metrics)
     queue = make_queue(settings)
     await queue.start()
     worker = build_worker(queue, models, metrics, settings, set(models))
+    if health is not None:
+        health.watch(worker)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _stopper(worker, sig))
@@ -45,8 +48,18 @@ async def run_worker(settings: Settings, loaded: dict | None = None, metrics_por
         await worker.run()
     finally:
         await queue.close()
+        if health is not None:
+            health.close()
     log.info("fewstep worker %s stopped", consumer)
     return 0
+
+
+def _health(settings: Settings, metrics: Metrics):
+    if not settings.health_port:
+        return None
+    from service.worker.health import WorkerHealth
+
+    return WorkerHealth("0.0.0.0", settings.health_port, metrics.registry, settings.worker_stale_s)
 
 
 def _stopper(worker: Worker, sig: signal.Signals):
