@@ -94,7 +94,7 @@ build() {
   step "built $IMAGE in $((SECONDS - begin)) s ($cached steps cached)"
   begin=$SECONDS
   # Redis for the distributed test stack: Debian's redis-server on the same base
-  printf 'FROM %s\nRUN apt-get update && apt-get install -y --no-install-recommends redis-server && rm -rf /var/lib/apt/lists/*\nUSER redis\nCMD ["redis-server", "--bind", "0.0.0.0", "--protected-mode", "no"]\n' \
+  printf 'FROM %s\nRUN apt-get update && apt-get install -y --no-install-recommends redis-server && rm -rf /var/lib/apt/lists/*\nUSER redis\nCMD ["redis-server", "--protected-mode", "no", "--dir", "/var/lib/redis"]\n' \
     "$BASE_IMAGE" | DOCKER_BUILDKIT=1 "$DOCKER" build --network host -t "$REDIS_IMAGE" - \
     >/tmp/fewstep-docker-redis.log 2>&1 || { tail -20 /tmp/fewstep-docker-redis.log >&2; fail "building $REDIS_IMAGE"; }
   step "built $REDIS_IMAGE in $((SECONDS - begin)) s"
