@@ -46,6 +46,9 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 
+# tests/deploy builds and runs the Docker images: its session fixture calls
+# `bash docker/test.sh build` (installs docker.io and debootstrap, starts dockerd, builds
+# fewstep:cpu on a debootstrap base; cached layers make a rerun take seconds).
 status=0
 .venv/bin/python -m pytest "$@" || status=$?
 # pytest exits 5 when a selection collects no test: that is a failure of the command too.
