@@ -114,7 +114,9 @@ def event_types(client: redis.Redis, keys: Keys, job_id: str) -> list[str]:
 def test_distributed_stack_completes_60_jobs_through_sigkill_and_docker_stop(stack):
     prefix = "fewstep:"
     queue = ("-e", "FEWSTEP_QUEUE=redis://fewstep-redis:6379/0")
-    tuning = ("-e", "FEWSTEP_CLAIM_TIMEOUT_S=3", "-e", "FEWSTEP_MAX_ACTIVE_SAMPLES=16")
+    # a killed worker's jobs move on after 5 s; a busy worker's heartbeats (every 1.25 s)
+    # keep its own claims, so the stopped worker's jobs are never taken over
+    tuning = ("-e", "FEWSTEP_CLAIM_TIMEOUT_S=5", "-e", "FEWSTEP_MAX_ACTIVE_SAMPLES=16")
     tuning += ("-e", "OMP_NUM_THREADS=1", "-e", 'FEWSTEP_MODELS=["fashion-edm"]')
     store = stack.run(
         "redis",
