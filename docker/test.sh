@@ -25,9 +25,9 @@ fail() { printf '[docker/test.sh] FAILED: %s\n' "$*" >&2; exit 1; }
 # Debian's client (20.10) has BuildKit built in; a newer client without the buildx plugin
 # would fall back to the legacy builder, which has no build secrets.
 ensure_docker() {
-  if ! command -v dockerd >/dev/null || [ ! -x /usr/bin/docker ]; then
-    step "installing docker.io"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null
+  if ! command -v dockerd >/dev/null || [ ! -x /usr/bin/docker ] || ! command -v docker-compose >/dev/null; then
+    step "installing docker.io and docker-compose"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose >/dev/null
   fi
   DOCKER=/usr/bin/docker
   if ! "$DOCKER" info >/dev/null 2>&1; then
@@ -94,7 +94,7 @@ build() {
   step "built $IMAGE in $((SECONDS - begin)) s ($cached steps cached)"
   begin=$SECONDS
   # Redis for the distributed test stack: Debian's redis-server on the same base
-  printf 'FROM %s\nRUN apt-get update && apt-get install -y --no-install-recommends redis-server && rm -rf /var/lib/apt/lists/*\nUSER redis\nCMD ["redis-server", "--protected-mode", "no", "--dir", "/var/lib/redis"]\n' \
+  printf 'FROM %s\nRUN apt-get update && apt-get install -y --no-install-recommends redis-server && rm -rf /var/lib/apt/lists/* && mkdir /data && chown redis:redis /data\nUSER redis\nCMD ["redis-server", "--protected-mode", "no", "--dir", "/var/lib/redis"]\n' \
     "$BASE_IMAGE" | DOCKER_BUILDKIT=1 "$DOCKER" build --network host -t "$REDIS_IMAGE" - \
     >/tmp/fewstep-docker-redis.log 2>&1 || { tail -20 /tmp/fewstep-docker-redis.log >&2; fail "building $REDIS_IMAGE"; }
   step "built $REDIS_IMAGE in $((SECONDS - begin)) s"
