@@ -78,8 +78,8 @@ def redis_from_manifest(image):
         "--network-alias",
         "fewstep-redis",
         "--read-only",
-        "--tmpfs",
-        "/data:uid=101,gid=101",
+        "--volume",
+        "/data",  # an anonymous volume: owned by the image's redis user like its /data
         *env_args,
         image=REDIS_IMAGE,
         cmd=tuple(expand(redis["command"] + redis["args"], env)),

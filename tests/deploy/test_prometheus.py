@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -137,7 +138,7 @@ def test_every_dashboard_query_returns_data(stack):
     assert empty == []
 
 
-def test_every_recording_rule_returns_data_and_every_alert_evaluates(stack):
+def test_every_recording_rule_and_alert_operand_returns_data(stack):
     _, prom, load = stack
     rules = yaml.safe_load((MONITORING / "fewstep-rules.yaml").read_text())
     # the 6-hour forward-time baseline needs as much data; 10 minutes is the same query
@@ -154,6 +155,12 @@ def test_every_recording_rule_returns_data_and_every_alert_evaluates(stack):
     alerts = [r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r]
     assert len(health) == len(recorded) + len(alerts) == 18
     assert {name: h for name, h in health.items() if h[0] != "ok"} == {}
+    # an alert's expression is empty unless it fires; every series it compares has data
+    for rule in (r for g in rules["groups"] for r in g["rules"] if "alert" in r):
+        operands = re.findall(r"\b(?:namespace\w*:\w+:\w+|up\{[^}]*\})", rule["expr"])
+        assert operands, rule["alert"]
+        for operand in operands:
+            assert query(prom, operand, load["end"]), f"{rule['alert']}: {operand} has no data"
     # under a normal load, none of the alerts fires
     firing = httpx.get(prom + "/api/v1/alerts", timeout=10).json()["data"]["alerts"]
     assert [a["labels"]["alertname"] for a in firing if a["state"] == "firing"] == []
