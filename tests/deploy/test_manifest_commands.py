@@ -69,25 +69,31 @@ def exec_status(name: str, argv: list[str], env: dict | None = None) -> int:
 def redis_from_manifest(image):
     """The distributed overlay's Redis command and environment, in a test Redis image."""
     stack = Stack()
-    docs = render("distributed")
-    redis = find(docs, "StatefulSet", "fewstep-redis")["spec"]["template"]["spec"]["containers"][0]
-    env = container_env(docs, redis)
-    env_args = [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
-    name = stack.run(
-        "redis",
-        "--network-alias",
-        "fewstep-redis",
-        "--read-only",
-        "--volume",
-        "/data",  # an anonymous volume: owned by the image's redis user like its /data
-        *env_args,
-        image=REDIS_IMAGE,
-        cmd=tuple(expand(redis["command"] + redis["args"], env)),
-    )
-    ready = redis["readinessProbe"]["exec"]["command"]
-    wait_for(lambda: exec_status(name, ready, env) == 0, 30, "the manifest's Redis readiness probe")
-    yield stack
-    stack.close()
+    try:
+        docs = render("distributed")
+        redis = find(docs, "StatefulSet", "fewstep-redis")["spec"]["template"]["spec"][
+            "containers"
+        ][0]
+        env = container_env(docs, redis)
+        env_args = [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
+        name = stack.run(
+            "redis",
+            "--network-alias",
+            "fewstep-redis",
+            "--read-only",
+            "--volume",
+            "/data",  # an anonymous volume: owned by the image's redis user like its /data
+            *env_args,
+            image=REDIS_IMAGE,
+            cmd=tuple(expand(redis["command"] + redis["args"], env)),
+        )
+        ready = redis["readinessProbe"]["exec"]["command"]
+        wait_for(
+            lambda: exec_status(name, ready, env) == 0, 30, "the manifest's Redis readiness probe"
+        )
+        yield stack
+    finally:
+        stack.close()
 
 
 @pytest.mark.parametrize("key", sorted(containers()), ids=lambda k: containers()[k][0])
