@@ -124,6 +124,7 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
                 bootstrap.grpc_tls(settings),
             )
             app.state.grpc_port = grpc_server.port
+            app.state.grpc_server = grpc_server  # service.drain reports NOT_SERVING on SIGTERM
         try:
             yield
         finally:

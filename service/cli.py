@@ -180,10 +180,9 @@ def _settings(overrides: dict):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service import bootstrap
     from service.app import create_app
+    from service.drain import DrainingServer
     from service.httpserver import server_config
 
     settings = _settings(
@@ -211,7 +210,9 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
     bootstrap.configure_logging(args.log_level)
-    uvicorn.Server(server_config(create_app(settings), settings, log_level=args.log_level)).run()
+    app = create_app(settings)
+    config = server_config(app, settings, log_level=args.log_level)
+    DrainingServer(config, app, settings.drain_delay_s).run()
     return 0
 
 
@@ -264,6 +265,7 @@ def _worker(args: argparse.Namespace) -> int:
             "model_repo": args.model_repo,
             "models": args.models.split(",") if args.models else None,
             "batching": args.batching,
+            "health_port": args.health_port,
         }
     )
     if settings is None:
@@ -291,6 +293,12 @@ def _add_worker(commands: argparse._SubParsersAction) -> None:
     worker.add_argument("--batching", choices=["continuous", "static"], default=None)
     worker.add_argument(
         "--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)"
+    )
+    worker.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="serve /healthz (loop heartbeat age), /readyz and /metrics here (0: off)",
     )
     worker.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]

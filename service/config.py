@@ -155,6 +155,17 @@ class Settings(BaseSettings):
                 )
         return value
 
+    # Deployment: probes and drain (docker/, k8s/).
+    drain_delay_s: float = Field(
+        0.0, ge=0, description="on SIGTERM, /readyz fails this long before the API stops accepting"
+    )
+    health_port: int = Field(
+        0, ge=0, le=65535, description="worker: serve /healthz, /readyz and /metrics here (0: off)"
+    )
+    worker_stale_s: float = Field(
+        60.0, gt=0, description="worker /healthz fails when its loop has not turned for this long"
+    )
+
     @field_validator("queue")
     @classmethod
     def _queue_url(cls, value: str) -> str:

@@ -36,6 +36,7 @@ class ServiceState:
     # a request's cost on it; empty in an API-only process)
     loaded: dict = field(default_factory=dict)
     ready: bool = False
+    draining: bool = False  # SIGTERM received: /readyz fails while requests are still served
     broken: str | None = None  # why the worker stopped for good (readiness then fails)
     keys: KeyStore = field(default_factory=lambda: KeyStore([]))
     rate: RateLimiter = field(default_factory=MemoryRateLimiter)

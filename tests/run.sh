@@ -54,6 +54,9 @@ fi
 # the import contracts in pyproject.toml: layers, engines never importing service, no cycles
 .venv/bin/lint-imports
 
+# tests/deploy builds and runs the Docker images: its session fixture calls
+# `bash docker/test.sh build` (installs docker.io and debootstrap, starts dockerd, builds
+# fewstep:cpu on a debootstrap base; cached layers make a rerun take seconds).
 status=0
 .venv/bin/python -m pytest "$@" || status=$?
 # pytest exits 5 when a selection collects no test: that is a failure of the command too.

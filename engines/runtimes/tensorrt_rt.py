@@ -18,7 +18,7 @@ from torch import Tensor
 
 from engines.runtimes.base import IOSpec, RuntimeUnavailable, bucket_for
 
-MISSING = "tensorrt Python package not installed (it installs from NVIDIA's package index)"
+MISSING = "tensorrt Python package not installed (pip install -e '.[gpu]' brings it)"
 PRECISIONS = ("fp32", "fp16", "bf16")
 WORKSPACE_BYTES = 1 << 30
 

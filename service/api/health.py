@@ -8,7 +8,7 @@ import contextlib
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.errors import QueueUnavailable
+from service.errors import NotReady, QueueUnavailable
 
 from .common import State
 
@@ -22,9 +22,12 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(state: State) -> dict:
-    """200 once the models are loaded and the worker runs; 503 before, and for good if the
-    worker stopped."""
+    """200 once the models are loaded and the worker runs and the queue answers; 503
+    before, for good if the worker stopped, and while this replica drains."""
     state.require_ready()
+    if state.draining:
+        raise NotReady("this replica is shutting down; retry on another", retry_after=1)
+    await state.queue.depth()  # an unreachable queue raises QueueUnavailable: 503
     return {"status": "ready", "models": sorted(state.specs)}
 
 

@@ -63,6 +63,7 @@ class Worker:
         self._beat_s = queue.heartbeat_s
         self._alone = 0  # jobs in hand on their last try: claim nothing beside them
         self._next_beat = 0.0
+        self.last_tick = time.monotonic()  # each loop pass; the worker's /healthz reads it
 
     def stop(self) -> None:
         """Stop claiming; run() returns once the jobs in hand are finished."""
@@ -73,6 +74,7 @@ class Worker:
         outage = 0.0
         try:
             while True:
+                self.last_tick = time.monotonic()
                 try:
                     if not self._stopping:
                         await self._admit()

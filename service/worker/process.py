@@ -24,6 +24,7 @@ async def run_worker(settings: Settings, loaded: dict | None = None, metrics_por
     """Serve jobs until SIGTERM / SIGINT. `loaded` ({(name, version): LoadedModel}) skips the
     repository (test fixtures)."""
     metrics = Metrics()
+    health = _health(settings, metrics)  # answers /healthz while the models load
     if loaded is None:
         served = await asyncio.to_thread(bootstrap.load_models, settings, metrics)
     else:
@@ -33,6 +34,8 @@ async def run_worker(settings: Settings, loaded: dict | None = None, metrics_por
     queue = make_queue(settings)
     await queue.start()
     worker = build_worker(queue, models, metrics, settings, set(models))
+    if health is not None:
+        health.watch(worker)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _stopper(worker, sig))
@@ -47,8 +50,18 @@ async def run_worker(settings: Settings, loaded: dict | None = None, metrics_por
         await worker.run()
     finally:
         await queue.close()
+        if health is not None:
+            health.close()
     log.info("fewstep worker %s stopped", consumer)
     return 0
+
+
+def _health(settings: Settings, metrics: Metrics):
+    if not settings.health_port:
+        return None
+    from service.worker.health import WorkerHealth
+
+    return WorkerHealth("0.0.0.0", settings.health_port, metrics.registry, settings.worker_stale_s)
 
 
 def _stopper(worker: Worker, sig: signal.Signals):
