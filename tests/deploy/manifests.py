@@ -82,8 +82,12 @@ def container_env(docs, container: dict) -> dict[str, str]:
             env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), var["value"])
         elif "secretKeyRef" in var["valueFrom"]:
             ref = var["valueFrom"]["secretKeyRef"]
-            secret = find(docs, "Secret", ref["name"])
-            env[var["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+            secrets = [
+                d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == ref["name"]
+            ]
+            if not secrets and ref.get("optional"):
+                continue  # the kubelet leaves an optional variable unset
+            env[var["name"]] = base64.b64decode(secrets[0]["data"][ref["key"]]).decode()
         else:
             ref = var["valueFrom"]["configMapKeyRef"]
             env[var["name"]] = find(docs, "ConfigMap", ref["name"])["data"][ref["key"]]
