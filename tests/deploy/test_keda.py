@@ -12,6 +12,7 @@ import math
 import pytest
 import redis
 
+from engines.modalities import ImageInputs
 from service.jobs import Job, JobResult, JobState
 from service.queue.keys import GROUP, Keys
 from service.queue.redis_streams import RedisStreamsQueue
@@ -58,7 +59,7 @@ def replicas(reads: dict) -> int:
 
 
 def job(i: int) -> Job:
-    return Job(MODEL[0], MODEL[1], [7], 1, "euler", 2, i)
+    return Job(MODEL[0], MODEL[1], ImageInputs([7]), 1, "euler", 2, i)
 
 
 def test_keda_metrics_follow_jobs_from_zero_workers_to_zero_again(prefix):
