@@ -58,6 +58,9 @@ class Job:
     output_format: str = "png"
     idempotency_key: str | None = None  # scoped per owner: two owners' keys never meet
     owner: str = ""  # the principal that submitted it ("" before authentication existed)
+    # row-steps (rows x network evaluations) it costs, set at admission; the queue counts the
+    # queued ones per model and priority, and their drain rate, to predict waits
+    cost: int = 0
     id: str = field(default_factory=new_job_id)
     submit_time: float = field(default_factory=time.time)
     # Set by the queue when it hands the job out. delivery: 2 and more means an earlier

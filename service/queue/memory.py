@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from service.errors import Conflict, QueueFull
 from service.jobs import Job, JobEvent, JobResult, JobState, JobStatus
+from service.queue.backlog import Backlog, WorkRate
 
 
 @dataclass
@@ -75,6 +76,9 @@ class MemoryQueue:
         self._queued_samples = 0
         self._queued_jobs = 0
         self._by_priority: Counter[int] = Counter()  # queued jobs per priority
+        # per (model, version): queued row-steps per priority, and their drain rate
+        self._work: dict[tuple[str, int], Counter[int]] = {}
+        self._rates: dict[tuple[str, int], WorkRate] = {}
         self._wakeup = asyncio.Event()
         self.drain = DrainRate()
         self.heartbeat_s: float | None = None  # claims live as long as the process
@@ -117,6 +121,7 @@ class MemoryQueue:
         self._queued_samples += job.n
         self._queued_jobs += 1
         self._by_priority[job.priority] += 1
+        self._work.setdefault((job.model, job.version), Counter())[job.priority] += job.cost
         # the newest job of its priority: everything queued at that priority or above is ahead
         position = sum(c for p, c in self._by_priority.items() if p >= job.priority) - 1
         self._add_event(entry, JobEvent(job.id, "queued", {"position": position}))
@@ -161,6 +166,7 @@ class MemoryQueue:
         self._queued_samples -= entry.job.n
         self._queued_jobs -= 1
         self._by_priority[entry.job.priority] -= 1
+        self._work[entry.job.model, entry.job.version][entry.job.priority] -= entry.job.cost
 
     async def claim(
         self, max_samples: int, timeout: float, models: Collection[tuple[str, int]] | None = None
@@ -206,6 +212,9 @@ class MemoryQueue:
         entry.done.set()
         if result.state is JobState.SUCCEEDED:
             self.drain.add(entry.job.n)
+            mv = (entry.job.model, entry.job.version)
+            busy = any(w > 0 for w in self._work.get(mv, {}).values())
+            self._rates.setdefault(mv, WorkRate()).add(entry.job.cost, busy)
         data = (
             {"nfe": result.nfe} if result.state is JobState.SUCCEEDED else {"error": result.error}
         )
@@ -293,3 +302,8 @@ class MemoryQueue:
 
     async def depth(self) -> tuple[int, int]:
         return self._queued_jobs, self._queued_samples
+
+    async def backlog(self, model: str, version: int) -> Backlog:
+        work = self._work.get((model, version), {})
+        rate = self._rates.get((model, version))
+        return Backlog({p: w for p, w in work.items() if w > 0}, rate and rate.rate)

@@ -92,6 +92,22 @@ local function ahead(mv, prio, own, entry)
   return jobs, samples
 end
 
+-- a queued job stops being queued: off the counters and its model's queued row-steps
+local function unqueue(job, n)
+  local h = redis.call('HMGET', job, 'model', 'priority', 'cost')
+  redis.call('HINCRBY', k_counters(), 'jobs', -1)
+  redis.call('HINCRBY', k_counters(), 'samples', -n)
+  local cost = tonumber(h[3]) or 0
+  if h[1] and cost > 0 then redis.call('HINCRBY', k_work(h[1]), h[2], -cost) end
+end
+
+-- row-steps of model version mv still queued, all priorities
+local function queued_work(mv)
+  local total = 0
+  for _, w in ipairs(redis.call('HVALS', k_work(mv))) do total = total + tonumber(w) end
+  return total
+end
+
 local function add_event(id, etype, data, now)
   local key = k_events(id)
   local seq = redis.call('XLEN', key) + 1
@@ -103,13 +119,12 @@ end
 -- is unknown or already had its result
 local function finish(id, result, state, err, data, ttl, now, inline_max)
   local job = k_job(id)
-  local h = redis.call('HMGET', job, 'state', 'n', 'idempotency')
+  local h = redis.call('HMGET', job, 'state', 'n', 'idempotency', 'model', 'cost')
   if not h[1] then return false end
   if not redis.call('SET', k_result(id), result, 'NX', 'EX', ttl) then return false end
   local n = tonumber(h[2]) or 0
   if h[1] == 'queued' then
-    redis.call('HINCRBY', k_counters(), 'jobs', -1)
-    redis.call('HINCRBY', k_counters(), 'samples', -n)
+    unqueue(job, n)
   end
   redis.call('HSET', job, 'state', state, 'error', err)
   add_event(id, state, data, now)
@@ -117,7 +132,9 @@ local function finish(id, result, state, err, data, ttl, now, inline_max)
   redis.call('EXPIRE', k_events(id), ttl)
   if h[3] and h[3] ~= '' then redis.call('EXPIRE', h[3], ttl) end
   if #result > inline_max then result = '' end
-  redis.call('PUBLISH', k_done(), id .. '\n' .. n .. '\n' .. state .. '\n' .. result)
+  local stats = (h[4] or '') .. ' ' .. (h[5] or 0) .. ' ' .. queued_work(h[4] or '')
+  redis.call('PUBLISH', k_done(), id .. '\n' .. n .. '\n' .. state .. '\n' .. stats .. '\n'
+    .. result)
   return true
 end
 
@@ -128,7 +145,8 @@ end
 """
 
 # ARGV: prefix, group, id, job json, n, fingerprint, max queued samples, model@version,
-# priority, idempotency key or "", now, owner (idempotency keys are scoped per owner)
+# priority, idempotency key or "", now, owner (idempotency keys are scoped per owner), cost
+# (row-steps)
 SUBMIT = r"""
 local id, data, n, fp = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local limit, mv, prio, idem, now = tonumber(ARGV[7]), ARGV[8], ARGV[9], ARGV[10], ARGV[11]
@@ -155,7 +173,8 @@ end
 local entry = redis.call('XADD', stream, '*', 'id', id, 'n', n, 'job', data)
 redis.call('HSET', k_job(id), 'data', data, 'fingerprint', fp, 'state', 'queued', 'n', n,
   'model', mv, 'priority', prio, 'stream', stream, 'entry', entry, 'idempotency', ikey,
-  'step', 0, 'steps', 0, 'delivery', 0, 'error', '')
+  'step', 0, 'steps', 0, 'delivery', 0, 'error', '', 'cost', ARGV[13])
+redis.call('HINCRBY', k_work(mv), prio, ARGV[13])
 redis.call('SADD', k_priorities(mv), prio)
 redis.call('SADD', k_models(), mv)
 redis.call('HINCRBY', k_counters(), 'jobs', 1)
@@ -219,8 +238,7 @@ if reclaim then
             budget = budget - n
             if redis.call('HGET', job, 'state') == 'queued' then
               redis.call('HSET', job, 'state', 'running')
-              redis.call('HINCRBY', k_counters(), 'jobs', -1)
-              redis.call('HINCRBY', k_counters(), 'samples', -n)
+              unqueue(job, n)
             end
             take(s.key, entry, id, deliveries + 1)
             if last_try then return out end
@@ -249,8 +267,7 @@ while true do
   redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', 1, 'STREAMS', s, '>')
   if state == 'queued' then
     redis.call('HSET', k_job(h.id), 'state', 'running')
-    redis.call('HINCRBY', k_counters(), 'jobs', -1)
-    redis.call('HINCRBY', k_counters(), 'samples', -h.n)
+    unqueue(k_job(h.id), h.n)
     budget = budget - h.n
     take(s, h.entry, h.id, 1)
   else
@@ -272,8 +289,7 @@ for i = 3, #ARGV, 2 do
   local job = f['id'] and k_job(f['id'])
   if job and redis.call('HGET', job, 'state') == 'queued' then
     redis.call('HSET', job, 'state', 'running', 'delivery', 1)
-    redis.call('HINCRBY', k_counters(), 'jobs', -1)
-    redis.call('HINCRBY', k_counters(), 'samples', -tonumber(f['n']))
+    unqueue(job, tonumber(f['n']))
   else
     drop(s, entry)  -- canceled (or gone) while queued: the worker stops it
     if f['id'] then table.insert(out, f['id']) end
