@@ -139,7 +139,7 @@ def _default_repo() -> str:
 
 def _add_build(commands: argparse._SubParsersAction) -> None:
     from engines.runtimes.base import PRECISIONS
-    from engines.runtimes.select import RUNTIMES
+    from engines.runtimes.select import FASTEST_FIRST
 
     build = commands.add_parser(
         "build",
@@ -155,7 +155,7 @@ def _add_build(commands: argparse._SubParsersAction) -> None:
     gaussian.add_argument("--out", default="model_repo/fashion-gaussian", help="model folder")
     gaussian.add_argument("--version", type=int, default=1, help="version folder (default 1)")
     engine = build.add_argument_group("build MODEL")
-    engine.add_argument("--runtime", choices=list(RUNTIMES), default="onnxruntime")
+    engine.add_argument("--runtime", choices=list(FASTEST_FIRST), default="onnxruntime")
     engine.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     engine.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     engine.add_argument("--model-repo", default=None, help="model repository folder")
@@ -196,6 +196,8 @@ def _serve(args: argparse.Namespace) -> int:
             "max_queue_delay_ms": args.max_queue_delay_ms,
             "queue": args.queue,
             "worker": False if args.no_worker else None,
+            "runtime": args.runtime,
+            "latency_curve": args.latency_curve,
         }
     )
     if settings is None:
@@ -240,7 +242,22 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         "--no-worker", action="store_true", help="API only: `fewstep worker`s run the jobs"
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_runtime_override(serve)
     serve.set_defaults(run=_serve)
+
+
+def _add_runtime_override(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--runtime",
+        default=None,
+        help="run every model's network on this runtime instead of model.yaml's list "
+        "(`simulated`: measurement only, sleeps for a GPU's forward time, outputs zeros)",
+    )
+    parser.add_argument(
+        "--latency-curve",
+        default=None,
+        help="the simulated runtime's batch-latency YAML (default: H200, CUDA graphs)",
+    )
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -255,6 +272,8 @@ def _worker(args: argparse.Namespace) -> int:
             "model_repo": args.model_repo,
             "models": args.models.split(",") if args.models else None,
             "batching": args.batching,
+            "runtime": args.runtime,
+            "latency_curve": args.latency_curve,
         }
     )
     if settings is None:
@@ -286,6 +305,7 @@ def _add_worker(commands: argparse._SubParsersAction) -> None:
     worker.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    _add_runtime_override(worker)
     worker.set_defaults(run=_worker)
 
 

@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     models: list[str] = Field(default_factory=list, description="load only these (default: all)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    runtime: str | None = Field(
+        None,
+        description="run every network on this runtime, not model.yaml's list ('simulated': "
+        "measurement only)",
+    )
+    latency_curve: str | None = Field(
+        None, description="the simulated runtime's batch-latency file (default: H200)"
+    )
     batching: Literal["continuous", "static"] = "continuous"
     max_queue_delay_ms: float = Field(
         5.0, ge=0, description="static batching: wait to fill a batch"

@@ -116,6 +116,7 @@ class Repository:
         threads: int | None = None,
         progress: Progress | None = None,
         runtimes: Sequence[str] | None = None,
+        latency_curve: str | None = None,
     ) -> LoadedModel:
         """Read a version's files, check them against model.yaml, return the runnable model.
 
@@ -126,7 +127,13 @@ class Repository:
         spec = self.spec(name, version)
         folder = self._entry(name).folder / str(spec.version)
         chosen: list[Selection] = []
-        options = {"device": device, "cache": cache, "threads": threads, "progress": progress}
+        options = {
+            "device": device,
+            "cache": cache,
+            "threads": threads,
+            "progress": progress,
+            "latency_curve": latency_curve,
+        }
 
         def wrap(net: torch.nn.Module) -> RuntimeNet:
             ctx = _engine_context(spec, folder, net, precision=spec.precision, **options)

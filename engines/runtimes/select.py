@@ -31,6 +31,7 @@ from engines.runtimes.export import (
     torch_reference,
 )
 from engines.runtimes.onnx_rt import OnnxRuntime, check_provider, import_onnxruntime
+from engines.runtimes.simulated import LatencyCurve, SimulatedRuntime
 from engines.runtimes.tensorrt_rt import (
     TensorRTRuntime,
     build_plan,
@@ -56,6 +57,7 @@ class EngineContext:
     precision: str = "fp32"
     cache: EngineCache = field(default_factory=EngineCache)
     threads: int | None = None
+    latency_curve: str | None = None  # the `simulated` runtime's curve file (None: H200)
     force: bool = False  # rebuild artifacts even if the cache holds them
     progress: Progress = log.info
 
@@ -157,6 +159,17 @@ def _torch(cuda_graphs: bool) -> Callable[[EngineContext], Runtime]:
     return load
 
 
+def _simulated(ctx: EngineContext) -> Runtime:
+    curve = LatencyCurve.load(ctx.latency_curve)
+    log.warning(
+        "%s: runtime `simulated` FOR MEASUREMENT ONLY: the network does not run; each "
+        "forward sleeps for %s and returns zeros",
+        ctx.model,
+        curve.source,
+    )
+    return SimulatedRuntime(ctx.io, curve, ctx.precision)
+
+
 RUNTIMES: dict[str, Callable[[EngineContext], Runtime]] = {
     "tensorrt": _tensorrt,
     "onnxruntime-tensorrt": _onnxruntime("tensorrt"),
@@ -164,11 +177,12 @@ RUNTIMES: dict[str, Callable[[EngineContext], Runtime]] = {
     "torch-cudagraphs": _torch(cuda_graphs=True),
     "onnxruntime": _onnxruntime("cpu"),
     "torch": _torch(cuda_graphs=False),
+    "simulated": _simulated,  # measurement only: sleeps for a GPU's time, returns zeros
 }
 DEFAULT_PREFERENCE = ("torch",)
-# what `fewstep train` writes into a model.yaml: every runtime, fastest first (on a GPU
+# what `fewstep train` writes into a model.yaml: every real runtime, fastest first (on a GPU
 # machine without TensorRT this lands on CUDA graphs; on a CPU machine on ONNX Runtime)
-FASTEST_FIRST = tuple(RUNTIMES)
+FASTEST_FIRST = tuple(name for name in RUNTIMES if name != "simulated")
 
 
 @dataclass(frozen=True)
