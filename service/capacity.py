@@ -2,9 +2,10 @@
 queue cannot start in time, instead of queueing it without bound.
 
 A job's cost is its row-steps (rows per forward pass x network evaluations, from its
-modality and sampler). Each queue backend keeps the row-steps queued per model version
-and priority and measures how fast its workers drain them while work waits (backlog.py).
-A new job waits for the work queued at its priority or above: wait = ahead / rate. It is
+modality and sampler). Each queue backend keeps the row-steps admitted and unfinished
+(queued or running) per model version and priority, and measures how fast its workers
+drain them while work waits (backlog.py). A new job waits for that work at its priority
+or above: wait = ahead / rate. It is
 refused (429) when that exceeds the model's target for its priority (`Overloaded`), or
 when it exceeds the time left to its own deadline (`DeadlineUnmeetable`). Until a model's
 drain rate has been measured (its queue has not yet had work waiting), nothing is
@@ -54,7 +55,7 @@ def judge(backlog: Backlog, job: Job, target_s: float, now: float) -> float | No
     if job.deadline is not None and wait > job.deadline - now:
         left = job.deadline - now
         raise DeadlineUnmeetable(
-            f"the work queued ahead of this request takes about {wait:.2f} s, longer than "
+            f"the work ahead of this request takes about {wait:.2f} s, longer than "
             f"its deadline allows ({max(left, 0) * 1000:.0f} ms); raise the deadline, "
             "lower the priority of other work, or retry after the Retry-After interval",
             retry_after=wait - max(left, 0),

@@ -1,5 +1,12 @@
-"""Queued work per model and how fast its workers drain it: what predicted-wait admission
-reads (service/capacity.py). Both queue backends keep these books the same way."""
+"""Work per model and how fast its workers drain it: what predicted-wait admission reads
+(service/capacity.py). Both queue backends keep these books the same way.
+
+The work a new job waits for is every row-step admitted and not yet run: queued jobs'
+whole cost, and the steps running jobs have left (their step events say how far they
+are). Running jobs count because a worker that holds many shares each forward pass among
+them: on a device whose batch cost grows with its rows (a CPU) a job claimed into a full
+batch waits inside the worker, not in the queue. On a GPU that work drains in a few fast
+passes and adds little."""
 
 from __future__ import annotations
 
@@ -9,13 +16,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Backlog:
-    """One model version's queued work in row-steps by priority, and its drain rate."""
+    """One model version's unfinished work in row-steps by priority, and its drain rate."""
 
-    work: dict[int, int]  # priority -> row-steps queued (rows x network evaluations)
+    work: dict[int, int]  # priority -> row-steps queued or still to run (rows x evaluations)
     rate: float | None  # row-steps per second drained while work waited; None: not measured
 
     def ahead(self, priority: int) -> int:
-        """Row-steps that run before a new job of this priority (its priority or higher)."""
+        """Row-steps to finish before a new job of this priority: its level and above."""
         return sum(w for p, w in self.work.items() if p >= priority)
 
 

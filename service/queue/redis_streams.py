@@ -254,7 +254,8 @@ class RedisStreamsQueue(WorkerSide):
         mv = model_version(model, version)
         work = await self.redis.hgetall(self.keys.work(mv))
         rate = self._rates.get(mv)
-        return Backlog({int(p): int(w) for p, w in work.items() if int(w) > 0}, rate and rate.rate)
+        by_priority = {int(p): int(w) for p, w in work.items() if p != "queued" and int(w) > 0}
+        return Backlog(by_priority, rate and rate.rate)
 
     # -- results and events ---------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import pytest
 from service import capacity
 from service.config import Settings
 from service.errors import DeadlineUnmeetable, Overloaded
-from service.jobs import JobResult, JobState
+from service.jobs import JobEvent, JobResult, JobState
 from service.queue.backlog import Backlog, WorkRate
 
 from .conftest import serve
@@ -87,22 +87,40 @@ def test_targets_per_model_and_priority():
     assert capacity.target(s, "other", 0) == 2.0
 
 
-def test_queues_count_queued_row_steps_per_priority(make):  # noqa: F811
+def test_queues_count_unfinished_row_steps_per_priority(make):  # noqa: F811
     async def scenario(queue):
         a, b, c = costly(40, t=1), costly(60, t=2), costly(5, priority=2, t=3)
         for j in (a, b, c):
             await queue.submit(j)
         full = await queue.backlog("toy", 1)
-        await queue.claim(1, 0)  # c, the highest priority
+        await queue.claim(1, 0)  # c, the highest priority: running, still to finish
         await queue.cancel(b.id)
-        after = await queue.backlog("toy", 1)
+        running = await queue.backlog("toy", 1)
+        await queue.complete(JobResult(c.id, JobState.SUCCEEDED))
+        done = await queue.backlog("toy", 1)
         other = await queue.backlog("other", 1)
-        return full, after, other
+        return full, running, done, other
 
-    full, after, other = run(scenario, make(100))
+    full, running, done, other = run(scenario, make(100))
     assert full.work == {0: 100, 2: 5} and full.ahead(0) == 105 and full.ahead(1) == 5
-    assert after.work == {0: 40}
+    assert running.work == {0: 40, 2: 5}
+    assert done.work == {0: 40}
     assert other.work == {} and other.rate is None
+
+
+def test_a_running_jobs_reported_steps_leave_the_work_ahead(make):  # noqa: F811
+    async def scenario(queue):
+        a = costly(40)
+        await queue.submit(a)
+        await queue.claim(1, 0)
+        await queue.publish(JobEvent(a.id, "step", {"step": 3, "steps": 4}))
+        await asyncio.sleep(0.05)
+        left = await queue.backlog("toy", 1)
+        await queue.complete(JobResult(a.id, JobState.SUCCEEDED))
+        return left, await queue.backlog("toy", 1)
+
+    left, done = run(scenario, make(100))
+    assert left.work == {0: 10} and done.work == {}
 
 
 def test_queues_measure_the_drain_rate_while_work_waits(make):  # noqa: F811
@@ -123,7 +141,7 @@ def test_queues_measure_the_drain_rate_while_work_waits(make):  # noqa: F811
         return backlog
 
     backlog = run(scenario, make(100))
-    assert backlog.work == {0: 30}
+    assert backlog.work == {0: 30}  # the one job left
     assert backlog.rate == pytest.approx(30 / 0.2, rel=0.35)
 
 
