@@ -18,6 +18,8 @@ the load generator and the server's Python on this machine's shared cores. Parts
   on a fresh server (goal: continuous p99 <= 0.6x static at equal throughput).
 - cpu: H200 curve, saturation (n=8, dpmpp_2m, 4 steps, closed loop): samples/s and the
   service's CPU seconds per sample (all its processes), embedded vs Redis (1 API + 1 worker).
+- latency: H200 curve, concurrency 1 (n=1, euler, 1 step): client latency minus forward
+  time, embedded and Redis (goal p50 <= 1 ms, p99 <= 5 ms).
 - apis: H200 curve, Redis, 1 worker and 1, 2, 3 API processes (`fewstep serve
   --no-worker`), clients spread over them: samples/s vs API processes.
 Progress goes to stderr, tables to stdout. Ratios are measured side by side in one run.
@@ -42,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtest.procs import Processes, fewstep, free_port  # noqa: E402
-from loadtest.run import Outcome, Scenario, client_for, percentile, send  # noqa: E402
+from loadtest.run import Outcome, Scenario, client_for, percentile, ping, send  # noqa: E402
 
 CPU_CURVE = ROOT / "loadtest/curves/cpu-onnx-fashion-edm.yaml"
 OFF = "1e9"  # a predicted-wait target nothing exceeds: the samples bound alone
@@ -277,6 +279,36 @@ def apis(args, heavy: list[dict]) -> None:
         print(f"| {count} | {samples / elapsed:.0f} | {used / max(samples, 1) * 1000:.3f} |")
 
 
+def latency(args, bodies: list[dict]) -> None:
+    single = [
+        {k: v for k, v in dict(b, n=1, steps=1, sampler="euler").items() if k != "teleport"}
+        for b in bodies[:500]
+    ]
+    print(
+        "\n### Latency added at concurrency 1 (n=1, euler, 1 step), simulated H200 curve: "
+        "client latency minus forward time\n"
+    )
+    print("| deployment | requests | p50 ms | p95 ms | p99 ms | GET /healthz p50 / p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for name, queue in (("embedded", "memory"), ("Redis: 1 API + 1 worker", args.redis)):
+        prefix = f"fewstep-sweep-{uuid.uuid4().hex[:8]}:"
+        try:
+            with Deployment(None, queue=queue, prefix=prefix) as d:
+                say(f"latency: {name} ...")
+                asyncio.run(closed(d.urls, single, 1, 1.0))
+                _, out = asyncio.run(closed(d.urls, single, 1, args.seconds))
+                floor = asyncio.run(ping(d.urls[0]))
+        finally:
+            drop(args.redis, prefix)
+        added = [(o.latency - o.forward) * 1000 for o in out if o.status == 200]
+        print(
+            f"| {name} | {len(added)} | {percentile(added, 50):.2f} | "
+            f"{percentile(added, 95):.2f} | {percentile(added, 99):.2f} | "
+            f"{percentile(floor, 50):.2f} / {percentile(floor, 99):.2f} |"
+        )
+    print("\ngoal: p50 <= 1 ms, p99 <= 5 ms")
+
+
 def drop(url: str, prefix: str) -> None:
     with contextlib.suppress(redis.RedisError):
         client = redis.Redis.from_url(url)
@@ -288,7 +320,7 @@ def drop(url: str, prefix: str) -> None:
 def main() -> int:
     uvloop.install()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", default="overload,batching,cpu,apis")
+    parser.add_argument("--parts", default="overload,batching,cpu,apis,latency")
     parser.add_argument("--scenario", type=Path, default=ROOT / "loadtest/scenarios/mixed-edm.yaml")
     parser.add_argument("--seconds", type=float, default=6.0, help="per load point")
     parser.add_argument("--loads", default="0.25,0.5,0.75,1,1.5,2", help="x capacity")
@@ -318,6 +350,7 @@ def main() -> int:
         "batching": (batching, bodies),
         "cpu": (cpu, heavy),
         "apis": (apis, heavy),
+        "latency": (latency, bodies),
     }
     for part in args.parts.split(","):
         fn, data = parts[part]

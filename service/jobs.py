@@ -8,8 +8,8 @@ queue backend can serialise them as JSON, never pickle.
 from __future__ import annotations
 
 import base64
+import secrets
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
@@ -36,7 +36,7 @@ class JobState(str, Enum):
 
 
 def new_job_id() -> str:
-    return "job_" + uuid.uuid4().hex[:24]
+    return "job_" + secrets.token_hex(12)  # 96 random bits, as uuid4's first 24 hex digits
 
 
 @dataclass
