@@ -145,14 +145,11 @@ def test_queues_measure_the_drain_rate_while_work_waits(make):  # noqa: F811
     assert backlog.rate == pytest.approx(30 / 0.2, rel=0.35)
 
 
-def test_server_refuses_by_predicted_wait_and_unmeetable_deadline():
+def refuses_by_predicted_wait_and_unmeetable_deadline(url: str) -> None:
     """slow-model: 0.05 s per forward of up to 64 rows; n=2 x 20 steps = 40 row-steps a job,
-    so about 1280 row-steps/s drain and a 0.3 s target holds about 10 jobs queued."""
+    so about 1280 row-steps/s drain and a 0.3 s target holds about 10 jobs ahead."""
     body = {"model": "slow-model", "prompt": "dark", "n": 2, "steps": 20}
-    with (
-        serve(max_predicted_wait_s=0.3, max_queued_samples=2000) as server,
-        httpx.Client(base_url=server.url, timeout=30) as c,
-    ):
+    with httpx.Client(base_url=url, timeout=30) as c:
         refused, accepted, end = None, 0, time.monotonic() + 20
         while refused is None and time.monotonic() < end:
             r = c.post("/v1/jobs", json=body)
@@ -179,3 +176,8 @@ def test_server_refuses_by_predicted_wait_and_unmeetable_deadline():
         assert 'fewstep_rejected_total{reason="predicted_wait"}' in metrics
         assert 'fewstep_rejected_total{reason="deadline_unmeetable"} 1.0' in metrics
         assert "deadline_unmeetable" not in before
+
+
+def test_server_refuses_by_predicted_wait_and_unmeetable_deadline():
+    with serve(max_predicted_wait_s=0.3, max_queued_samples=2000) as server:
+        refuses_by_predicted_wait_and_unmeetable_deadline(server.url)
