@@ -1,6 +1,6 @@
-"""INT8 probe: would ONNX Runtime static INT8 quantization make fashion-edm faster on this
-CPU, and what does it cost in accuracy? A measurement, not a runtime: nothing here is
-selectable in model.yaml yet.
+"""INT8 probe: how much faster ONNX Runtime static INT8 makes fashion-edm on this CPU, and
+its error by sigma band (the runtime `onnxruntime-int8`, engines/runtimes/quantize.py,
+applies the same recipe and gates its build on the overall x0 error).
 
     .venv/bin/python loadtest/int8_probe.py [--model fashion-edm] [--seconds 1]
 

@@ -20,6 +20,7 @@ from engines.repository.model_yaml import parse_model_yaml
 from engines.repository.spec import LoadedModel, ModelNotFoundError, ModelSpec, RepositoryError
 from engines.runtimes.base import RuntimeNet, batch_buckets
 from engines.runtimes.export import EngineCache, Progress, network_io
+from engines.runtimes.quantize import Calibration
 from engines.runtimes.select import EngineContext, Selection, select
 
 MODEL_FILE = "model.yaml"
@@ -179,5 +180,6 @@ def _engine_context(
         io=network_io(spec),
         buckets=batch_buckets(spec.max_batch_size),
         label_high=len(spec.labels) + 1,
+        calibration=Calibration.for_spec(spec),
         **{"cache": EngineCache(), **options},
     )
