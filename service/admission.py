@@ -25,6 +25,7 @@ from typing import Any
 
 from engines.modalities import InputError, Modality, Unavailable, modality_named, modality_of
 from engines.samplers import INFO
+from service import capacity
 from service.errors import (
     Conflict,
     DeadlineExceeded,
@@ -157,6 +158,7 @@ def admit(state: ServiceState, req: Request, principal: Principal = ANONYMOUS) -
         idempotency_key=req.idempotency_key,
         owner=principal.name,
         submit_time=now,
+        cost=capacity.cost(modality, spec, inputs, n, sampler, steps),
     )
     return Admitted(job, spec, modality)
 
@@ -206,11 +208,13 @@ async def accept(state: ServiceState, req: Request, principal: Principal = ANONY
 
 
 async def submit(state: ServiceState, job: Job, fingerprint: str = "") -> tuple[Job, bool]:
-    """Queue a job: (the job, True) or, for a repeated idempotency key, (the first, False)."""
+    """Queue a job: (the job, True) or, for a repeated idempotency key, (the first, False).
+    Refuses (429) a job whose predicted wait is too long (service.capacity)."""
     try:
+        await capacity.check(state.queue, state.settings, job)
         return await state.queue.submit(job, fingerprint)
-    except QueueFull:
-        state.metrics.rejected.labels("queue_full").inc()
+    except QueueFull as exc:
+        state.metrics.rejected.labels(exc.reason).inc()
         raise
 
 

@@ -123,7 +123,13 @@ def load_models(settings: Settings, metrics: Metrics) -> Models:
             continue
         begin = time.perf_counter()
         # builds missing engine artifacts (logged); a runtime that fails falls back
-        model = repo.load(spec.name, spec.version, device=device)
+        model = repo.load(
+            spec.name,
+            spec.version,
+            device=device,
+            runtimes=[settings.runtime] if settings.runtime else None,
+            latency_curve=settings.latency_curve,
+        )
         if settings.warmup:
             model.warmup()
         metrics.model_load.labels(spec.name).set(time.perf_counter() - begin)

@@ -139,7 +139,7 @@ def _default_repo() -> str:
 
 def _add_build(commands: argparse._SubParsersAction) -> None:
     from engines.runtimes.base import PRECISIONS
-    from engines.runtimes.select import RUNTIMES
+    from engines.runtimes.select import FASTEST_FIRST
 
     build = commands.add_parser(
         "build",
@@ -155,7 +155,7 @@ def _add_build(commands: argparse._SubParsersAction) -> None:
     gaussian.add_argument("--out", default="model_repo/fashion-gaussian", help="model folder")
     gaussian.add_argument("--version", type=int, default=1, help="version folder (default 1)")
     engine = build.add_argument_group("build MODEL")
-    engine.add_argument("--runtime", choices=list(RUNTIMES), default="onnxruntime")
+    engine.add_argument("--runtime", choices=list(FASTEST_FIRST), default="onnxruntime")
     engine.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     engine.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     engine.add_argument("--model-repo", default=None, help="model repository folder")
@@ -198,6 +198,8 @@ def _serve(args: argparse.Namespace) -> int:
             "worker": False if args.no_worker else None,
             "api_key": args.api_key,
             "api_key_file": args.api_key_file,
+            "runtime": args.runtime,
+            "latency_curve": args.latency_curve,
         }
     )
     if settings is None:
@@ -250,7 +252,22 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         help="YAML file of named, sha256-hashed keys with quotas (`fewstep keys new NAME`)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_runtime_override(serve)
     serve.set_defaults(run=_serve)
+
+
+def _add_runtime_override(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--runtime",
+        default=None,
+        help="run every model's network on this runtime instead of model.yaml's list "
+        "(`simulated`: measurement only, sleeps for a GPU's forward time, outputs zeros)",
+    )
+    parser.add_argument(
+        "--latency-curve",
+        default=None,
+        help="the simulated runtime's batch-latency YAML (default: H200, CUDA graphs)",
+    )
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -266,6 +283,8 @@ def _worker(args: argparse.Namespace) -> int:
             "models": args.models.split(",") if args.models else None,
             "batching": args.batching,
             "health_port": args.health_port,
+            "runtime": args.runtime,
+            "latency_curve": args.latency_curve,
         }
     )
     if settings is None:
@@ -303,6 +322,7 @@ def _add_worker(commands: argparse._SubParsersAction) -> None:
     worker.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    _add_runtime_override(worker)
     worker.set_defaults(run=_worker)
 
 

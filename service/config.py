@@ -40,11 +40,27 @@ class Settings(BaseSettings):
     models: list[str] = Field(default_factory=list, description="load only these (default: all)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    runtime: str | None = Field(
+        None,
+        description="run every network on this runtime, not model.yaml's list ('simulated': "
+        "measurement only)",
+    )
+    latency_curve: str | None = Field(
+        None, description="the simulated runtime's batch-latency file (default: H200)"
+    )
     batching: Literal["continuous", "static"] = "continuous"
     max_queue_delay_ms: float = Field(
         5.0, ge=0, description="static batching: wait to fill a batch"
     )
     max_queued_samples: int = Field(1024, ge=1, description="admission bound; beyond it 429")
+    max_predicted_wait_s: float = Field(
+        2.0, gt=0, description="429 when a request's predicted queue wait is longer"
+    )
+    max_predicted_wait: dict[str, float] = Field(
+        default_factory=dict,
+        description='targets per model and priority, JSON: {"MODEL:PRIO": s, "MODEL": s, '
+        '":PRIO": s}; the most specific applies, else max_predicted_wait_s',
+    )
     max_active_samples: int = Field(
         0, ge=0, description="rows in flight (0: the model's max_batch_size)"
     )

@@ -106,8 +106,24 @@ class JobFailed(FewstepError):
 
 
 class QueueFull(FewstepError):
+    """The queue will not take the job now; `reason` labels fewstep_rejected_total."""
+
     status, type, code = 429, "rate_limit_error", "queue_full"
     grpc_code = "RESOURCE_EXHAUSTED"
+    reason = "queue_full"  # the queued-samples bound (a memory guard)
+
+
+class Overloaded(QueueFull):
+    """The work queued ahead would keep the job waiting longer than the model's target."""
+
+    code = reason = "predicted_wait"
+
+
+class DeadlineUnmeetable(QueueFull):
+    """The job could not even start before its deadline: refused at once, no compute spent.
+    429 rather than 408: the same request fits once the queue is shorter (Retry-After)."""
+
+    code = reason = "deadline_unmeetable"
 
 
 class RateLimited(FewstepError):

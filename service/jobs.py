@@ -8,8 +8,8 @@ queue backend can serialise them as JSON, never pickle.
 from __future__ import annotations
 
 import base64
+import secrets
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
@@ -36,7 +36,7 @@ class JobState(str, Enum):
 
 
 def new_job_id() -> str:
-    return "job_" + uuid.uuid4().hex[:24]
+    return "job_" + secrets.token_hex(12)  # 96 random bits, as uuid4's first 24 hex digits
 
 
 @dataclass
@@ -58,6 +58,9 @@ class Job:
     output_format: str = "png"
     idempotency_key: str | None = None  # scoped per owner: two owners' keys never meet
     owner: str = ""  # the principal that submitted it ("" before authentication existed)
+    # row-steps (rows x network evaluations) it costs, set at admission; the queue counts the
+    # queued ones per model and priority, and their drain rate, to predict waits
+    cost: int = 0
     id: str = field(default_factory=new_job_id)
     submit_time: float = field(default_factory=time.time)
     # Set by the queue when it hands the job out. delivery: 2 and more means an earlier

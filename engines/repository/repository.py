@@ -20,6 +20,7 @@ from engines.repository.model_yaml import parse_model_yaml
 from engines.repository.spec import LoadedModel, ModelNotFoundError, ModelSpec, RepositoryError
 from engines.runtimes.base import RuntimeNet, batch_buckets
 from engines.runtimes.export import EngineCache, Progress, network_io
+from engines.runtimes.quantize import Calibration
 from engines.runtimes.select import EngineContext, Selection, select
 
 MODEL_FILE = "model.yaml"
@@ -116,6 +117,7 @@ class Repository:
         threads: int | None = None,
         progress: Progress | None = None,
         runtimes: Sequence[str] | None = None,
+        latency_curve: str | None = None,
     ) -> LoadedModel:
         """Read a version's files, check them against model.yaml, return the runnable model.
 
@@ -126,7 +128,13 @@ class Repository:
         spec = self.spec(name, version)
         folder = self._entry(name).folder / str(spec.version)
         chosen: list[Selection] = []
-        options = {"device": device, "cache": cache, "threads": threads, "progress": progress}
+        options = {
+            "device": device,
+            "cache": cache,
+            "threads": threads,
+            "progress": progress,
+            "latency_curve": latency_curve,
+        }
 
         def wrap(net: torch.nn.Module) -> RuntimeNet:
             ctx = _engine_context(spec, folder, net, precision=spec.precision, **options)
@@ -172,5 +180,6 @@ def _engine_context(
         io=network_io(spec),
         buckets=batch_buckets(spec.max_batch_size),
         label_high=len(spec.labels) + 1,
+        calibration=Calibration.for_spec(spec),
         **{"cache": EngineCache(), **options},
     )

@@ -24,7 +24,7 @@ from engines.runtimes.select import prepare
 
 # (runtime, precision) pairs measured on each device; the first is the baseline
 VARIANTS = {
-    "cpu": (("torch", "fp32"), ("onnxruntime", "fp32")),
+    "cpu": (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime-int8", "fp32")),
     "cuda": (
         ("torch", "fp32"),
         ("torch-cudagraphs", "fp32"),

@@ -31,6 +31,8 @@ from engines.runtimes.export import (
     torch_reference,
 )
 from engines.runtimes.onnx_rt import OnnxRuntime, check_provider, import_onnxruntime
+from engines.runtimes.quantize import Calibration, quantize
+from engines.runtimes.simulated import LatencyCurve, SimulatedRuntime
 from engines.runtimes.tensorrt_rt import (
     TensorRTRuntime,
     build_plan,
@@ -56,6 +58,8 @@ class EngineContext:
     precision: str = "fp32"
     cache: EngineCache = field(default_factory=EngineCache)
     threads: int | None = None
+    latency_curve: str | None = None  # the `simulated` runtime's curve file (None: H200)
+    calibration: Calibration | None = None  # real-data inputs for INT8 (None: no recipe)
     force: bool = False  # rebuild artifacts even if the cache holds them
     progress: Progress = log.info
 
@@ -157,6 +161,41 @@ def _torch(cuda_graphs: bool) -> Callable[[EngineContext], Runtime]:
     return load
 
 
+def _onnxruntime_int8(ctx: EngineContext) -> Runtime:
+    if ctx.calibration is None:
+        raise RuntimeUnavailable("INT8 has a calibration recipe for EDM pixel models only")
+    if ctx.device != "cpu" or ctx.precision != "fp32":
+        raise RuntimeUnavailable("onnxruntime-int8 runs on the CPU from the fp32 export")
+    onnx_file = onnx_artifact(ctx)
+    fields = {**onnx_file.manifest, "int8": "qdq-conv-percentile-v1"}
+    fields = {k: fields[k] for k in ("fingerprint", "io", "opset", "torch", "onnx", "int8")}
+
+    def build(path) -> dict:
+        ctx.progress(f"{ctx.model}: quantizing to INT8 (calibration on Fashion-MNIST)")
+        try:
+            return quantize(onnx_file.path, path, ctx.calibration)
+        except ValueError as err:
+            raise BuildError(f"{ctx.model}: {err}; INT8 is not used") from err
+
+    int8 = ctx.cache.get_or_build(
+        ctx.model, "onnx-int8", fields, "model.onnx", build, ctx.progress, ctx.force
+    )
+    runtime = OnnxRuntime(int8.path, ctx.io, "cpu", "fp32", threads=ctx.threads)
+    runtime.name, runtime.precision = "onnxruntime-int8", "int8"
+    return runtime
+
+
+def _simulated(ctx: EngineContext) -> Runtime:
+    curve = LatencyCurve.load(ctx.latency_curve)
+    log.warning(
+        "%s: runtime `simulated` FOR MEASUREMENT ONLY: the network does not run; each "
+        "forward sleeps for %s and returns zeros",
+        ctx.model,
+        curve.source,
+    )
+    return SimulatedRuntime(ctx.io, curve, ctx.precision)
+
+
 RUNTIMES: dict[str, Callable[[EngineContext], Runtime]] = {
     "tensorrt": _tensorrt,
     "onnxruntime-tensorrt": _onnxruntime("tensorrt"),
@@ -164,11 +203,13 @@ RUNTIMES: dict[str, Callable[[EngineContext], Runtime]] = {
     "torch-cudagraphs": _torch(cuda_graphs=True),
     "onnxruntime": _onnxruntime("cpu"),
     "torch": _torch(cuda_graphs=False),
+    "onnxruntime-int8": _onnxruntime_int8,  # lossy: only where model.yaml asks for it
+    "simulated": _simulated,  # measurement only: sleeps for a GPU's time, returns zeros
 }
 DEFAULT_PREFERENCE = ("torch",)
-# what `fewstep train` writes into a model.yaml: every runtime, fastest first (on a GPU
+# what `fewstep train` writes into a model.yaml: every exact runtime, fastest first (on a GPU
 # machine without TensorRT this lands on CUDA graphs; on a CPU machine on ONNX Runtime)
-FASTEST_FIRST = tuple(RUNTIMES)
+FASTEST_FIRST = tuple(n for n in RUNTIMES if n not in ("simulated", "onnxruntime-int8"))
 
 
 @dataclass(frozen=True)

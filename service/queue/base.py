@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Collection
 from typing import Protocol
 
 from service.jobs import Job, JobEvent, JobResult, JobState, JobStatus
+from service.queue.backlog import Backlog
 
 
 class JobQueue(Protocol):
@@ -79,4 +80,9 @@ class JobQueue(Protocol):
 
     async def depth(self) -> tuple[int, int]:
         """(queued jobs, queued samples)."""
+        ...
+
+    async def backlog(self, model: str, version: int) -> Backlog:
+        """The model version's queued row-steps by priority and their measured drain rate
+        (what admission predicts a new job's wait from)."""
         ...

@@ -20,8 +20,13 @@ Layout (P = prefix, MV = "model@version"):
     P idempotency:OWNER:KEY  the job id an Idempotency-Key stands for, per principal (OWNER
                          is a principal name, which holds no ":", so the split is unique)
     P counters           hash: jobs, samples queued (admission control, depth, lag)
+    P work:MV            hash: priority -> row-steps of MV admitted and not done (queued, or
+                         the steps a running job has left), and "queued" -> the row-steps
+                         not yet claimed (admission by predicted wait)
     P dead               dead-letter stream: jobs delivered too often without a result
-    P done               channel: "ID\\nN\\nSTATE\\nRESULT-JSON-or-empty" when a job finishes
+    P done               channel: "ID\\nN\\nSTATE\\nMV COST QUEUED\\nRESULT-JSON-or-empty" when a
+                         job finishes (COST: its row-steps; QUEUED: MV's row-steps not
+                         yet claimed, so an API measures drain rates only while work waits)
     P cancel             channel: ID of a running job whose client canceled it
     P ratelimit:NAME     hash: tokens, ts (server time, s) of principal NAME's token bucket;
                          expires once the bucket would be full again
@@ -45,6 +50,7 @@ TEMPLATES = {
     "events": "events:{id}",
     "idempotency": "idempotency:{owner}:{key}",
     "counters": "counters",
+    "work": "work:{mv}",
     "dead": "dead",
     "done": "done",
     "cancel": "cancel",
@@ -91,6 +97,9 @@ class Keys:
     @property
     def counters(self) -> str:
         return self._name("counters")
+
+    def work(self, mv: str) -> str:
+        return self._name("work", mv=mv)
 
     @property
     def dead(self) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from service.errors import Conflict, QueueFull
 from service.jobs import Job, JobEvent, JobResult, JobState, JobStatus
+from service.queue.backlog import Backlog, WorkRate
 
 
 @dataclass
@@ -25,6 +26,7 @@ class _Entry:
     result: JobResult | None = None
     step: int = 0
     steps: int = 0
+    left: int = 0  # row-steps still to run (the job's cost until its steps are reported)
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # any event (SSE)
     done: asyncio.Event = field(default_factory=asyncio.Event)  # the result is stored
 
@@ -75,6 +77,11 @@ class MemoryQueue:
         self._queued_samples = 0
         self._queued_jobs = 0
         self._by_priority: Counter[int] = Counter()  # queued jobs per priority
+        # per (model, version): row-steps admitted and unfinished per priority, those not
+        # yet claimed, and their drain rate
+        self._work: dict[tuple[str, int], Counter[int]] = {}
+        self._queued_work: Counter[tuple[str, int]] = Counter()
+        self._rates: dict[tuple[str, int], WorkRate] = {}
         self._wakeup = asyncio.Event()
         self.drain = DrainRate()
         self.heartbeat_s: float | None = None  # claims live as long as the process
@@ -110,6 +117,7 @@ class MemoryQueue:
                 retry_after=self._retry_after(excess),
             )
         entry = _Entry(job, fingerprint, (-job.priority, job.submit_time, next(self._order)))
+        entry.left = job.cost
         self._entries[job.id] = entry
         if job.idempotency_key is not None:
             self._keys[scoped] = job.id
@@ -117,6 +125,8 @@ class MemoryQueue:
         self._queued_samples += job.n
         self._queued_jobs += 1
         self._by_priority[job.priority] += 1
+        self._work.setdefault((job.model, job.version), Counter())[job.priority] += job.cost
+        self._queued_work[job.model, job.version] += job.cost
         # the newest job of its priority: everything queued at that priority or above is ahead
         position = sum(c for p, c in self._by_priority.items() if p >= job.priority) - 1
         self._add_event(entry, JobEvent(job.id, "queued", {"position": position}))
@@ -161,6 +171,7 @@ class MemoryQueue:
         self._queued_samples -= entry.job.n
         self._queued_jobs -= 1
         self._by_priority[entry.job.priority] -= 1
+        self._queued_work[entry.job.model, entry.job.version] -= entry.job.cost
 
     async def claim(
         self, max_samples: int, timeout: float, models: Collection[tuple[str, int]] | None = None
@@ -201,11 +212,16 @@ class MemoryQueue:
             return  # one result per job: a second completion is a duplicate
         if entry.state is JobState.QUEUED:
             self._take_queued(entry)
+        self._work[entry.job.model, entry.job.version][entry.job.priority] -= entry.left
+        entry.left = 0
         entry.state, entry.result = result.state, result
         self._result_bytes += _size(result)
         entry.done.set()
         if result.state is JobState.SUCCEEDED:
             self.drain.add(entry.job.n)
+            mv = (entry.job.model, entry.job.version)
+            busy = self._queued_work[mv] > 0
+            self._rates.setdefault(mv, WorkRate()).add(entry.job.cost, busy)
         data = (
             {"nfe": result.nfe} if result.state is JobState.SUCCEEDED else {"error": result.error}
         )
@@ -237,6 +253,10 @@ class MemoryQueue:
         entry.events.append(event)
         if event.type == "step":
             entry.step, entry.steps = event.data["step"], event.data["steps"]
+            if entry.steps > 0:  # only the steps it has left still count as work ahead
+                left = entry.job.cost * max(entry.steps - entry.step, 0) // entry.steps
+                done, entry.left = entry.left - left, left
+                self._work[entry.job.model, entry.job.version][entry.job.priority] -= done
         entry.touch()
 
     async def publish(self, event: JobEvent) -> None:
@@ -293,3 +313,8 @@ class MemoryQueue:
 
     async def depth(self) -> tuple[int, int]:
         return self._queued_jobs, self._queued_samples
+
+    async def backlog(self, model: str, version: int) -> Backlog:
+        work = self._work.get((model, version), {})
+        rate = self._rates.get((model, version))
+        return Backlog({p: w for p, w in work.items() if w > 0}, rate and rate.rate)

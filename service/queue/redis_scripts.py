@@ -92,6 +92,28 @@ local function ahead(mv, prio, own, entry)
   return jobs, samples
 end
 
+-- a queued job stops being queued: off the counters and its model's queued row-steps
+local function unqueue(job, n)
+  local h = redis.call('HMGET', job, 'model', 'cost')
+  redis.call('HINCRBY', k_counters(), 'jobs', -1)
+  redis.call('HINCRBY', k_counters(), 'samples', -n)
+  local cost = tonumber(h[2]) or 0
+  if h[1] and cost > 0 then redis.call('HINCRBY', k_work(h[1]), 'queued', -cost) end
+end
+
+-- a running job reported step `step` of `steps`: only its remaining row-steps still count
+local function progress(job, step, steps)
+  local h = redis.call('HMGET', job, 'model', 'priority', 'cost', 'left')
+  local cost = tonumber(h[3]) or 0
+  if not h[1] or cost <= 0 or steps <= 0 then return end
+  local left = tonumber(h[4]) or cost
+  local now_left = math.floor(cost * math.max(steps - step, 0) / steps)
+  if now_left < left then
+    redis.call('HINCRBY', k_work(h[1]), h[2], now_left - left)
+    redis.call('HSET', job, 'left', now_left)
+  end
+end
+
 local function add_event(id, etype, data, now)
   local key = k_events(id)
   local seq = redis.call('XLEN', key) + 1
@@ -103,21 +125,27 @@ end
 -- is unknown or already had its result
 local function finish(id, result, state, err, data, ttl, now, inline_max)
   local job = k_job(id)
-  local h = redis.call('HMGET', job, 'state', 'n', 'idempotency')
+  local h = redis.call('HMGET', job, 'state', 'n', 'idempotency', 'model', 'cost', 'priority',
+    'left')
   if not h[1] then return false end
   if not redis.call('SET', k_result(id), result, 'NX', 'EX', ttl) then return false end
   local n = tonumber(h[2]) or 0
   if h[1] == 'queued' then
-    redis.call('HINCRBY', k_counters(), 'jobs', -1)
-    redis.call('HINCRBY', k_counters(), 'samples', -n)
+    unqueue(job, n)
   end
+  local cost = tonumber(h[5]) or 0
+  local left = tonumber(h[7]) or cost
+  if h[4] and left > 0 then redis.call('HINCRBY', k_work(h[4]), h[6], -left) end
   redis.call('HSET', job, 'state', state, 'error', err)
   add_event(id, state, data, now)
   redis.call('EXPIRE', job, ttl)
   redis.call('EXPIRE', k_events(id), ttl)
   if h[3] and h[3] ~= '' then redis.call('EXPIRE', h[3], ttl) end
   if #result > inline_max then result = '' end
-  redis.call('PUBLISH', k_done(), id .. '\n' .. n .. '\n' .. state .. '\n' .. result)
+  local queued = redis.call('HGET', k_work(h[4] or ''), 'queued') or 0
+  local stats = (h[4] or '') .. ' ' .. cost .. ' ' .. queued
+  redis.call('PUBLISH', k_done(), id .. '\n' .. n .. '\n' .. state .. '\n' .. stats .. '\n'
+    .. result)
   return true
 end
 
@@ -128,7 +156,8 @@ end
 """
 
 # ARGV: prefix, group, id, job json, n, fingerprint, max queued samples, model@version,
-# priority, idempotency key or "", now, owner (idempotency keys are scoped per owner)
+# priority, idempotency key or "", now, owner (idempotency keys are scoped per owner), cost
+# (row-steps)
 SUBMIT = r"""
 local id, data, n, fp = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local limit, mv, prio, idem, now = tonumber(ARGV[7]), ARGV[8], ARGV[9], ARGV[10], ARGV[11]
@@ -155,7 +184,9 @@ end
 local entry = redis.call('XADD', stream, '*', 'id', id, 'n', n, 'job', data)
 redis.call('HSET', k_job(id), 'data', data, 'fingerprint', fp, 'state', 'queued', 'n', n,
   'model', mv, 'priority', prio, 'stream', stream, 'entry', entry, 'idempotency', ikey,
-  'step', 0, 'steps', 0, 'delivery', 0, 'error', '')
+  'step', 0, 'steps', 0, 'delivery', 0, 'error', '', 'cost', ARGV[13], 'left', ARGV[13])
+redis.call('HINCRBY', k_work(mv), prio, ARGV[13])
+redis.call('HINCRBY', k_work(mv), 'queued', ARGV[13])
 redis.call('SADD', k_priorities(mv), prio)
 redis.call('SADD', k_models(), mv)
 redis.call('HINCRBY', k_counters(), 'jobs', 1)
@@ -219,8 +250,7 @@ if reclaim then
             budget = budget - n
             if redis.call('HGET', job, 'state') == 'queued' then
               redis.call('HSET', job, 'state', 'running')
-              redis.call('HINCRBY', k_counters(), 'jobs', -1)
-              redis.call('HINCRBY', k_counters(), 'samples', -n)
+              unqueue(job, n)
             end
             take(s.key, entry, id, deliveries + 1)
             if last_try then return out end
@@ -249,8 +279,7 @@ while true do
   redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', 1, 'STREAMS', s, '>')
   if state == 'queued' then
     redis.call('HSET', k_job(h.id), 'state', 'running')
-    redis.call('HINCRBY', k_counters(), 'jobs', -1)
-    redis.call('HINCRBY', k_counters(), 'samples', -h.n)
+    unqueue(k_job(h.id), h.n)
     budget = budget - h.n
     take(s, h.entry, h.id, 1)
   else
@@ -272,8 +301,7 @@ for i = 3, #ARGV, 2 do
   local job = f['id'] and k_job(f['id'])
   if job and redis.call('HGET', job, 'state') == 'queued' then
     redis.call('HSET', job, 'state', 'running', 'delivery', 1)
-    redis.call('HINCRBY', k_counters(), 'jobs', -1)
-    redis.call('HINCRBY', k_counters(), 'samples', -tonumber(f['n']))
+    unqueue(job, tonumber(f['n']))
   else
     drop(s, entry)  -- canceled (or gone) while queued: the worker stops it
     if f['id'] then table.insert(out, f['id']) end
@@ -335,6 +363,7 @@ for i = 3, #ARGV, 6 do
     add_event(id, ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
     if ARGV[i + 4] ~= '' then
       redis.call('HSET', k_job(id), 'step', ARGV[i + 4], 'steps', ARGV[i + 5])
+      progress(k_job(id), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]))
     end
   end
 end

@@ -44,6 +44,7 @@ from redis.retry import Retry
 
 from service.errors import Conflict, QueueFull
 from service.jobs import Job, JobEvent, JobResult, JobState, JobStatus
+from service.queue.backlog import Backlog, WorkRate
 from service.queue.keys import GROUP, Keys, model_version
 from service.queue.memory import DrainRate
 from service.queue.redis_common import (
@@ -81,6 +82,7 @@ class RedisStreamsQueue(WorkerSide):
         self.heartbeat_s = claim_timeout / 4  # the worker re-claims what it holds this often
         self.consumer = consumer or consumer_name()
         self.drain = DrainRate()
+        self._rates: dict[str, WorkRate] = {}  # model@version -> row-steps/s while busy
         self.redis: aioredis.Redis | None = None
         self._sources = sources()
         self._shas = {k: hashlib.sha1(v.encode()).hexdigest() for k, v in self._sources.items()}
@@ -179,6 +181,7 @@ class RedisStreamsQueue(WorkerSide):
             job.idempotency_key or "",
             time.time(),
             job.owner,
+            job.cost,
         )
         if reply[0] == "conflict":
             raise Conflict(
@@ -244,6 +247,15 @@ class RedisStreamsQueue(WorkerSide):
     async def depth(self) -> tuple[int, int]:
         jobs, samples = await self.redis.hmget(self.keys.counters, "jobs", "samples")
         return int(jobs or 0), int(samples or 0)
+
+    @_guarded
+    async def backlog(self, model: str, version: int) -> Backlog:
+        self._listen("done")  # completions measure the drain rate
+        mv = model_version(model, version)
+        work = await self.redis.hgetall(self.keys.work(mv))
+        rate = self._rates.get(mv)
+        by_priority = {int(p): int(w) for p, w in work.items() if p != "queued" and int(w) > 0}
+        return Backlog(by_priority, rate and rate.rate)
 
     # -- results and events ---------------------------------------------------------------
 
@@ -375,9 +387,12 @@ class RedisStreamsQueue(WorkerSide):
 
     def _dispatch(self, channel: str, data: str) -> None:
         if channel == self.keys.done:
-            job_id, n, state, payload = data.split("\n", 3)
+            job_id, n, state, stats, payload = data.split("\n", 4)
             if state == JobState.SUCCEEDED.value:
                 self.drain.add(int(n))
+                mv, cost, queued = stats.rsplit(" ", 2)
+                rate = self._rates.setdefault(mv, WorkRate())
+                rate.add(int(cost), busy=int(queued) > 0)
             waiters = self._waiters.get(job_id, ())
             for waiter in waiters:
                 if not waiter.done():

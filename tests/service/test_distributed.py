@@ -36,6 +36,7 @@ from .test_api import (  # noqa: F401 - collected here, against the distributed 
     test_step_events_carry_previews_when_asked,
     test_unknown_jobs_and_routes,
 )
+from .test_capacity import refuses_by_predicted_wait_and_unmeetable_deadline
 
 
 def fixture_api(env: dict, log) -> tuple[Process, str]:
@@ -69,6 +70,27 @@ def server(tmp_path_factory):
         assert worker.wait(30) == 0, worker.text()
         if api is not None:
             api.kill()
+        delete_prefix(prefix)
+
+
+def test_predicted_wait_admission_across_processes(tmp_path):
+    """The API learns the drain rate from the worker's completions over Redis."""
+    require_redis()
+    prefix = new_prefix()
+    env = {
+        "FEWSTEP_QUEUE": REDIS_URL,
+        "FEWSTEP_REDIS_PREFIX": prefix,
+        "FEWSTEP_MAX_PREDICTED_WAIT_S": "0.3",
+        "FEWSTEP_MAX_QUEUED_SAMPLES": "2000",
+    }
+    api, url = fixture_api(env, tmp_path / "api.log")
+    worker = fixture_worker(env, tmp_path / "worker.log")
+    try:
+        refuses_by_predicted_wait_and_unmeetable_deadline(url)
+    finally:
+        worker.signal(signal.SIGTERM)
+        worker.wait(60)
+        api.kill()
         delete_prefix(prefix)
 
 

@@ -60,3 +60,34 @@ def test_models_and_metrics_name_the_runtime(server):
     assert models["fashion-cd-torch"]["runtime"]["name"] == "torch"
     assert 'fewstep_model_runtime_info{model="fashion-cd",runtime="onnxruntime"} 1.0' in metrics
     assert 'fewstep_model_runtime_info{model="fashion-cd-torch",runtime="torch"} 1.0' in metrics
+
+
+def test_simulated_runtime_serves_and_is_labelled_everywhere(tmp_path):
+    """`fewstep serve --runtime simulated`: the network never runs, every forward sleeps for
+    the curve's time; /v1/models and /metrics say `simulated`, and samplers stay finite."""
+    from service.app import create_app
+    from service.config import Settings
+    from tests.service.conftest import Server
+
+    curve = tmp_path / "curve.yaml"
+    curve.write_text("seconds: {1: 0.01, 256: 0.02}\n")
+    settings = Settings(
+        model_repo=str(ROOT),
+        models=["fashion-edm"],
+        runtime="simulated",
+        latency_curve=str(curve),
+        warmup=False,
+        grpc=False,
+    )
+    with Server(create_app(settings)) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        body = {"model": "fashion-edm", "prompt": "bag", "n": 2, "steps": 4, "seed": 1}
+        r = c.post("/v1/images/generations", json={**body, "response_format": "b64_json"})
+        assert r.status_code == 200, r.text
+        runtime = {m["id"]: m for m in c.get("/v1/models").json()["data"]}["fashion-edm"]
+        metrics = c.get("/metrics").text
+    assert runtime["runtime"]["name"] == "simulated"
+    assert 'fewstep_model_runtime_info{model="fashion-edm",runtime="simulated"} 1.0' in metrics
+    assert 'runtime="simulated"' in metrics.split("fewstep_forward_seconds_count", 1)[1][:200]
+    for item in r.json()["data"]:
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))))
+        assert image.shape == (28, 28)  # a decoded image (zero network output: meaningless)

@@ -1,0 +1,363 @@
+"""Serving under overload and at GPU speed, measured with the `simulated` runtime:
+
+    .venv/bin/python loadtest/sweep.py [--parts overload,batching,cpu,apis] [--seconds 6]
+
+Every server runs fashion-edm on the `simulated` runtime (measurement only: each forward
+sleeps for a batch-latency curve and returns zeros), so the "device" takes no CPU from
+the load generator and the server's Python on this machine's shared cores. Parts:
+
+- overload: the mixed scenario (loadtest/scenarios/mixed-edm.yaml) on this machine's ONNX
+  Runtime CPU curve (loadtest/curves/cpu-onnx-fashion-edm.yaml, a device-bound server),
+  open-loop Poisson arrivals from 0.25x to 2x capacity (capacity: closed-loop throughput
+  with --concurrency clients), one fresh server per admission policy: admission by
+  predicted wait (--target-s) and the queued-samples bound alone (the old behaviour). One
+  markdown table per server: throughput, p50/p99 of answered requests, 429 share, goodput
+  (answered within --slo-s). Goals at 2x: throughput >= 0.95x peak, p99 <= 2x p99 at 0.5x.
+- batching: the H200 curve (default of the simulated runtime), the mixed scenario open loop
+  at --load (0.8) of the continuous server's capacity, continuous vs static batching, each
+  on a fresh server (goal: continuous p99 <= 0.6x static at equal throughput).
+- cpu: H200 curve, saturation (n=8, dpmpp_2m, 4 steps, closed loop): samples/s and the
+  service's CPU seconds per sample (all its processes), embedded vs Redis (1 API + 1 worker).
+- latency: H200 curve, concurrency 1 (n=1, euler, 1 step): client latency minus forward
+  time, embedded and Redis (goal p50 <= 1 ms, p99 <= 5 ms).
+- apis: H200 curve, Redis, 1 worker and 1, 2, 3 API processes (`fewstep serve
+  --no-worker`), clients spread over them: samples/s vs API processes.
+Progress goes to stderr, tables to stdout. Ratios are measured side by side in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import redis
+import uvloop
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from loadtest.procs import Processes, fewstep, free_port  # noqa: E402
+from loadtest.run import Outcome, Scenario, client_for, percentile, ping, send  # noqa: E402
+
+CPU_CURVE = ROOT / "loadtest/curves/cpu-onnx-fashion-edm.yaml"
+OFF = "1e9"  # a predicted-wait target nothing exceeds: the samples bound alone
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class Deployment(contextlib.ExitStack):
+    """fewstep on the simulated runtime: embedded, or APIs + workers over Redis."""
+
+    def __init__(
+        self,
+        curve: Path | None,
+        batching="continuous",
+        queue="memory",
+        apis=1,
+        workers=1,
+        env=None,
+        prefix="",
+    ) -> None:
+        super().__init__()
+        self.args = ["--runtime", "simulated", "--batching", batching]
+        if curve is not None:
+            self.args += ["--latency-curve", str(curve)]
+        self.queue, self.apis, self.workers = queue, apis, workers
+        self.env = {"FEWSTEP_MODELS": '["fashion-edm"]'}
+        if prefix:
+            self.env["FEWSTEP_REDIS_PREFIX"] = prefix
+        self.env.update(env or {})
+        self.procs: list[Processes] = []
+
+    def _api(self, with_workers: int) -> Processes:
+        port = free_port()
+        serve = fewstep("serve", "--host", "127.0.0.1", "--port", str(port), "--no-grpc")
+        serve += self.args
+        commands = [serve]
+        if self.queue != "memory":
+            serve += ["--queue", self.queue, "--no-worker"]
+            commands += [fewstep("worker", "--queue", self.queue, *self.args)] * with_workers
+        return Processes(commands, port, self.env)
+
+    def __enter__(self) -> Deployment:
+        super().__enter__()
+        for i in range(self.apis):
+            self.procs.append(self.enter_context(self._api(self.workers if i == 0 else 0)))
+        return self
+
+    @property
+    def urls(self) -> list[str]:
+        return [p.url for p in self.procs]
+
+    def cpu_seconds(self) -> float:
+        return sum(p.cpu_seconds() for p in self.procs)
+
+
+async def closed(urls: list[str], bodies: list[dict], concurrency: int, seconds: float):
+    """`concurrency` clients back to back, spread over `urls`: (elapsed, outcomes)."""
+    outcomes: list[Outcome] = []
+    stop = time.perf_counter() + seconds
+    counter = iter(range(10**9))
+
+    async def loop(client):
+        while time.perf_counter() < stop:
+            outcomes.append(await send(client, bodies[next(counter) % len(bodies)]))
+
+    clients = [client_for(u) for u in urls]
+    begin = time.perf_counter()
+    await asyncio.gather(*(loop(clients[i % len(clients)]) for i in range(concurrency)))
+    elapsed = time.perf_counter() - begin
+    for c in clients:
+        await c.aclose()
+    return elapsed, outcomes
+
+
+async def poisson(urls: list[str], bodies: list[dict], rate: float, seconds: float, seed: int):
+    """Poisson arrivals at `rate` req/s for `seconds`, whatever the responses do."""
+    rng, arrivals, t = random.Random(seed), [], 0.0
+    while (t := t + rng.expovariate(rate)) < seconds:
+        arrivals.append(t)
+    clients = [client_for(u) for u in urls]
+    begin, tasks = time.perf_counter(), []
+    for i, at in enumerate(arrivals):
+        delay = begin + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(send(clients[i % len(clients)], bodies[i % len(bodies)])))
+    outcomes = await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - begin
+    for c in clients:
+        await c.aclose()
+    return elapsed, list(outcomes)
+
+
+def ok_ms(outcomes: list[Outcome]) -> list[float]:
+    return [o.latency * 1000 for o in outcomes if o.status == 200]
+
+
+def capacity(urls: list[str], bodies: list[dict], concurrency: int, seconds: float) -> float:
+    elapsed, out = asyncio.run(closed(urls, bodies, concurrency, seconds))
+    return sum(o.status == 200 for o in out) / elapsed
+
+
+# -- parts ---------------------------------------------------------------------------------
+
+
+def overload(args, bodies: list[dict]) -> None:
+    policies = {
+        f"admission by predicted wait (target {args.target_s:g} s)": str(args.target_s),
+        "queued-samples bound only (1024)": OFF,
+    }
+    for name, target in policies.items():
+        env = {"FEWSTEP_MAX_PREDICTED_WAIT_S": target}
+        with Deployment(CPU_CURVE, env=env) as d:
+            say(f"overload / {name}: capacity ...")
+            cap = capacity(d.urls, bodies, args.concurrency, args.seconds)
+            rows = []
+            for load in args.loads:
+                say(f"overload / {name}: {load:g}x = {load * cap:.1f} req/s ...")
+                elapsed, out = asyncio.run(
+                    poisson(d.urls, bodies, load * cap, args.seconds, args.seed + int(load * 100))
+                )
+                rows.append((load, load * cap, elapsed, out))
+        print(f"\n### {name}: mixed-edm, simulated CPU-ONNX curve, capacity {cap:.1f} req/s\n")
+        print(
+            "| load | offered req/s | answered req/s | samples/s | p50 ms | p99 ms | 429 | "
+            f"goodput req/s (<= {args.slo_s:g} s) |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        stats = {}
+        for load, rate, elapsed, out in rows:
+            lat = ok_ms(out)
+            thr = len(lat) / elapsed
+            good = sum(x <= args.slo_s * 1000 for x in lat) / elapsed
+            rejected = sum(o.status == 429 for o in out) / max(len(out), 1)
+            samples = sum(o.samples for o in out) / elapsed
+            stats[load] = (thr, percentile(lat, 99))
+            print(
+                f"| {load:g}x | {rate:.1f} | {thr:.1f} | {samples:.1f} | "
+                f"{percentile(lat, 50):.0f} | {percentile(lat, 99):.0f} | {rejected:.0%} | "
+                f"{good:.1f} |"
+            )
+        peak = max(t for t, _ in stats.values())
+        top, half = max(stats), stats.get(0.5)
+        line = f"\nat {top:g}x: throughput {stats[top][0] / peak:.2f} of peak (goal >= 0.95)"
+        if half:
+            line += f", p99 {stats[top][1] / half[1]:.2f}x the p99 at 0.5x (goal <= 2)"
+        print(line)
+
+
+def batching(args, bodies: list[dict]) -> None:
+    results = {}
+    rate = None
+    for mode in ("continuous", "static"):
+        with Deployment(None, batching=mode) as d:
+            if rate is None:
+                say("batching: capacity of continuous batching on the H200 curve ...")
+                cap = capacity(d.urls, bodies, args.concurrency, args.seconds)
+                rate = args.load * cap
+            say(f"batching: {mode} at {rate:.0f} req/s ...")
+            results[mode] = asyncio.run(poisson(d.urls, bodies, rate, args.seconds, args.seed))
+    print(
+        f"\n### Continuous vs static batching, mixed-edm, simulated H200 curve, open loop at "
+        f"{args.load:.0%} of capacity ({cap:.0f} req/s closed-loop) = {rate:.0f} req/s\n"
+    )
+    print(
+        "| batching | answered req/s | p50 ms | p95 ms | p99 ms | 429 |\n|---|---|---|---|---|---|"
+    )
+    p99 = {}
+    thr = {}
+    for mode, (elapsed, out) in results.items():
+        lat = ok_ms(out)
+        thr[mode], p99[mode] = len(lat) / elapsed, percentile(lat, 99)
+        rejected = sum(o.status == 429 for o in out) / max(len(out), 1)
+        print(
+            f"| {mode} | {thr[mode]:.0f} | {percentile(lat, 50):.1f} | "
+            f"{percentile(lat, 95):.1f} | {p99[mode]:.1f} | {rejected:.0%} |"
+        )
+    print(
+        f"\ncontinuous p99 / static p99 = {p99['continuous'] / p99['static']:.2f} (goal <= "
+        f"0.6), throughput ratio {thr['continuous'] / thr['static']:.2f}"
+    )
+
+
+def cpu(args, heavy: list[dict]) -> None:
+    print(
+        "\n### Service CPU per sample at saturation, simulated H200 curve (n=8, dpmpp_2m, "
+        f"4 steps, {args.concurrency} clients closed loop)\n"
+    )
+    print(
+        "| deployment | samples/s | service CPU ms / sample | samples/s per core | "
+        "load generator cores |\n|---|---|---|---|---|"
+    )
+    for name, queue in (("embedded", "memory"), ("Redis: 1 API + 1 worker", args.redis)):
+        prefix = f"fewstep-sweep-{uuid.uuid4().hex[:8]}:"
+        try:
+            with Deployment(None, queue=queue, prefix=prefix) as d:
+                say(f"cpu: {name} ...")
+                asyncio.run(closed(d.urls, heavy, 4, 1.0))  # warm
+                before, client = d.cpu_seconds(), time.process_time()
+                elapsed, out = asyncio.run(closed(d.urls, heavy, args.concurrency, args.seconds))
+                used, client = d.cpu_seconds() - before, time.process_time() - client
+        finally:
+            drop(args.redis, prefix)
+        samples = sum(o.samples for o in out)
+        per = used / max(samples, 1)
+        print(
+            f"| {name} | {samples / elapsed:.0f} | {per * 1000:.3f} | {1 / per:.0f} | "
+            f"{client / elapsed:.2f} |"
+        )
+
+
+def apis(args, heavy: list[dict]) -> None:
+    print(
+        "\n### Throughput vs API processes, Redis, 1 worker, simulated H200 curve (n=8, "
+        f"dpmpp_2m, 4 steps, {args.concurrency} clients spread over the APIs)\n"
+    )
+    print("| API processes | samples/s | service CPU ms / sample |\n|---|---|---|")
+    for count in args.api_counts:
+        prefix = f"fewstep-sweep-{uuid.uuid4().hex[:8]}:"
+        try:
+            with Deployment(None, queue=args.redis, apis=count, prefix=prefix) as d:
+                say(f"apis: {count} ...")
+                asyncio.run(closed(d.urls, heavy, 4, 1.0))
+                before = d.cpu_seconds()
+                elapsed, out = asyncio.run(closed(d.urls, heavy, args.concurrency, args.seconds))
+                used = d.cpu_seconds() - before
+        finally:
+            drop(args.redis, prefix)
+        samples = sum(o.samples for o in out)
+        print(f"| {count} | {samples / elapsed:.0f} | {used / max(samples, 1) * 1000:.3f} |")
+
+
+def latency(args, bodies: list[dict]) -> None:
+    single = [
+        {k: v for k, v in dict(b, n=1, steps=1, sampler="euler").items() if k != "teleport"}
+        for b in bodies[:500]
+    ]
+    print(
+        "\n### Latency added at concurrency 1 (n=1, euler, 1 step), simulated H200 curve: "
+        "client latency minus forward time\n"
+    )
+    print("| deployment | requests | p50 ms | p95 ms | p99 ms | GET /healthz p50 / p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for name, queue in (("embedded", "memory"), ("Redis: 1 API + 1 worker", args.redis)):
+        prefix = f"fewstep-sweep-{uuid.uuid4().hex[:8]}:"
+        try:
+            with Deployment(None, queue=queue, prefix=prefix) as d:
+                say(f"latency: {name} ...")
+                asyncio.run(closed(d.urls, single, 1, 1.0))
+                _, out = asyncio.run(closed(d.urls, single, 1, args.seconds))
+                floor = asyncio.run(ping(d.urls[0]))
+        finally:
+            drop(args.redis, prefix)
+        added = [(o.latency - o.forward) * 1000 for o in out if o.status == 200]
+        print(
+            f"| {name} | {len(added)} | {percentile(added, 50):.2f} | "
+            f"{percentile(added, 95):.2f} | {percentile(added, 99):.2f} | "
+            f"{percentile(floor, 50):.2f} / {percentile(floor, 99):.2f} |"
+        )
+    print("\ngoal: p50 <= 1 ms, p99 <= 5 ms")
+
+
+def drop(url: str, prefix: str) -> None:
+    with contextlib.suppress(redis.RedisError):
+        client = redis.Redis.from_url(url)
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+def main() -> int:
+    uvloop.install()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", default="overload,batching,cpu,apis,latency")
+    parser.add_argument("--scenario", type=Path, default=ROOT / "loadtest/scenarios/mixed-edm.yaml")
+    parser.add_argument("--seconds", type=float, default=6.0, help="per load point")
+    parser.add_argument("--loads", default="0.25,0.5,0.75,1,1.5,2", help="x capacity")
+    parser.add_argument("--target-s", type=float, default=0.5, help="predicted-wait target")
+    parser.add_argument("--slo-s", type=float, default=2.0, help="goodput latency target")
+    parser.add_argument("--load", type=float, default=0.8, help="batching: share of capacity")
+    parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
+    parser.add_argument("--api-counts", default="1,2,3")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.loads = [float(x) for x in args.loads.split(",")]
+    args.api_counts = [int(x) for x in args.api_counts.split(",")]
+
+    from engines.repository import Repository
+
+    scenario = Scenario.load(args.scenario)
+    labels = list(Repository(ROOT / "model_repo").spec(scenario.model).labels)
+    bodies = scenario.bodies(5000, labels, args.seed)
+    heavy = [dict(b, n=8, sampler="dpmpp_2m", steps=4) for b in bodies[:400]]
+    print(
+        f"# fewstep sweep: {os.cpu_count()} CPUs, {args.seconds:g} s per point, "
+        "runtime `simulated` (measurement only)"
+    )
+    parts = {
+        "overload": (overload, bodies),
+        "batching": (batching, bodies),
+        "cpu": (cpu, heavy),
+        "apis": (apis, heavy),
+        "latency": (latency, bodies),
+    }
+    for part in args.parts.split(","):
+        fn, data = parts[part]
+        fn(args, data)
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
