@@ -30,3 +30,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def prefix():
+    """A fresh Redis key prefix for one test, its keys deleted afterwards (skips without
+    the Redis on 127.0.0.1:6379)."""
+    from tests.service.redisutil import delete_prefix, new_prefix, require_redis
+
+    require_redis()
+    value = new_prefix()
+    yield value
+    delete_prefix(value)

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import grpc
 import httpx
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
@@ -18,10 +17,7 @@ from service.worker.health import WorkerHealth
 from tests.service.redisutil import (
     REDIS_URL,
     Process,
-    delete_prefix,
     free_port,
-    new_prefix,
-    require_redis,
 )
 
 from .conftest import wait_for
@@ -84,14 +80,6 @@ def test_sigint_still_stops_at_once(tmp_path):
         assert time.monotonic() - begin < 10
     finally:
         api.kill()
-
-
-@pytest.fixture
-def prefix():
-    require_redis()
-    value = new_prefix()
-    yield value
-    delete_prefix(value)
 
 
 def test_worker_health_port_reports_the_loop_and_its_metrics(prefix, tmp_path):

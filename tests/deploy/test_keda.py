@@ -9,26 +9,17 @@ from __future__ import annotations
 import asyncio
 import math
 
-import pytest
 import redis
 
 from engines.modalities import ImageInputs
 from service.jobs import Job, JobResult, JobState
 from service.queue.keys import GROUP, Keys
 from service.queue.redis_streams import RedisStreamsQueue
-from tests.service.redisutil import REDIS_URL, delete_prefix, new_prefix, require_redis
+from tests.service.redisutil import REDIS_URL
 
 from .manifests import find, render
 
 MODEL = ("fashion-edm", 2)
-
-
-@pytest.fixture
-def prefix():
-    require_redis()
-    value = new_prefix()
-    yield value
-    delete_prefix(value)
 
 
 def triggers() -> dict[str, dict]:

@@ -22,21 +22,10 @@ from .redisutil import (
     Process,
     RedisServer,
     api_process,
-    delete_prefix,
-    new_prefix,
-    require_redis,
 )
 from .test_distributed import fixture_api, fixture_worker
 
 SLOW = {"model": "slow-model", "prompt": "dark", "sampler": "euler"}  # 50 ms per pass
-
-
-@pytest.fixture
-def prefix():
-    require_redis()
-    value = new_prefix()
-    yield value
-    delete_prefix(value)
 
 
 def event_types(client: redis.Redis, keys: Keys, job_id: str) -> list[str]:

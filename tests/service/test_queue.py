@@ -383,14 +383,6 @@ def test_memory_bounds_retained_results_by_bytes_oldest_first():
 # -- redis only --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def prefix():
-    require_redis()
-    value = new_prefix()
-    yield value
-    delete_prefix(value)
-
-
 def rq(prefix, **kw) -> RedisStreamsQueue:
     kw.setdefault("max_queued_samples", 100)
     return RedisStreamsQueue(REDIS_URL, prefix=prefix, **kw)

@@ -209,14 +209,6 @@ def test_unlimited_principals_are_never_counted():
     assert all(d.allowed for d in asyncio.run(scenario()))
 
 
-@pytest.fixture
-def prefix():
-    require_redis()
-    value = new_prefix()
-    yield value
-    delete_prefix(value)
-
-
 def connect():
     return aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
 
