@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from engines.modalities import InputError, OutputTensor, Signature, modality_of
-from engines.modalities.base import text_of
+from engines.modalities.base import scalar, text_of
 from service import admission
 from service.errors import InvalidRequest
 from service.jobs import Job, JobResult
@@ -213,11 +213,6 @@ def expect_outputs(spec, names: list[str]) -> None:
 # -- request -> job -----------------------------------------------------------------------
 
 
-def _scalar(tensors: dict[str, Tensor], name: str):
-    tensor = tensors.get(name)
-    return None if tensor is None else tensor.values[0]
-
-
 def _text(name: str, value: bytes) -> str:
     try:
         return text_of(name, value)
@@ -282,13 +277,13 @@ def request(spec, tensors: dict[str, Tensor], parameters: dict[str, object]) -> 
                 f"input {wanted.name!r} ({wanted.datatype}, shape {list(wanted.shape)}) is "
                 f"missing; model {spec.name} needs it"
             )
-    sampler = _scalar(tensors, "sampler")
+    sampler = scalar(values, "sampler")
     priority, deadline_ms = schedule(parameters)
     common = {
         "model": f"{spec.name}@{spec.version}",
         "sampler": None if sampler is None else _text("sampler", sampler),
-        "steps": _scalar(tensors, "steps"),
-        "seed": _scalar(tensors, "seed"),
+        "steps": scalar(values, "steps"),
+        "seed": scalar(values, "seed"),
         "deadline_ms": deadline_ms,
         "priority": priority,
     }

@@ -18,7 +18,7 @@ import time
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 
-from engines.modalities import InputError, Unavailable
+from engines.modalities import Unavailable
 from engines.noise import row_seeds
 from service.bootstrap import resolve_device
 from service.errors import QueueUnavailable
@@ -194,9 +194,6 @@ class Worker:
             return
         try:
             active = await self._start_off_loop(job, model)
-        except InputError as exc:
-            await self._finish_job(job, JobState.FAILED, "invalid_parameter", exc.message)
-            return
         except Unavailable as exc:
             await self._finish_job(job, JobState.FAILED, "unavailable", str(exc))
             return
