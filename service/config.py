@@ -182,6 +182,27 @@ class Settings(BaseSettings):
         60.0, gt=0, description="worker /healthz fails when its loop has not turned for this long"
     )
 
+    @field_validator("runtime")
+    @classmethod
+    def _runtime(cls, value: str | None) -> str | None:
+        from engines.runtimes.select import RUNTIMES
+
+        if value is not None and value not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {value!r}")
+        return value
+
+    @field_validator("latency_curve")
+    @classmethod
+    def _latency_curve(cls, value: str | None) -> str | None:
+        from engines.runtimes.simulated import LatencyCurve
+
+        if value is not None:
+            try:
+                LatencyCurve.load(value)
+            except (OSError, ValueError, TypeError, AttributeError) as err:
+                raise ValueError(f"latency_curve {value!r} cannot be read: {err}") from None
+        return value
+
     @field_validator("queue")
     @classmethod
     def _queue_url(cls, value: str) -> str:

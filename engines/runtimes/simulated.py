@@ -51,7 +51,10 @@ class LatencyCurve:
     @classmethod
     def load(cls, path: str | Path | None = None) -> LatencyCurve:
         path = Path(path) if path else DEFAULT_CURVE
-        data = yaml.safe_load(path.read_text())  # JSON is YAML too
+        try:
+            data = yaml.safe_load(path.read_text())  # JSON is YAML too
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML or JSON ({err})") from None
         table = data.get("seconds") if isinstance(data, dict) else None
         if not isinstance(table, dict) or not table:
             raise ValueError(f"{path}: expected a mapping `seconds: {{batch: seconds, ...}}`")

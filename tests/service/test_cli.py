@@ -147,3 +147,22 @@ def test_serve_takes_repeated_api_keys_and_refuses_a_bad_key_file(tmp_path):
     run = [sys.executable, "-m", "service.cli", "serve", "--api-key-file", str(bad)]
     refused = subprocess.run(run, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "sha256 must be 64 lower-case hex" in refused.stderr
+
+
+def test_serve_refuses_an_unknown_runtime_or_an_unreadable_latency_curve(tmp_path, capsys):
+    """One line and exit 2 at start-up, not a silent fallback or a traceback later."""
+    from service.cli import main
+
+    bad = tmp_path / "curve.yaml"
+    bad.write_text("seconds: [\n")
+    negative = tmp_path / "negative.yaml"
+    negative.write_text("seconds: {1: -0.5}\n")
+    cases = [
+        (["--runtime", "warp"], "runtime must be one of"),
+        (["--runtime", "simulated", "--latency-curve", str(tmp_path / "none")], "cannot be read"),
+        (["--runtime", "simulated", "--latency-curve", str(bad)], "not valid YAML or JSON"),
+        (["--runtime", "simulated", "--latency-curve", str(negative)], "positive seconds"),
+    ]
+    for args, message in cases:
+        assert main(["serve", "--port", "0", *args]) == 2
+        assert message in capsys.readouterr().err
