@@ -42,6 +42,7 @@ class Worker:
         max_queue_delay_ms: float = 5.0,
         max_active_samples: int = 0,
         inline_compute_ms: float = 2.0,
+        inline_lone_ms: float = 20.0,
         device: str = "cpu",
         claim_models: Collection[tuple[str, int]] | None = None,
     ) -> None:
@@ -58,6 +59,11 @@ class Worker:
         # Handing a pass to the compute thread costs about a millisecond on a busy small
         # machine; passes that recently took less than this run on the event loop instead.
         self.inline_compute = inline_compute_ms / 1000
+        # A job alone in the worker has no other job's work to overlap with its pass, so
+        # the hop buys nothing but its own two wake-ups: longer passes of a lone job run
+        # inline too (the API waits at most this long to read a new request, which would
+        # join at the next step anyway).
+        self.inline_lone = max(inline_lone_ms, inline_compute_ms) / 1000
         self._recent: dict[str, float] = {}  # model -> moving average of step seconds
         self._stopping = False
         self._beat_s = queue.heartbeat_s
@@ -107,28 +113,35 @@ class Worker:
             log.warning("job %s was taken over by another worker; dropping it", active.job.id)
             self._drop(active)
 
-    async def _start_off_loop(self, job: Job, model) -> Active:
+    def _inline(self, key, lone: bool) -> bool:
+        """Whether work whose recent runs took _recent[key] runs on the event loop."""
+        return self._recent.get(key, math.inf) < (self.inline_lone if lone else self.inline_compute)
+
+    async def _start_off_loop(self, job: Job, model, lone: bool = False) -> Active:
         """scheduler.start in the compute thread (always where the modality may block: the
         speech front end), or on the event loop for a model whose starts recently took less
-        than inline_compute_ms."""
+        than inline_compute_ms (inline_lone_ms for a job that will be alone)."""
         key = ("start", job.model)
-        begin = time.perf_counter()
-        if not job.modality.may_block and self._recent.get(key, math.inf) < self.inline_compute:
-            active = start(job, model, device=self.device)
+        call = functools.partial(_timed, start, job, model, device=self.device)
+        if not job.modality.may_block and self._inline(key, lone):
+            active, took = call()
         else:
-            loop = asyncio.get_running_loop()
-            active = await loop.run_in_executor(
-                self._executor, functools.partial(start, job, model, device=self.device)
-            )
-        took = time.perf_counter() - begin
-        self._recent[key] = 0.8 * self._recent.get(key, took) + 0.2 * took
+            active, took = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        self._learn(key, took)
         return active
 
+    def _learn(self, key, took: float) -> None:
+        """Moving average of how long the work itself took, wherever it ran. The thread
+        hop is left out: counted in, a pass that went to the thread once because of one
+        slow start would look slow for ever (every later hop adds its own wake-ups) and
+        never come back to the event loop."""
+        self._recent[key] = 0.8 * self._recent.get(key, took) + 0.2 * took
+
     async def _in_thread(self, batch: list[Active]):
-        """step_batch in the compute thread; meanwhile a client's cancel reaches the jobs
-        (long vocoding checks Active.should_stop)."""
+        """step_batch in the compute thread, and the seconds it took there; meanwhile a
+        client's cancel reaches the jobs (long vocoding checks Active.should_stop)."""
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, step_batch, batch)
+        future = loop.run_in_executor(self._executor, _timed, step_batch, batch)
         while True:
             done, _ = await asyncio.wait({future}, timeout=CANCEL_POLL_S)
             if done:
@@ -141,15 +154,13 @@ class Worker:
     async def _compute(self, batch: list[Active]):
         """step_batch on the event loop if this model's passes are short, else in the thread."""
         name = batch[0].job.model
-        begin = time.perf_counter()
-        if self._recent.get(name, math.inf) < self.inline_compute:
-            outcomes, seconds = step_batch(batch)
+        if self._inline(name, lone=len(batch) == 1 == len(self.actives)):
+            (outcomes, seconds), took = _timed(step_batch, batch)
         else:
-            outcomes, seconds = await self._in_thread(batch)
+            (outcomes, seconds), took = await self._in_thread(batch)
         # the whole tick counts (forward, sampler steps, encoding): that is what an inline
         # tick would keep the API waiting for
-        took = time.perf_counter() - begin
-        self._recent[name] = 0.8 * self._recent.get(name, took) + 0.2 * took
+        self._learn(name, took)
         return outcomes, seconds
 
     async def _admit(self) -> None:
@@ -171,10 +182,11 @@ class Worker:
                 if not more:
                     break
                 jobs += more
+        lone = len(jobs) == 1 and not self.actives
         for job in jobs:
-            await self._start(job)
+            await self._start(job, lone)
 
-    async def _start(self, job: Job) -> None:
+    async def _start(self, job: Job, lone: bool = False) -> None:
         if job.expired():
             await self._finish_job(
                 job,
@@ -193,7 +205,7 @@ class Worker:
             )
             return
         try:
-            active = await self._start_off_loop(job, model)
+            active = await self._start_off_loop(job, model, lone)
         except Unavailable as exc:
             await self._finish_job(job, JobState.FAILED, "unavailable", str(exc))
             return
@@ -327,6 +339,12 @@ class Worker:
                 delay = min(delay * 2, 2.0)
 
 
+def _timed(fn, *args, **kwargs):
+    """fn's result and the seconds it took (measured where it runs)."""
+    begin = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - begin
+
+
 def build_worker(queue, models: dict, metrics: Metrics, settings, claim_models=None) -> Worker:
     """The worker `fewstep serve` and `fewstep worker` run, configured from Settings."""
     return Worker(
@@ -337,6 +355,7 @@ def build_worker(queue, models: dict, metrics: Metrics, settings, claim_models=N
         max_queue_delay_ms=settings.max_queue_delay_ms,
         max_active_samples=settings.max_active_samples,
         inline_compute_ms=settings.inline_compute_ms,
+        inline_lone_ms=settings.inline_lone_ms,
         device=resolve_device(settings.device),
         claim_models=claim_models,
     )

@@ -189,3 +189,40 @@ def test_start_uses_the_models_own_grid():
     seen.append(active.gen.send(torch.zeros_like(active.pending[0]))[1])
     expected = model.spec.grid(2)
     assert seen == expected[:-1].tolist() and seen[1] > 0.01  # not [80, 0.002]
+
+
+def test_a_lone_job_runs_on_the_event_loop_and_company_sends_passes_to_the_thread():
+    """A pass of 5 ms is over inline_compute_ms (2) and well under inline_lone_ms (50 here): a job
+    alone runs it on the event loop (no thread hop), two jobs in hand hand it to the
+    compute thread so the API can read requests meanwhile."""
+    import threading
+
+    from .conftest import slow, toy_stats
+
+    stats = toy_stats()
+    threads: list[str] = []
+    pass_5ms = slow(stats, 0.005)
+
+    def denoiser(x, sigma, cond):
+        threads.append(threading.current_thread().name)
+        return pass_5ms(x, sigma, cond)
+
+    async def scenario(jobs):
+        queue = MemoryQueue()
+        for j in jobs:
+            await queue.submit(j)
+        model = toy_model("toy", denoiser=denoiser)
+        worker = Worker(queue, {("toy", 1): model}, Metrics(), inline_lone_ms=50.0)
+        await asyncio.wait_for(worker.run(burst=True), 30)
+        return [await queue.result(j.id, 0) for j in jobs]
+
+    results = asyncio.run(scenario([job(steps=6)]))
+    assert results[0].state is JobState.SUCCEEDED
+    # the first pass has no history and goes to the thread; every later one stays inline
+    assert threads[0].startswith("fewstep-compute")
+    assert threads[1:] == ["MainThread"] * (len(threads) - 1) and len(threads) >= 5
+
+    threads.clear()
+    results = asyncio.run(scenario([job(steps=6, t=1), job(steps=6, t=2)]))
+    assert all(r.state is JobState.SUCCEEDED for r in results)
+    assert all(t.startswith("fewstep-compute") for t in threads)
