@@ -45,11 +45,13 @@ class Worker:
         inline_lone_ms: float = 20.0,
         device: str = "cpu",
         claim_models: Collection[tuple[str, int]] | None = None,
+        seed_rates: bool = True,
     ) -> None:
         """`claim_models`: claim only jobs of these (name, version) pairs, for a worker that
-        shares the queue with others; None claims every job (the embedded worker)."""
+        shares the queue with others; None claims every job (the embedded worker).
+        `seed_rates`: time each model's engine at start and announce it (`_seed_rates`)."""
         self.queue, self.models, self.metrics = queue, models, metrics
-        self.claim_models = claim_models
+        self.claim_models, self.seed_rates = claim_models, seed_rates
         self.device = device
         self.static, self.max_queue_delay = static, max_queue_delay_ms / 1000
         biggest = max((m.spec.max_batch_size for m in models.values()), default=1)
@@ -78,6 +80,8 @@ class Worker:
     async def run(self, burst: bool = False) -> None:
         """Serve until stop(); with burst, return as soon as the queue is drained."""
         outage = 0.0
+        if self.seed_rates:
+            await self._seed_rates()
         try:
             while True:
                 self.last_tick = time.monotonic()
@@ -103,6 +107,28 @@ class Worker:
                 await asyncio.sleep(0)
         finally:
             self._executor.shutdown(wait=False)
+
+    async def _seed_rates(self) -> None:
+        """Tell the queue how fast each model's engine runs, so that admission predicts
+        waits from the first request on (a drain rate is measured only once work waits):
+        row-steps per second of one pass at the model's largest batch, timed here. It is
+        the engine alone, so it overestimates what the whole service drains; the measured
+        rate replaces it as soon as there is one."""
+        loop = asyncio.get_running_loop()
+        for (name, version), model in self.models.items():
+            if model.speech is not None:  # its cost is frames, its warmup not a batch pass
+                continue
+            rows = min(model.spec.max_batch_size, self.capacity)
+            try:
+                seconds = await loop.run_in_executor(self._executor, engine_seconds, model, rows)
+                await self.queue.seed_rate(name, version, rows / seconds)
+            except QueueUnavailable as exc:
+                log.warning("%s@%s: engine speed not announced: %s", name, version, exc.message)
+                continue
+            log.info(
+                "%s@%s: engine speed %.0f row-steps/s (batch %d, %.1f ms a pass)",
+                name, version, rows / seconds, rows, seconds * 1000,
+            )  # fmt: skip
 
     async def _heartbeat(self) -> None:
         """Keep the claims on the jobs in hand alive; drop the ones another worker took
@@ -337,6 +363,11 @@ class Worker:
                 log.warning("storing the result of %s: %s", result.job_id, exc.message)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def engine_seconds(model, rows: int, repeats: int = 2) -> float:
+    """Seconds of the model's fastest forward pass over `rows` rows of zeros."""
+    return min(model.warmup((rows,)) for _ in range(repeats))
 
 
 def _timed(fn, *args, **kwargs):
