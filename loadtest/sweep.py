@@ -204,14 +204,16 @@ def overload(args, bodies: list[dict]) -> None:
 def batching(args, bodies: list[dict]) -> None:
     results = {}
     rate = None
-    for mode in ("continuous", "static"):
-        with Deployment(None, batching=mode) as d:
-            if rate is None:
-                say("batching: capacity of continuous batching on the H200 curve ...")
-                cap = capacity(d.urls, bodies, args.concurrency, args.seconds)
-                rate = args.load * cap
-            say(f"batching: {mode} at {rate:.0f} req/s ...")
-            results[mode] = asyncio.run(poisson(d.urls, bodies, rate, args.seconds, args.seed))
+    for tree, root in trees(args):
+        for mode in ("continuous", "static"):
+            with Deployment(None, batching=mode, root=root) as d:
+                if rate is None:
+                    say("batching: capacity of continuous batching on the H200 curve ...")
+                    cap = capacity(d.urls, bodies, args.concurrency, args.seconds)
+                    rate = args.load * cap
+                say(f"batching: {label(mode, tree)} at {rate:.0f} req/s ...")
+                out = asyncio.run(poisson(d.urls, bodies, rate, args.seconds, args.seed))
+                results.setdefault(tree, []).append((mode, out))
     print(
         f"\n### Continuous vs static batching, mixed-edm, simulated H200 curve, open loop at "
         f"{args.load:.0%} of capacity ({cap:.0f} req/s closed-loop) = {rate:.0f} req/s\n"
@@ -219,20 +221,25 @@ def batching(args, bodies: list[dict]) -> None:
     print(
         "| batching | answered req/s | p50 ms | p95 ms | p99 ms | 429 |\n|---|---|---|---|---|---|"
     )
-    p99 = {}
-    thr = {}
-    for mode, (elapsed, out) in results.items():
-        lat = ok_ms(out)
-        thr[mode], p99[mode] = len(lat) / elapsed, percentile(lat, 99)
-        rejected = sum(o.status == 429 for o in out) / max(len(out), 1)
+    for tree, runs in results.items():
+        p99: dict[str, list[float]] = {}
+        thr: dict[str, list[float]] = {}
+        for mode, (elapsed, out) in runs:
+            lat = ok_ms(out)
+            thr.setdefault(mode, []).append(len(lat) / elapsed)
+            p99.setdefault(mode, []).append(percentile(lat, 99))
+            rejected = sum(o.status == 429 for o in out) / max(len(out), 1)
+            print(
+                f"| {label(mode, tree)} | {thr[mode][-1]:.0f} | {percentile(lat, 50):.1f} | "
+                f"{percentile(lat, 95):.1f} | {p99[mode][-1]:.1f} | {rejected:.0%} |"
+            )
+        ratio = [c / s for c, s in zip(p99["continuous"], p99["static"], strict=True)]
+        through = [c / s for c, s in zip(thr["continuous"], thr["static"], strict=True)]
         print(
-            f"| {mode} | {thr[mode]:.0f} | {percentile(lat, 50):.1f} | "
-            f"{percentile(lat, 95):.1f} | {p99[mode]:.1f} | {rejected:.0%} |"
+            f"\n{label('continuous p99 / static p99', tree)} = "
+            f"{', '.join(f'{r:.2f}' for r in ratio)} (goal <= 0.6), throughput ratio "
+            f"{', '.join(f'{t:.2f}' for t in through)}"
         )
-    print(
-        f"\ncontinuous p99 / static p99 = {p99['continuous'] / p99['static']:.2f} (goal <= "
-        f"0.6), throughput ratio {thr['continuous'] / thr['static']:.2f}"
-    )
 
 
 def trees(args) -> list[tuple[str, Path]]:
@@ -379,7 +386,7 @@ def main() -> int:
         "--baseline",
         type=Path,
         default=None,
-        help="cpu and latency parts: also measure this checkout (e.g. `git worktree add "
+        help="batching, cpu and latency parts: also measure this checkout (e.g. `git worktree add "
         "/tmp/base main`), in alternating rounds, and print this tree / baseline",
     )
     parser.add_argument("--rounds", type=int, default=2, help="rounds per tree with --baseline")
