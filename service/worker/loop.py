@@ -111,24 +111,20 @@ class Worker:
     async def _seed_rates(self) -> None:
         """Tell the queue how fast each model's engine runs, so that admission predicts
         waits from the first request on (a drain rate is measured only once work waits):
-        row-steps per second of one pass at the model's largest batch, timed here. It is
-        the engine alone, so it overestimates what the whole service drains; the measured
-        rate replaces it as soon as there is one."""
+        row-steps per second of the engine alone (`engine_speed`), so it overestimates what
+        the whole service drains; the measured rate replaces it as soon as there is one."""
         loop = asyncio.get_running_loop()
         for (name, version), model in self.models.items():
             if model.speech is not None:  # its cost is frames, its warmup not a batch pass
                 continue
             rows = min(model.spec.max_batch_size, self.capacity)
             try:
-                seconds = await loop.run_in_executor(self._executor, engine_seconds, model, rows)
-                await self.queue.seed_rate(name, version, rows / seconds)
+                rate, batch = await loop.run_in_executor(self._executor, engine_speed, model, rows)
+                await self.queue.seed_rate(name, version, rate)
             except QueueUnavailable as exc:
                 log.warning("%s@%s: engine speed not announced: %s", name, version, exc.message)
                 continue
-            log.info(
-                "%s@%s: engine speed %.0f row-steps/s (batch %d, %.1f ms a pass)",
-                name, version, rows / seconds, rows, seconds * 1000,
-            )  # fmt: skip
+            log.info("%s@%s: engine speed %.0f row-steps/s (batch %d)", name, version, rate, batch)
 
     async def _heartbeat(self) -> None:
         """Keep the claims on the jobs in hand alive; drop the ones another worker took
@@ -365,9 +361,20 @@ class Worker:
                 delay = min(delay * 2, 2.0)
 
 
-def engine_seconds(model, rows: int, repeats: int = 2) -> float:
-    """Seconds of the model's fastest forward pass over `rows` rows of zeros."""
-    return min(model.warmup((rows,)) for _ in range(repeats))
+def engine_speed(model, max_rows: int, budget_s: float = 0.05) -> tuple[float, int]:
+    """Row-evaluations per second of the model's engine, and the batch that gave it: one
+    pass of zeros at 8, 32, 128, ... rows up to max_rows, stopping after the first pass
+    over budget_s. A GPU's passes stay short, so it reaches its largest batch (where it is
+    fastest per row); a CPU's cost per row hardly changes with the batch, so a small one
+    says as much and start-up does not wait seconds for a pass of 256 rows."""
+    best, best_rows, rows = 0.0, 1, min(8, max_rows)
+    while True:
+        seconds = model.warmup((rows,))
+        if rows / seconds > best:
+            best, best_rows = rows / seconds, rows
+        if seconds > budget_s or rows >= max_rows:
+            return best, best_rows
+        rows = min(rows * 4, max_rows)
 
 
 def _timed(fn, *args, **kwargs):
