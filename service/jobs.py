@@ -61,6 +61,9 @@ class Job:
     # row-steps (rows x network evaluations) it costs, set at admission; the queue counts the
     # queued ones per model and priority, and their drain rate, to predict waits
     cost: int = 0
+    # quality "auto": the step counts admission may choose from, largest first; it sets
+    # steps and cost to the one it picks at submission. Empty: steps are the client's.
+    step_budgets: list[int] = field(default_factory=list)
     id: str = field(default_factory=new_job_id)
     submit_time: float = field(default_factory=time.time)
     # Set by the queue when it hands the job out. delivery: 2 and more means an earlier

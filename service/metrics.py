@@ -141,6 +141,15 @@ class Metrics:
         self.model_runtime = Gauge(
             "model_runtime_info", runtime_help, ["model", "runtime"], namespace=ns, registry=r
         )
+        self.auto_steps = Histogram(
+            "auto_steps",
+            'Quality "auto": the steps admission chose for a request (the largest whose '
+            "predicted finish meets its deadline)",
+            ["model"],
+            buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 32, 50, 100),
+            namespace=ns,
+            registry=r,
+        )
         self.real_time_factor = Histogram(
             "real_time_factor",
             "Speech: seconds from submission to result per second of audio made",

@@ -13,7 +13,8 @@ class GenerationRequest(BaseModel):
     """Fields shared by POST /v1/images/generations and POST /v1/jobs.
 
     The OpenAI Images fields (model, prompt, n, size, response_format, user) plus fewstep's
-    own: sampler, steps, seed, guidance_scale, teleport, deadline_ms, priority, preview.
+    own: sampler, steps, seed, guidance_scale, teleport, deadline_ms, priority, preview,
+    quality.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -34,11 +35,16 @@ class GenerationRequest(BaseModel):
     deadline_ms: int | None = Field(None, ge=1, le=86_400_000)
     priority: int = Field(0, ge=-10, le=10)
     preview: bool = False
+    quality: Literal["fixed", "auto"] = Field(
+        "fixed",
+        description='"auto": the most steps (up to `steps`, else the model\'s quality_steps) '
+        "whose predicted finish meets deadline_ms at the current load",
+    )
 
 
 class SpeechRequest(BaseModel):
     """OpenAI's speech fields (model, input, voice, response_format, speed) plus fewstep's
-    sampler, steps, seed, deadline_ms and priority."""
+    sampler, steps, seed, deadline_ms, priority and quality."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -53,6 +59,7 @@ class SpeechRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     deadline_ms: int | None = Field(None, ge=1, le=86_400_000)
     priority: int = Field(0, ge=-10, le=10)
+    quality: Literal["fixed", "auto"] = "fixed"
 
 
 # the wire request of each modality's OpenAI-style endpoint (OIP checks its values with it)
@@ -83,7 +90,8 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
     model: str
     sampler: str
-    steps: int
+    steps: int  # with quality "auto": the steps admission chose
+    quality: Literal["fixed", "auto"] = "fixed"
     nfe: int
     timings: Timings
     runtime: str
@@ -103,6 +111,7 @@ class JobView(BaseModel):
     version: int
     sampler: str
     steps: int
+    quality: Literal["fixed", "auto"] = "fixed"
     n: int
     seed: int
     teleport: bool

@@ -134,6 +134,7 @@ def _parse_sampling(path: Path, data: object, kind: str) -> SamplingSpec:
         expected = f"1.0: a {kind!r} model has no classifier-free guidance"
         max_guidance = f.number("max_guidance", expected, lambda v: v == 1)
         default_guidance = f.number("default_guidance", expected, lambda v: v == 1)
+    quality_steps = _quality_steps(f, INFO[default_sampler].min_steps({}), max_steps)
     return SamplingSpec(
         tuple(names),
         default_sampler,
@@ -145,7 +146,24 @@ def _parse_sampling(path: Path, data: object, kind: str) -> SamplingSpec:
         None if teleport_sigma is None else float(teleport_sigma),
         default_guidance,
         max_guidance,
+        quality_steps,
     )
+
+
+def _quality_steps(f: _Fields, need: int, max_steps: int) -> tuple[int, ...]:
+    """sampling.quality_steps: distinct step counts for quality "auto", each in
+    min_steps(default_sampler)..max_steps; kept largest first."""
+    expected = f"a non-empty list of distinct integers in {need}..max_steps ({max_steps})"
+
+    def ok(v: object) -> bool:
+        return (
+            isinstance(v, list)
+            and bool(v)
+            and all(_is_int(s) and need <= s <= max_steps for s in v)
+            and len(set(v)) == len(v)
+        )
+
+    return tuple(sorted(f.get("quality_steps", expected, ok, default=[]), reverse=True))
 
 
 def _parse_synonyms(f: _Fields, labels: tuple[str, ...]) -> dict[str, str]:

@@ -36,7 +36,7 @@ async def get_principal(request: Request, state: State, _: Bearer) -> Principal:
 
 Caller = Annotated[Principal, Depends(get_principal)]
 
-_COMMON = ("model", "sampler", "steps", "seed", "deadline_ms", "priority")
+_COMMON = ("model", "sampler", "steps", "seed", "deadline_ms", "priority", "quality")
 
 
 def image_request(req: GenerationRequest, idempotency_key: str | None = None) -> Admit:

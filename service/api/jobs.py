@@ -30,6 +30,7 @@ def view(status) -> JobView:
         version=job.version,
         sampler=job.sampler,
         steps=job.steps,
+        quality="auto" if job.step_budgets else "fixed",
         n=job.n,
         seed=job.seed,
         teleport=getattr(job.inputs, "teleport", False),
