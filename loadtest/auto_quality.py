@@ -170,7 +170,7 @@ def main() -> int:
     say("quality: loading the classifier and the test set")
     ref = quality.Reference(quality.load_classifier(ROOT / quality.CLASSIFIER))
     lines = [
-        f"\n### Quality \"auto\" under {args.load:g}x overload: {args.model}, n={args.n} per "
+        f'\n### Quality "auto" under {args.load:g}x overload: {args.model}, n={args.n} per '
         f"request, deadline {args.deadline_ms} ms, {rate:.1f} req/s offered for "
         f"{args.seconds:g} s (capacity {rate / args.load:.1f} req/s at {ladder[0]} steps)\n",
         "| policy | requests | served within deadline | 429 | other errors | mean steps "

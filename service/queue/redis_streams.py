@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.retry import Retry
 
 from service.errors import Conflict, QueueFull
@@ -53,6 +53,7 @@ from service.queue.redis_common import (
     _guarded,
     _unavailable,
     consumer_name,
+    transient,
 )
 from service.queue.redis_scripts import sources
 from service.queue.redis_worker import WorkerSide
@@ -323,7 +324,9 @@ class RedisStreamsQueue(WorkerSide):
                     entries = reply[0][1] if reply else []
                     if not entries and not await self.redis.exists(key, self.keys.job(job_id)):
                         return  # expired
-            except DOWN:
+            except (*DOWN, ResponseError) as exc:
+                if isinstance(exc, ResponseError) and not transient(exc):
+                    raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
