@@ -211,7 +211,7 @@ async def take_quota(state: ServiceState, principal: Principal, job: Job) -> Non
         (await state.rate.acquire(principal)).check(principal, "requests")
         (await state.in_flight.acquire(principal, job.id, job.n)).check(principal, "samples")
     except RateLimited:
-        state.metrics.rejected.labels("rate_limited").inc()
+        state.metrics.rejected.labels("rate_limited", principal.name).inc()
         raise
 
 
@@ -241,7 +241,7 @@ async def submit(state: ServiceState, job: Job, fingerprint: str = "") -> tuple[
             state.metrics.auto_steps.labels(job.model).observe(job.steps)
         return await state.queue.submit(job, fingerprint)
     except QueueFull as exc:
-        state.metrics.rejected.labels(exc.reason).inc()
+        state.metrics.rejected.labels(exc.reason, job.owner or ANONYMOUS.name).inc()
         raise
 
 
@@ -323,11 +323,12 @@ async def run(
         if result.state is not JobState.SUCCEEDED:
             raise failure(result, dialect)
     except FewstepError as exc:
-        state.metrics.observe_request(job.model, job.sampler, endpoint, str(exc.status), None)
+        state.metrics.observe_request(
+            job.model, job.sampler, endpoint, str(exc.status), None, principal.name
+        )
         raise
     finally:
         await release(state, principal, job.id)
-    state.metrics.observe_request(
-        job.model, job.sampler, endpoint, "200", time.perf_counter() - begin
-    )
+    seconds = time.perf_counter() - begin
+    state.metrics.observe_request(job.model, job.sampler, endpoint, "200", seconds, principal.name)
     return result

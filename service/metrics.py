@@ -60,7 +60,7 @@ class Metrics:
         self.requests = Counter(
             "requests_total",
             "Requests answered",
-            ["model", "sampler", "status", "endpoint"],
+            ["model", "sampler", "status", "endpoint", "principal"],
             namespace=ns,
             registry=r,
         )
@@ -125,7 +125,11 @@ class Metrics:
             "queue_lag", "Samples waiting in the queue", namespace=ns, registry=r
         )
         self.rejected = Counter(
-            "rejected_total", "Requests refused", ["reason"], namespace=ns, registry=r
+            "rejected_total",
+            "Requests refused",
+            ["reason", "principal"],
+            namespace=ns,
+            registry=r,
         )
         self.model_load = Gauge(
             "model_load_seconds",
@@ -179,10 +183,17 @@ class Metrics:
             self.real_time_factor.labels(job.model, job.sampler).observe(rtf)
 
     def observe_request(
-        self, model: str, sampler: str, endpoint: str, status: str, seconds: float | None
+        self,
+        model: str,
+        sampler: str,
+        endpoint: str,
+        status: str,
+        seconds: float | None,
+        principal: str = "anonymous",
     ) -> None:
-        """API side: one answered request."""
-        self.requests.labels(model, sampler, status, endpoint).inc()
+        """API side: one answered request, by the API key (principal) that made it; key
+        names come from the service's configuration, so the label stays bounded."""
+        self.requests.labels(model, sampler, status, endpoint, principal).inc()
         if seconds is not None:
             self.request_duration.labels(model, endpoint).observe(seconds)
 
