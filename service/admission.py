@@ -142,6 +142,10 @@ def admit(state: ServiceState, req: Request, principal: Principal = ANONYMOUS) -
     except InputError as err:
         raise InvalidRequest(err.message, param=err.param) from None
     sampler, steps = sampler_and_steps(spec, req.sampler, req.steps)
+    try:
+        modality.plan(spec, inputs, sampler, steps)
+    except InputError as err:
+        raise InvalidRequest(err.message, param=err.param) from None
     now = time.time()
     job = Job(
         model=spec.name,
@@ -185,7 +189,7 @@ async def take_quota(state: ServiceState, principal: Principal, job: Job) -> Non
     `release`); RateLimited (429) when either is spent."""
     try:
         (await state.rate.acquire(principal)).check(principal, "requests")
-        (await state.in_flight.acquire(principal, job.id, job.n)).check(principal, "samples")
+        (await state.in_flight.acquire(principal, job.id, job.samples)).check(principal, "samples")
     except RateLimited:
         state.metrics.rejected.labels("rate_limited").inc()
         raise
