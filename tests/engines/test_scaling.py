@@ -19,18 +19,9 @@ from engines.sampling import start_sampler
 from engines.scaling import Choice, Search, ancestors, candidate_seeds, check, resample_points
 from engines.schedules import karras_sigmas
 from engines.verifiers import VerifierConfig, load_verifier
-from tests.service.conftest import toy_model
+from tests.service.conftest import elementwise, toy_model
 
 ROOT = Path(__file__).parents[2] / "model_repo"
-
-
-def elementwise(x, sigma, cond):
-    """Fixture denoiser: the posterior mean of a per-class Gaussian (variance 0.25), made of
-    elementwise operations only, so a row's x0 is bitwise the same in any batch."""
-    s2 = sigma.double().view(-1, 1, 1, 1) ** 2
-    mean = torch.where(cond["label"].view(-1, 1, 1, 1) == 1, 0.6, -0.6).double()
-    c = 0.25 / (s2 + 0.25)
-    return (c * x.double() + (1 - c) * mean).to(x.dtype)
 
 
 def fixture_model():
