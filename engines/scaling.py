@@ -72,10 +72,11 @@ def candidate_seeds(seed: int, n: int, k: int) -> list[int]:
 
 
 def resample_points(sampler: str, steps: int, every: int) -> list[int]:
-    """Step indices where steering resamples: every s-th step, not the first, and only
-    where the restarted sampler still has the steps it needs."""
+    """Step indices i whose x0 prediction steering weights and resamples on: after every
+    s-th evaluation (i = s-1, 2s-1, ...), never after the last (nothing would follow to
+    use it), and only where the restarted sampler still has the steps it needs."""
     need = INFO[sampler].min_steps({})
-    return [i for i in range(every, steps, every) if steps - i >= need]
+    return [i for i in range(every - 1, steps - 1, every) if steps - i >= need]
 
 
 def check(search: Search, sampler: str, steps: int, teleport: bool) -> str | None:

@@ -219,7 +219,12 @@ class ImageModality(Modality):
         return ENCODINGS[output_format][1]
 
     def describe(self, spec) -> dict:
-        return {"size": f"{spec.image_shape[-1]}x{spec.image_shape[-2]}"}
+        shown: dict = {"size": f"{spec.image_shape[-1]}x{spec.image_shape[-2]}"}
+        if spec.verifier is not None:  # best_of / steering are available, up to this k
+            v = spec.verifier
+            name = f"classifier:{v.classifier}" if v.name == "classifier" else v.name
+            shown["verifier"] = {"name": name, "max_candidates": v.max_candidates}
+        return shown
 
     def start(self, job, model, dtype: torch.dtype, device: str) -> Started:
         inputs: ImageInputs = job.inputs

@@ -120,7 +120,7 @@ def test_steering_resamples_towards_the_verifier():
     verifier = MeanVerifier()
     _, choice = run(model, "dpmpp_2m", 5, 3, 2, 4, every=2, scale=1e9, verifier=verifier)
     final = verifier.calls[-1].view(2, 4, -1)
-    assert choice.resamples == 1
+    assert choice.resamples == 2
     assert all(torch.equal(final[i, 0], final[i, j]) for i in range(2) for j in range(4))
     # without steering the same seeds give four different candidates per image
     plain = MeanVerifier()
@@ -140,8 +140,10 @@ def test_ancestors_follow_the_weights_and_stay_in_their_image():
 
 
 def test_what_steering_cannot_do_is_said():
-    assert resample_points("dpmpp_2m", 4, 1) == [1, 2]  # 2M restarts need 2 steps left
-    assert resample_points("cm_multistep", 4, 2) == [2]
+    assert resample_points("dpmpp_2m", 4, 1) == [0, 1, 2]  # never after the last step
+    assert resample_points("dpmpp_3m", 4, 1) == [0, 1]  # a 3M restart needs 3 steps left
+    assert resample_points("cm_multistep", 4, 2) == [1]
+    assert resample_points("cm_multistep", 2, 1) == [0]
     steer = Search(4, 1)
     assert "teleport" in check(steer, "dpmpp_2m", 8, True)
     assert "one evaluation per step" in check(steer, "heun", 8, False)
