@@ -79,6 +79,7 @@ class Result:
     fd_eval: float | None
     images_per_s: float
     mean_score: float | None
+    side_by_side: float | None = None  # images/s, cells timed in turns (see `speeds`)
 
 
 @torch.inference_mode()
@@ -153,6 +154,17 @@ def measure(
     return Result(spec, n, nfe, accs[0], accs[1], fds[0], fds[1], n / seconds, mean)
 
 
+def speeds(model: LoadedModel, sampler: str, cells: list[Spec], n: int, rounds: int) -> list[float]:
+    """images/s of each cell, timed in turns (cell 1, 2, ..., 1, 2, ...) on n images each,
+    the median of `rounds`: on a shared machine, only ratios measured side by side mean
+    anything."""
+    times: list[list[float]] = [[] for _ in cells]
+    for r in range(rounds):
+        for i, spec in enumerate(cells):
+            times[i].append(n / sample(model, sampler, spec, n, seed=10_000 * (r + 1))[3])
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
 def _fd(v: float | None) -> str:
     return "" if v is None else f"{v:.2f}"
 
@@ -160,11 +172,13 @@ def _fd(v: float | None) -> str:
 def table(results: list[Result]) -> str:
     head = (
         "| cell | NFE/image | n | acc. (verifier clf) | acc. (eval clf) | FD (verifier "
-        "feats) | FD (eval feats) | images/s |\n|---|---|---|---|---|---|---|---|\n"
+        "feats) | FD (eval feats) | images/s (n run) | images/s (side by side) |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
     )
     return head + "\n".join(
         f"| {r.spec.label} | {r.nfe} | {r.n} | {r.acc_verifier:.3f} | {r.acc_eval:.3f} | "
-        f"{_fd(r.fd_verifier)} | {_fd(r.fd_eval)} | {r.images_per_s:.1f} |"
+        f"{_fd(r.fd_verifier)} | {_fd(r.fd_eval)} | {r.images_per_s:.1f} | "
+        f"{'' if r.side_by_side is None else f'{r.side_by_side:.1f}'} |"
         for r in results
     )
 
@@ -182,6 +196,10 @@ def add_parser(targets: argparse._SubParsersAction) -> None:
     p.add_argument("--classifier", default=str(CLASSIFIER))
     p.add_argument("--eval-classifier", default=str(EVAL_CLASSIFIER))
     p.add_argument("--out", default=None, help="also append the table to this file")
+    p.add_argument(
+        "--speed-n", type=int, default=0, help="also time every cell in turns on this many"
+    )
+    p.add_argument("--speed-rounds", type=int, default=3, help="turns for --speed-n (3)")
     p.add_argument(
         "--samples-dir", default=None, help="keep each cell's samples here and reuse them"
     )
@@ -221,6 +239,11 @@ def main(args: argparse.Namespace) -> int:
     results = [
         measure(got, spec, refs, not args.no_fd) for got, spec in zip(made, cells, strict=True)
     ]
+    if args.speed_n:
+        timed = speeds(model, sampler, cells, args.speed_n, args.speed_rounds)
+        results = [
+            dataclasses.replace(r, side_by_side=v) for r, v in zip(results, timed, strict=True)
+        ]
     text = (
         f"{args.model} ({sampler}), verifier {model.verifier.name}, lambda "
         f"{model.spec.verifier.potential_scale:g}; eval classifier {args.eval_classifier}; "

@@ -211,3 +211,14 @@ def test_a_classifier_verifier_needs_labels_and_matching_classes(cd_copy, tmp_pa
         load_verifier(spec.verifier, ROOT, replace(spec, labels=()))
     with pytest.raises(ValueError, match="do not match the model's labels"):
         load_verifier(spec.verifier, ROOT, replace(spec, labels=tuple(reversed(spec.labels))))
+
+
+def test_bench_cells_parse_and_refuse_what_they_cannot_mean():
+    from engines.scaling_bench import Spec
+
+    assert Spec.parse("plain:4") == Spec("plain", 1, 4, 0)
+    assert Spec.parse("best_of:4x1") == Spec("best_of", 4, 1, 0)
+    assert Spec.parse("steering:2x2/1") == Spec("steering", 2, 2, 1)
+    for bad in ("plain:2x2", "best_of:2x2/1", "steering:2x2", "beam:2x2", "best_of:"):
+        with pytest.raises(ValueError, match="cell"):
+            Spec.parse(bad)
