@@ -331,6 +331,13 @@ class ImageModality(Modality):
             TensorSpec("image", "UINT8", (-1, height, width, channels)),
             TensorSpec("seed", "INT64", (-1,)),
         ]
+        if spec.verifier is not None:  # best_of / steering; verifier_score empty without
+            inputs += [
+                TensorSpec("best_of", "INT32", (1,)),
+                TensorSpec("steering_particles", "INT32", (1,)),
+                TensorSpec("resample_every", "INT32", (1,)),
+            ]
+            outputs.append(TensorSpec("verifier_score", "FP32", (-1,)))
         return Signature.of(inputs, outputs)
 
     def from_tensors(self, spec, tensors: Mapping[str, list]) -> dict[str, Any]:
@@ -360,12 +367,23 @@ class ImageModality(Modality):
             fields["n"] = n
         fields["guidance_scale"] = scalar(tensors, "guidance_scale")
         fields["teleport"] = bool(scalar(tensors, "teleport"))
+        fields["best_of"] = scalar(tensors, "best_of")
+        particles, every = scalar(tensors, "steering_particles"), scalar(tensors, "resample_every")
+        if particles is not None:
+            fields["steering"] = {"particles": particles, "resample_every": every or 1}
+        elif every is not None:
+            raise InputError("input 'resample_every' needs 'steering_particles' beside it")
         return fields
 
     def to_tensors(self, spec, outputs: list[bytes], seeds: list[int], info: Info) -> dict:
         shape = self.signature(spec).outputs["image"].shape[1:]
         n = len(outputs)
-        return {
+        made = {
             "image": OutputTensor("image", "UINT8", [n, *shape], b"".join(outputs)),
             "seed": OutputTensor("seed", "INT64", [n], np.asarray(seeds, "<i8").tobytes()),
         }
+        if spec.verifier is not None:
+            scores = getattr(info, "scores", [])
+            raw = np.asarray(scores, "<f4").tobytes()
+            made["verifier_score"] = OutputTensor("verifier_score", "FP32", [len(scores)], raw)
+        return made

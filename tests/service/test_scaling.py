@@ -186,3 +186,32 @@ def test_same_request_alone_or_among_others_gives_the_same_images(client):
         mine = pool.submit(client.post, "/v1/images/generations", json=req)
         assert all(f.result().status_code == 200 for f in futures)
     assert mine.result().json()["data"] == alone
+
+
+def test_oip_takes_best_of_and_steering_and_returns_the_scores(client):
+    meta = client.get("/v2/models/scaled").json()
+    assert {"best_of", "steering_particles", "resample_every"} <= {
+        t["name"] for t in meta["inputs"]
+    }
+
+    def infer(*extra):
+        inputs = [
+            {"name": "label", "datatype": "BYTES", "shape": [2], "data": ["dark", "light"]},
+            {"name": "seed", "datatype": "INT64", "shape": [1], "data": [3]},
+            {"name": "steps", "datatype": "INT32", "shape": [1], "data": [4]},
+            *({"name": n, "datatype": "INT32", "shape": [1], "data": [v]} for n, v in extra),
+        ]
+        return client.post("/v2/models/scaled/infer", json={"inputs": inputs})
+
+    best = infer(("best_of", 3))
+    assert best.status_code == 200, best.text
+    out = {o["name"]: o for o in best.json()["outputs"]}
+    assert out["verifier_score"]["shape"] == [2] and out["image"]["shape"][0] == 2
+    steer = infer(("steering_particles", 2), ("resample_every", 1))
+    assert steer.status_code == 200, steer.text
+    plain = {o["name"]: o for o in infer().json()["outputs"]}
+    assert plain["verifier_score"]["shape"] == [0]
+    bad = infer(("best_of", 9))
+    assert bad.status_code == 400 and "best_of" in bad.json()["error"]
+    lonely = infer(("resample_every", 2))
+    assert lonely.status_code == 400 and "steering_particles" in lonely.json()["error"]
