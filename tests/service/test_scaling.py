@@ -215,3 +215,13 @@ def test_oip_takes_best_of_and_steering_and_returns_the_scores(client):
     assert bad.status_code == 400 and "best_of" in bad.json()["error"]
     lonely = infer(("resample_every", 2))
     assert lonely.status_code == 400 and "steering_particles" in lonely.json()["error"]
+
+
+def test_a_best_of_job_reports_its_scores_and_spend(client):
+    job = client.post("/v1/jobs", json={**BASE, "n": 2, "best_of": 2})
+    assert job.status_code == 202, job.text
+    result = client.get(f"/v1/jobs/{job.json()['id']}/result", params={"wait": 20})
+    body = result.json()
+    assert result.status_code == 200 and body["total_nfe"] == 2 * 2 * 4
+    assert body["scaling"]["method"] == "best_of"
+    assert all(isinstance(d["verifier_score"], float) for d in body["data"])
