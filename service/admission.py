@@ -144,7 +144,13 @@ def admit(state: ServiceState, req: Request, principal: Principal = ANONYMOUS) -
         raise InvalidRequest(err.message, param=err.param) from None
     sampler, steps = sampler_and_steps(spec, req.sampler, req.steps)
     budgets = auto_budgets(spec, req, sampler) if req.quality == "auto" else ()
-    steps = budgets[0] if budgets else steps
+    if budgets:  # the budgets its inputs can run with (steering needs steps to resample)
+        budgets = tuple(b for b in budgets if _plans(modality, spec, inputs, sampler, b))
+        steps = budgets[0] if budgets else steps
+    try:
+        modality.plan(spec, inputs, sampler, steps)
+    except InputError as err:
+        raise InvalidRequest(err.message, param=err.param) from None
     now = time.time()
     job = Job(
         model=spec.name,
@@ -165,6 +171,14 @@ def admit(state: ServiceState, req: Request, principal: Principal = ANONYMOUS) -
         step_budgets=list(budgets),
     )
     return Admitted(job, spec, modality)
+
+
+def _plans(modality: Modality, spec, inputs, sampler: str, steps: int) -> bool:
+    try:
+        modality.plan(spec, inputs, sampler, steps)
+    except InputError:
+        return False
+    return True
 
 
 def auto_budgets(spec, req: Request, sampler: str) -> tuple[int, ...]:
@@ -209,7 +223,7 @@ async def take_quota(state: ServiceState, principal: Principal, job: Job) -> Non
     `release`); RateLimited (429) when either is spent."""
     try:
         (await state.rate.acquire(principal)).check(principal, "requests")
-        (await state.in_flight.acquire(principal, job.id, job.n)).check(principal, "samples")
+        (await state.in_flight.acquire(principal, job.id, job.samples)).check(principal, "samples")
     except RateLimited:
         state.metrics.rejected.labels("rate_limited", principal.name).inc()
         raise

@@ -78,6 +78,12 @@ class Job:
         return self.inputs.rows(self.n)
 
     @property
+    def samples(self) -> int:
+        """Samples it computes (best_of candidates, steering particles): what quotas and
+        the queue's bound count."""
+        return self.inputs.samples(self.n)
+
+    @property
     def modality(self) -> Modality:
         return modality_named(self.inputs.kind)
 

@@ -115,6 +115,13 @@ class Metrics:
         self.nfe = Counter(
             "nfe_total", "Denoiser evaluations", ["model", "sampler"], namespace=ns, registry=r
         )
+        self.verifier_candidates = Counter(
+            "verifier_candidates_total",
+            "Candidates and particles a verifier scored (best_of, steering)",
+            ["model", "method"],
+            namespace=ns,
+            registry=r,
+        )
         self.active_jobs = Gauge(
             "active_jobs", "Jobs being sampled", ["model"], namespace=ns, registry=r
         )
@@ -178,6 +185,9 @@ class Metrics:
         if result.compute_seconds:
             self.queue_wait.labels(job.model).observe(result.queue_seconds)
             self.compute.labels(job.model, job.sampler).observe(result.compute_seconds)
+        searched = result.info.searched() if result.info is not None else None
+        if searched is not None:
+            self.verifier_candidates.labels(job.model, searched[0]).inc(searched[1])
         if result.info is not None and result.info.duration:
             rtf = result.total_seconds / result.info.duration
             self.real_time_factor.labels(job.model, job.sampler).observe(rtf)

@@ -21,6 +21,7 @@ from engines.runtimes.select import DEFAULT_PREFERENCE, Selection
 from engines.samplers import INFO
 from engines.schedules import DiscreteVP, consistency_grid, karras_sigmas, lcm_sigmas
 from engines.speech.spec import SpeechSpec
+from engines.verifiers import Verifier, VerifierConfig
 
 log = logging.getLogger("fewstep.engines")
 
@@ -108,6 +109,8 @@ class ModelSpec:
     # network kinds: runtimes to try in order (engines.runtimes.RUNTIMES) and their precision
     runtimes: tuple[str, ...] = DEFAULT_PREFERENCE
     precision: str = "fp32"
+    # image kinds: the verifier of best_of / steering requests (None: they are refused)
+    verifier: VerifierConfig | None = None
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -152,6 +155,7 @@ class LoadedModel:
     modules: tuple[torch.nn.Module, ...] = ()  # networks inside the denoiser and decoder
     engine: Selection | None = None  # network kinds: the runtime chosen and those skipped
     speech: object | None = None  # kind speech: engines.speech.model.Speech (text -> audio)
+    verifier: Verifier | None = None  # spec.verifier, loaded (engines.verifiers)
 
     def describe_runtime(self) -> dict:
         """The runtime that runs the network, its precision and device, and the reasons the

@@ -174,7 +174,7 @@ class RedisStreamsQueue(WorkerSide):
             "submit",
             job.id,
             json.dumps(job.to_dict()),
-            job.n,
+            job.samples,
             fingerprint,
             self.max_queued_samples,
             model_version(job.model, job.version),
@@ -198,7 +198,7 @@ class RedisStreamsQueue(WorkerSide):
                 self._fresh.popitem(last=False)
         if reply[0] == "full":
             queued = int(reply[1])
-            excess = queued + job.n - self.max_queued_samples
+            excess = queued + job.samples - self.max_queued_samples
             eta = self.drain.seconds_for(excess)
             raise QueueFull(
                 f"the queue holds {queued} samples (limit {self.max_queued_samples}); "
