@@ -370,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     samplers.add_argument("--samplers", default="", help="comma-separated subset (default: all)")
     samplers.set_defaults(run=_bench_samplers)
     _add_bench_engines(targets)
+    from engines import scaling_bench
+
+    scaling_bench.add_parser(targets)
     _add_build(commands)
     _add_serve(commands)
     _add_worker(commands)

@@ -109,7 +109,7 @@ class MemoryQueue:
                         param="Idempotency-Key",
                     )
                 return first.job, False
-        excess = self._queued_samples + job.n - self.max_queued_samples
+        excess = self._queued_samples + job.samples - self.max_queued_samples
         if excess > 0:
             raise QueueFull(
                 f"the queue holds {self._queued_samples} samples "
@@ -123,7 +123,7 @@ class MemoryQueue:
         if job.idempotency_key is not None:
             self._keys[scoped] = job.id
         heapq.heappush(self._heap, (*entry.key, job.id))
-        self._queued_samples += job.n
+        self._queued_samples += job.samples
         self._queued_jobs += 1
         self._by_priority[job.priority] += 1
         self._work.setdefault((job.model, job.version), Counter())[job.priority] += job.cost
@@ -169,7 +169,7 @@ class MemoryQueue:
         return True
 
     def _take_queued(self, entry: _Entry) -> None:
-        self._queued_samples -= entry.job.n
+        self._queued_samples -= entry.job.samples
         self._queued_jobs -= 1
         self._by_priority[entry.job.priority] -= 1
         self._queued_work[entry.job.model, entry.job.version] -= entry.job.cost
@@ -193,12 +193,12 @@ class MemoryQueue:
             entry = self._entries.get(item[3])
             if entry is None or entry.state is not JobState.QUEUED:
                 continue
-            if entry.job.n > budget or (
+            if entry.job.samples > budget or (
                 models is not None and (entry.job.model, entry.job.version) not in models
             ):
                 skipped.append(item)
                 continue
-            budget -= entry.job.n
+            budget -= entry.job.samples
             self._take_queued(entry)
             entry.state = JobState.RUNNING
             entry.touch()
@@ -219,7 +219,7 @@ class MemoryQueue:
         self._result_bytes += _size(result)
         entry.done.set()
         if result.state is JobState.SUCCEEDED:
-            self.drain.add(entry.job.n)
+            self.drain.add(entry.job.samples)
             mv = (entry.job.model, entry.job.version)
             busy = self._queued_work[mv] > 0
             self._rates.setdefault(mv, WorkRate()).add(entry.job.cost, busy)
@@ -298,7 +298,7 @@ class MemoryQueue:
             other = self._entries.get(item[3])
             if other is not None and other.state is JobState.QUEUED and other.key < entry.key:
                 jobs += 1
-                samples += other.job.n
+                samples += other.job.samples
         return jobs, samples
 
     async def status(self, job_id: str) -> JobStatus | None:

@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.retry import Retry
 
 from service.errors import Conflict, QueueFull
@@ -53,6 +53,7 @@ from service.queue.redis_common import (
     _guarded,
     _unavailable,
     consumer_name,
+    transient,
 )
 from service.queue.redis_scripts import sources
 from service.queue.redis_worker import WorkerSide
@@ -173,7 +174,7 @@ class RedisStreamsQueue(WorkerSide):
             "submit",
             job.id,
             json.dumps(job.to_dict()),
-            job.n,
+            job.samples,
             fingerprint,
             self.max_queued_samples,
             model_version(job.model, job.version),
@@ -197,7 +198,7 @@ class RedisStreamsQueue(WorkerSide):
                 self._fresh.popitem(last=False)
         if reply[0] == "full":
             queued = int(reply[1])
-            excess = queued + job.n - self.max_queued_samples
+            excess = queued + job.samples - self.max_queued_samples
             eta = self.drain.seconds_for(excess)
             raise QueueFull(
                 f"the queue holds {queued} samples (limit {self.max_queued_samples}); "
@@ -331,7 +332,9 @@ class RedisStreamsQueue(WorkerSide):
                     entries = reply[0][1] if reply else []
                     if not entries and not await self.redis.exists(key, self.keys.job(job_id)):
                         return  # expired
-            except DOWN:
+            except (*DOWN, ResponseError) as exc:
+                if isinstance(exc, ResponseError) and not transient(exc):
+                    raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue

@@ -195,9 +195,9 @@ class Worker:
         jobs = await self.queue.claim(free, 0.05 if not self.actives else 0.0, self.claim_models)
         if self.static and jobs:
             deadline = time.monotonic() + self.max_queue_delay
-            while sum(j.n for j in jobs) < self.capacity and time.monotonic() < deadline:
+            while sum(j.samples for j in jobs) < self.capacity and time.monotonic() < deadline:
                 more = await self.queue.claim(
-                    self.capacity - sum(j.n for j in jobs),
+                    self.capacity - sum(j.samples for j in jobs),
                     deadline - time.monotonic(),
                     self.claim_models,
                 )
@@ -332,7 +332,7 @@ class Worker:
             state,
             outputs=list(outputs),
             media_type=job.modality.media_type(job.output_format),
-            seeds=row_seeds(job.seed, job.n) if outputs else [],
+            seeds=_seeds(job, info) if outputs else [],
             nfe=active.nfe if active else 0,
             queue_seconds=started - job.submit_time,
             compute_seconds=now - started,
@@ -381,6 +381,12 @@ def _timed(fn, *args, **kwargs):
     """fn's result and the seconds it took (measured where it runs)."""
     begin = time.perf_counter()
     return fn(*args, **kwargs), time.perf_counter() - begin
+
+
+def _seeds(job: Job, info) -> list[int]:
+    """Each output's seed: the request's row seeds, or the modality's (a best_of pick)."""
+    chosen = info.output_seeds() if info is not None else None
+    return chosen or row_seeds(job.seed, job.n)
 
 
 def build_worker(queue, models: dict, metrics: Metrics, settings, claim_models=None) -> Worker:

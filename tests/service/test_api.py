@@ -345,7 +345,8 @@ def test_admission_control_answers_429_with_retry_after():
                 retry = r.headers["retry-after"]
                 assert "queue holds" in r.json()["error"]["message"]
         assert 429 in codes and 202 in codes and int(retry) >= 1
-        assert 'fewstep_rejected_total{reason="queue_full"}' in c.get("/metrics").text
+        rejected = 'fewstep_rejected_total{principal="anonymous",reason="queue_full"}'
+        assert rejected in c.get("/metrics").text
 
 
 def test_static_batching_mode_serves_the_same_results():

@@ -200,8 +200,9 @@ def refuses_by_predicted_wait_and_unmeetable_deadline(url: str) -> None:
         assert time.perf_counter() - begin < 1.0  # answered at once, not after the deadline
         assert r.status_code == 429 and r.json()["error"]["code"] == "deadline_unmeetable"
         metrics = c.get("/metrics").text
-        assert 'fewstep_rejected_total{reason="predicted_wait"}' in metrics
-        assert 'fewstep_rejected_total{reason="deadline_unmeetable"} 1.0' in metrics
+        assert 'fewstep_rejected_total{principal="anonymous",reason="predicted_wait"}' in metrics
+        unmeetable = 'fewstep_rejected_total{principal="anonymous",reason="deadline_unmeetable"}'
+        assert f"{unmeetable} 1.0" in metrics
         assert "deadline_unmeetable" not in before
 
 
