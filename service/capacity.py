@@ -8,8 +8,9 @@ drain them while work waits (backlog.py). A new job waits for that work at its p
 or above: wait = ahead / rate. It is
 refused (429) when that exceeds the model's target for its priority (`Overloaded`), or
 when it exceeds the time left to its own deadline (`DeadlineUnmeetable`). Until a model's
-drain rate has been measured (its queue has not yet had work waiting), nothing is
-refused here: the queued-samples bound is the guard, not a guessed capacity.
+drain rate has been measured (its queue has not yet had work waiting), the rate is the
+engine speed its worker timed and announced at start (JobQueue.seed_rate); with neither,
+nothing is refused here and the queued-samples bound is the guard.
 """
 
 from __future__ import annotations

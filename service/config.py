@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     inline_compute_ms: float = Field(
         2.0, ge=0, description="passes shorter than this run on the event loop, not a thread"
     )
+    inline_lone_ms: float = Field(
+        20.0,
+        ge=0,
+        description="the same for a job alone in the worker: no other work overlaps its pass",
+    )
 
     request_timeout_s: float = Field(300.0, gt=0, description="synchronous endpoints give up after")
     max_body_bytes: int = Field(65536, ge=1024)

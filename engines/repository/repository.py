@@ -119,6 +119,7 @@ class Repository:
         progress: Progress | None = None,
         runtimes: Sequence[str] | None = None,
         latency_curve: str | None = None,
+        ungated_int8: bool | None = None,
     ) -> LoadedModel:
         """Read a version's files, check them against model.yaml, return the runnable model.
 
@@ -135,6 +136,7 @@ class Repository:
             "threads": threads,
             "progress": progress,
             "latency_curve": latency_curve,
+            "ungated_int8": ungated_int8,  # the INT8 quality gate loads its candidate
         }
 
         def wrap(net: torch.nn.Module) -> RuntimeNet:

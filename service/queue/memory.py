@@ -82,6 +82,7 @@ class MemoryQueue:
         self._work: dict[tuple[str, int], Counter[int]] = {}
         self._queued_work: Counter[tuple[str, int]] = Counter()
         self._rates: dict[tuple[str, int], WorkRate] = {}
+        self._seeds: dict[tuple[str, int], float] = {}  # the worker's engine speed
         self._wakeup = asyncio.Event()
         self.drain = DrainRate()
         self.heartbeat_s: float | None = None  # claims live as long as the process
@@ -317,4 +318,9 @@ class MemoryQueue:
     async def backlog(self, model: str, version: int) -> Backlog:
         work = self._work.get((model, version), {})
         rate = self._rates.get((model, version))
-        return Backlog({p: w for p, w in work.items() if w > 0}, rate and rate.rate)
+        measured = rate.rate if rate is not None else None
+        rate = measured if measured is not None else self._seeds.get((model, version))
+        return Backlog({p: w for p, w in work.items() if w > 0}, rate)
+
+    async def seed_rate(self, model: str, version: int, row_steps_per_s: float) -> None:
+        self._seeds[model, version] = row_steps_per_s

@@ -255,8 +255,16 @@ class RedisStreamsQueue(WorkerSide):
         mv = model_version(model, version)
         work = await self.redis.hgetall(self.keys.work(mv))
         rate = self._rates.get(mv)
-        by_priority = {int(p): int(w) for p, w in work.items() if p != "queued" and int(w) > 0}
-        return Backlog(by_priority, rate and rate.rate)
+        measured = rate.rate if rate is not None else None
+        seed = work.pop("seed", None)  # a worker's engine speed, until a rate is measured
+        work.pop("queued", None)
+        by_priority = {int(p): int(w) for p, w in work.items() if int(w) > 0}
+        return Backlog(by_priority, measured if measured is not None else _float(seed))
+
+    @_guarded
+    async def seed_rate(self, model: str, version: int, row_steps_per_s: float) -> None:
+        mv = model_version(model, version)
+        await self.redis.hset(self.keys.work(mv), "seed", repr(float(row_steps_per_s)))
 
     # -- results and events ---------------------------------------------------------------
 
@@ -413,3 +421,10 @@ class RedisStreamsQueue(WorkerSide):
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result("")
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
