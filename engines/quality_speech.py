@@ -199,7 +199,7 @@ def _cell(value: float | int | None, fmt: str) -> str:
 def table(rows: list[Row], dur: tuple[float, float], n: int, hardware: str) -> str:
     lines = [
         "| model / sampler | vocoder | NFE | WER | MCD-DTW audio (dB) | MCD-DTW mel (dB) "
-        f"| RTF (median of {RTF_SENTENCES}) |",
+        f"| RTF (median of {min(n, RTF_SENTENCES)}) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
