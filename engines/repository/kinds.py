@@ -173,14 +173,25 @@ def _load_lcm(spec: ModelSpec, folder: Path, wrap: Wrap) -> Parts:
 
 def _load_speech(spec: ModelSpec, folder: Path, wrap: Wrap | None = None) -> Parts:
     """Kind speech: encoder, denoiser and mel statistics in one torch module (runtimes other
-    than torch are not offered for it yet, so `wrap` is not used)."""
+    than torch are not offered for it yet), and its vocoder: Griffin-Lim, or the shared
+    neural vocoder model.yaml names, on the runtime `wrap.select` picks (torch if none)."""
     from engines.nets.tts import TTS
+    from engines.nets.vocoder import Vocos
+    from engines.repository import vocoders
     from engines.speech.model import Speech
 
     path = folder / "weights.safetensors"
     tts = load_weights(TTS(spec.speech.network), path, "the network weights")
-    speech = Speech(spec, tts)
-    return Parts(speech.denoiser, None, [path], (tts,), speech=speech)
+    files, modules, vocoder = [path], [tts], None
+    if spec.speech.vocoder != vocoders.GRIFFIN_LIM:
+        vspec = vocoders.read_vocoder(folder.parent.parent, spec.speech.vocoder)
+        select = getattr(wrap, "select", None) or vocoders.torch_select
+        weights = vocoders.weights_path(vspec)
+        net = load_weights(Vocos(vspec.network), weights, "the vocoder weights")
+        vocoder = vocoders.neural_vocoder(vspec, net, select)
+        files, modules = [path, weights], [tts, net]
+    speech = Speech(spec, tts, vocoder)
+    return Parts(speech.denoiser, None, files, tuple(modules), speech=speech)
 
 
 KINDS: dict[str, Kind] = {

@@ -20,10 +20,11 @@ from engines.repository.spec import (
     SamplingSpec,
     normal_text,
 )
+from engines.repository.vocoders import check_fits, read_vocoder
 from engines.runtimes.base import PRECISIONS
 from engines.runtimes.select import DEFAULT_PREFERENCE, RUNTIMES
 from engines.samplers import INFO, SAMPLERS
-from engines.speech.spec import parse_speech
+from engines.speech.spec import GRIFFIN_LIM, parse_speech
 from engines.verifiers import VERIFIERS, VerifierConfig
 
 _MISSING = object()
@@ -279,9 +280,17 @@ def _parse_speech_section(f: _Fields, kind: str) -> dict[str, object]:
         return {}
     raw = f.get("speech", "a mapping of SpeechSpec fields", lambda v: True)
     try:
-        return {"speech": parse_speech(raw)}
+        speech = parse_speech(raw)
     except ValueError as err:
         raise RepositoryError(f"{f.path}: speech: {err}") from None
+    if speech.vocoder != GRIFFIN_LIM:  # the shared vocoder exists and takes these mels
+        where = f"{f.path}: speech.vocoder"
+        try:
+            vocoder = read_vocoder(f.path.parent.parent, speech.vocoder)
+        except RepositoryError as err:
+            raise RepositoryError(f"{where}: {err}") from None
+        check_fits(vocoder, speech.sample_rate, speech.hop, speech.network.n_mels, where)
+    return {"speech": speech}
 
 
 def _parse_runtimes(f: _Fields, kind: str) -> dict[str, object]:

@@ -144,6 +144,13 @@ class Repository:
             chosen.append(select(runtimes or spec.runtimes, ctx))
             return RuntimeNet(chosen[-1].runtime, null_label=spec.network.classes)
 
+        def select_for(net, io, model, preferences, label_high, weights) -> Selection:
+            """A network besides the model's own (a shared vocoder) on its runtime."""
+            buckets = batch_buckets(spec.max_batch_size)
+            ctx = _side_context(net, io, model, label_high, weights, buckets, options)
+            return select(runtimes or preferences, ctx)
+
+        wrap.select = select_for  # type: ignore[attr-defined]
         parts = KINDS[spec.kind].load(spec, folder, wrap)
         verifier = self._verifier(spec)
         engine = chosen[0] if chosen else None
@@ -171,6 +178,35 @@ class Repository:
         except VerifierError as err:
             raise RepositoryError(f"{entry.folder / MODEL_FILE}: verifier: {err}") from None
 
+    def vocoder(
+        self,
+        name: str,
+        *,
+        cache: EngineCache | None = None,
+        threads: int | None = None,
+        runtimes: Sequence[str] | None = None,
+        max_batch_size: int = 16,
+    ):
+        """A vocoder by name: `griffin-lim`, or a neural vocoder of `<root>/_vocoders/` on
+        the first of its runtimes (or of `runtimes`) that loads on the CPU."""
+        from engines.nets.vocoder import Vocos
+        from engines.repository import vocoders
+        from engines.speech.audio import GriffinLim, MelConfig
+
+        if name == vocoders.GRIFFIN_LIM:
+            return GriffinLim(MelConfig())
+        vspec = vocoders.read_vocoder(self.root, name)
+        weights = vocoders.weights_path(vspec)
+        net = load_weights(Vocos(vspec.network), weights, "the vocoder weights")
+        options = {"cache": cache, "threads": threads}
+
+        def select_for(net, io, model, preferences, label_high, weights) -> Selection:
+            buckets = batch_buckets(max_batch_size)
+            ctx = _side_context(net, io, model, label_high, weights, buckets, options)
+            return select(runtimes or preferences, ctx)
+
+        return vocoders.neural_vocoder(vspec, net, select_for)
+
     def engine_context(self, name: str, version: int | None = None, **options) -> EngineContext:
         """A version's network (fp32, on the CPU) with what building its engines needs;
         `options` are EngineContext fields (device, precision, cache, threads, force, ...)."""
@@ -196,5 +232,19 @@ def _engine_context(
         buckets=batch_buckets(spec.max_batch_size),
         label_high=len(spec.labels) + 1,
         calibration=Calibration.for_spec(spec),
+        **{"cache": EngineCache(), **options},
+    )
+
+
+def _side_context(net, io, model, label_high, weights, buckets, options) -> EngineContext:
+    """The engine context of a network a model shares (a vocoder): its own weights."""
+    options = {k: v for k, v in options.items() if v is not None}
+    return EngineContext(
+        model=model,
+        fingerprint=fingerprint([weights]),
+        net=net,
+        io=io,
+        buckets=buckets,
+        label_high=label_high,
         **{"cache": EngineCache(), **options},
     )

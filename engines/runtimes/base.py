@@ -28,16 +28,30 @@ class RuntimeInputError(ValueError):
     """Inputs that do not match the network's IOSpec; the message names the input."""
 
 
+RANDOM_LENGTH = 24  # a dynamic dimension's size in random inputs
+
+
 @dataclass(frozen=True)
 class TensorSpec:
-    """One named input or output: dtype and the shape of one row (the batch is dim 0)."""
+    """One named input or output: dtype and the shape of one row (the batch is dim 0).
+    A None dimension is dynamic (a vocoder's frames): any size is accepted there."""
 
     name: str
     dtype: torch.dtype
-    row_shape: tuple[int, ...]
+    row_shape: tuple[int | None, ...]
 
-    def shape(self, rows: int) -> tuple[int, ...]:
+    def shape(self, rows: int) -> tuple[int | None, ...]:
         return (rows, *self.row_shape)
+
+    @property
+    def dynamic(self) -> bool:
+        return None in self.row_shape
+
+    def fits(self, shape: Sequence[int], rows: int) -> bool:
+        want = self.shape(rows)
+        return len(shape) == len(want) and all(
+            w is None or w == g for w, g in zip(want, shape, strict=True)
+        )
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,18 @@ class IOSpec:
     @property
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether a dimension besides the batch is dynamic (no fixed-shape engines)."""
+        return any(t.dynamic for t in (*self.inputs, *self.outputs))
+
+    def require_static(self, runtime: str) -> None:
+        """RuntimeUnavailable for runtimes that compile fixed shapes per batch bucket."""
+        if self.dynamic:
+            raise RuntimeUnavailable(
+                f"{runtime} compiles fixed shapes; this network has a dynamic dimension"
+            )
 
     def signature(self) -> str:
         """A stable text of names, dtypes and row shapes (part of the build cache key)."""
@@ -80,7 +106,7 @@ class IOSpec:
                 got = value.dtype if isinstance(value, Tensor) else type(value).__name__
                 raise RuntimeInputError(f"input {t.name!r} must be a {t.dtype} tensor, got {got}")
             rows = value.shape[0] if rows is None and value.ndim else rows
-            if value.ndim == 0 or tuple(value.shape) != t.shape(rows):
+            if value.ndim == 0 or not t.fits(value.shape, rows):
                 raise RuntimeInputError(
                     f"input {t.name!r} must have shape {['batch', *t.row_shape]} with the "
                     f"same batch as the other inputs ({rows}), got {list(value.shape)}"
@@ -92,13 +118,15 @@ class IOSpec:
     def random(
         self, rows: int, generator: torch.Generator, device: str = "cpu", label_high: int = 1
     ) -> dict[str, Tensor]:
-        """Random inputs of `rows` rows (equivalence checks, benchmarks)."""
+        """Random inputs of `rows` rows (equivalence checks, benchmarks); dynamic dimensions
+        get RANDOM_LENGTH."""
         out = {}
         for t in self.inputs:
+            shape = tuple(RANDOM_LENGTH if d is None else d for d in t.shape(rows))
             if t.dtype == torch.int64:
-                value = torch.randint(0, label_high, t.shape(rows), generator=generator)
+                value = torch.randint(0, label_high, shape, generator=generator)
             else:
-                value = torch.randn(t.shape(rows), generator=generator, dtype=t.dtype)
+                value = torch.randn(shape, generator=generator, dtype=t.dtype)
             out[t.name] = value.to(device)
         return out
 

@@ -58,22 +58,32 @@ def network_io(spec) -> IOSpec:
 
 
 class Exportable(nn.Module):
-    """The network with positional, named inputs (what ONNX and TensorRT see)."""
+    """The network with positional, named inputs (what ONNX and TensorRT see). A denoiser
+    network takes (x, c_noise, cond); any other (a vocoder) its inputs in IOSpec order."""
 
     def __init__(self, net: nn.Module, io: IOSpec) -> None:
         super().__init__()
         self.net, self.names = net, io.input_names
 
     def forward(self, *args: Tensor) -> Tensor:
+        if self.names[:2] != ["x", "c_noise"]:
+            return self.net(*args)
         named = dict(zip(self.names, args, strict=True))
         x, c_noise = named.pop("x"), named.pop("c_noise")
         return self.net(x, c_noise, named or None)
 
 
-def export_onnx(net: nn.Module, io: IOSpec, path: Path, opset: int = OPSET) -> None:
-    """Write the network as ONNX with a dynamic batch on every input and output."""
-    example = io.random(2, torch.Generator().manual_seed(0))
-    axes = {name: {0: "batch"} for name in [*io.input_names, *io.output_names]}
+def export_onnx(
+    net: nn.Module, io: IOSpec, path: Path, opset: int = OPSET, label_high: int = 1
+) -> None:
+    """Write the network as ONNX with a dynamic batch on every input and output (and the
+    IOSpec's dynamic dimensions dynamic too)."""
+    example = io.random(2, torch.Generator().manual_seed(0), label_high=label_high)
+    axes = {
+        t.name: {0: "batch"}
+        | {i + 1: f"{t.name}_{i + 1}" for i, d in enumerate(t.row_shape) if d is None}
+        for t in (*io.inputs, *io.outputs)
+    }
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         # the tracer warns about Python arithmetic on shapes; the dynamic batch is checked
         # by verify() at several batch sizes instead

@@ -83,7 +83,7 @@ def onnx_artifact(ctx: EngineContext) -> Artifact:
     def build(path) -> dict:
         net = cpu_copy(ctx.net)
         ctx.progress(f"{ctx.model}: [1/3] exporting the network to ONNX (opset {OPSET})")
-        export_onnx(net, ctx.io, path)
+        export_onnx(net, ctx.io, path, label_high=ctx.label_high)
         ctx.progress(f"{ctx.model}: [2/3] onnx.checker")
         onnx.checker.check_model(str(path), full_check=True)
         ctx.progress(f"{ctx.model}: [3/3] ONNX Runtime (CPU) against torch, fp32")
@@ -107,6 +107,8 @@ def onnx_artifact(ctx: EngineContext) -> Artifact:
 def _onnxruntime(provider: str) -> Callable[[EngineContext], Runtime]:
     def load(ctx: EngineContext) -> Runtime:
         check_provider(provider, ctx.device, ctx.precision)  # before exporting anything
+        if provider != "cpu":  # IO binding allocates outputs of known shape
+            ctx.io.require_static(f"onnxruntime-{provider}")
         artifact = onnx_artifact(ctx)
         # the TensorRT provider's engines depend on precision and the bucket profiles too
         engines = artifact.path.parent / f"ort-{provider}-{ctx.precision}-{ctx.buckets[-1]}"
@@ -139,6 +141,7 @@ def _onnxruntime(provider: str) -> Callable[[EngineContext], Runtime]:
 
 def _tensorrt(ctx: EngineContext) -> Runtime:
     trt = import_tensorrt()
+    ctx.io.require_static("tensorrt")
     if not ctx.device.startswith("cuda"):
         raise RuntimeUnavailable("TensorRT needs device cuda")
     onnx_file = onnx_artifact(ctx).path
@@ -158,6 +161,8 @@ def _tensorrt(ctx: EngineContext) -> Runtime:
 
 def _torch(cuda_graphs: bool) -> Callable[[EngineContext], Runtime]:
     def load(ctx: EngineContext) -> Runtime:
+        if cuda_graphs:
+            ctx.io.require_static("torch-cudagraphs")
         module = Exportable(ctx.net.to(ctx.device), ctx.io)
         return TorchRuntime(module, ctx.io, ctx.precision, cuda_graphs, ctx.buckets)
 
@@ -198,6 +203,7 @@ def _onnxruntime_int8(ctx: EngineContext) -> Runtime:
 
 
 def _simulated(ctx: EngineContext) -> Runtime:
+    ctx.io.require_static("simulated")
     curve = LatencyCurve.load(ctx.latency_curve)
     log.warning(
         "%s: runtime `simulated` FOR MEASUREMENT ONLY: the network does not run; each "

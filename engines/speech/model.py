@@ -253,17 +253,28 @@ class Speech:
         return self._vocoder
 
     @torch.no_grad()
-    def waves(self, x: Tensor, frames: Tensor, should_stop: StopCheck = never) -> list[Tensor]:
-        """Final standardised mels -> one waveform per sentence, each vocoded at its own
-        length (not padded to the longest). Raises Stopped once should_stop() is true
-        (checked between sentences and between vocoder iterations)."""
+    def waves(
+        self,
+        x: Tensor,
+        frames: Tensor,
+        should_stop: StopCheck = never,
+        vocoder: Vocoder | None = None,
+    ) -> list[Tensor]:
+        """Final standardised mels -> one waveform per sentence. A batched (neural) vocoder
+        takes the padded mels in one pass, each row masked and trimmed to its length;
+        Griffin-Lim vocodes each sentence at its own length (not padded to the longest).
+        Raises Stopped once should_stop() is true (checked between sentences and between
+        vocoder iterations). `vocoder` replaces the model's own (evaluations compare them)."""
+        vocoder = vocoder or self.vocoder
         mels = self.tts.to_log_mel(x.float().cpu())
+        if getattr(vocoder, "batched", False):
+            return vocoder(mels, frames.cpu().clamp(min=1), should_stop)
         out = []
         for i, n in enumerate(frames.cpu().tolist()):
             if should_stop():
                 raise Stopped("vocoding stopped: the job was canceled or is past its deadline")
             n = max(int(n), 1)
-            out += self.vocoder(mels[i : i + 1, :, :n], torch.tensor([n]), should_stop)
+            out += vocoder(mels[i : i + 1, :, :n], torch.tensor([n]), should_stop)
         return out
 
     def join(self, waves: list[Tensor]) -> Tensor:
@@ -275,9 +286,15 @@ class Speech:
         peak = float(audio.abs().max()) if audio.numel() else 0.0
         return audio * (0.9 / peak) if peak > 1e-4 else audio
 
-    def audio(self, x: Tensor, frames: Tensor, should_stop: StopCheck = never) -> Tensor:
+    def audio(
+        self,
+        x: Tensor,
+        frames: Tensor,
+        should_stop: StopCheck = never,
+        vocoder: Vocoder | None = None,
+    ) -> Tensor:
         """The whole request's waveform: sentences vocoded, joined and peak-normalised."""
-        return self.join(self.waves(x, frames, should_stop))
+        return self.join(self.waves(x, frames, should_stop, vocoder))
 
     def render(
         self, x: Tensor, frames: Tensor, fmt: str, should_stop: StopCheck = never

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from torch import Tensor
 
@@ -11,6 +12,8 @@ from engines.nets.tts import TTSConfig
 from engines.schedules import consistency_grid, karras_sigmas
 
 PARAMETERISATIONS = ("edm", "consistency")
+GRIFFIN_LIM = "griffin-lim"
+VOCODER_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 # OpenAI's standard voices, so unmodified clients work; each maps onto the model's voice.
 OPENAI_VOICES = tuple(
     [
@@ -49,6 +52,9 @@ class SpeechSpec:
     # to a long one run for minutes. Optional in model.yaml.
     max_seconds_per_sentence: float = 40.0
     max_seconds_per_request: float = 320.0
+    # The vocoder: a neural vocoder's name (model_repo/_vocoders/<name>/, shared by the
+    # speech models that name it) or "griffin-lim", which needs no weights. Optional.
+    vocoder: str = GRIFFIN_LIM
 
     @property
     def max_frames_per_sentence(self) -> int:
@@ -79,6 +85,7 @@ OPTIONAL = {
     for f in dataclasses.fields(SpeechSpec)
     if f.name in ("max_seconds_per_sentence", "max_seconds_per_request")
 }
+OPTIONAL_KEYS = (*OPTIONAL, "vocoder")
 
 
 def parse_speech(data: object) -> SpeechSpec:
@@ -89,7 +96,7 @@ def parse_speech(data: object) -> SpeechSpec:
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown}; the keys are {names}")
-    missing = sorted(set(names) - set(data) - set(OPTIONAL))
+    missing = sorted(set(names) - set(data) - set(OPTIONAL_KEYS))
     if missing:
         raise ValueError(f"missing key(s) {missing}")
     try:
@@ -124,6 +131,12 @@ def parse_speech(data: object) -> SpeechSpec:
         limits[key] = float(value)
     if limits["max_seconds_per_sentence"] > limits["max_seconds_per_request"]:
         raise ValueError("max_seconds_per_sentence must not exceed max_seconds_per_request")
+    vocoder = data.get("vocoder", GRIFFIN_LIM)
+    if not isinstance(vocoder, str) or not VOCODER_NAME.fullmatch(vocoder):
+        raise ValueError(
+            f"vocoder must be {GRIFFIN_LIM!r} or the name of a folder under "
+            f"model_repo/_vocoders/ (lower-case letters, digits, '.', '_', '-'), got {vocoder!r}"
+        )
     return SpeechSpec(
         network,
         data["parameterisation"],
@@ -134,4 +147,5 @@ def parse_speech(data: object) -> SpeechSpec:
         data["max_chars"],
         data["max_sentences"],
         **limits,
+        vocoder=vocoder,
     )

@@ -1,5 +1,5 @@
-"""`fewstep train speech-data | speech-teacher | prodiff | comospeech`: the speech recipes'
-arguments and dispatch (registered by engines.training.recipes)."""
+"""`fewstep train speech-data | speech-teacher | prodiff | comospeech | vocoder`: the speech
+recipes' arguments and dispatch (registered by engines.training.recipes)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engines.nets.tts import TTSConfig
+from engines.nets.vocoder import VocoderConfig
+from engines.training.package_speech import VOCODER
 from engines.training.registry import Recipe, run_config
 
 CORPUS = "runs/speech-data/corpus.pt"
@@ -21,11 +23,18 @@ DEFAULTS = {
         "lr": 2e-4,
         "minutes": 10.0,
     },
+    "vocoder": {
+        "out": f"model_repo/_vocoders/{VOCODER}",
+        "steps": 100_000,
+        "lr": 5e-4,
+        "minutes": 45.0,
+    },
 }
 HELP = {
     "speech-teacher": "Grad-TTS-style EDM teacher on the speech corpus",
     "prodiff": "ProDiff 2-step student (progressive distillation of the speech teacher)",
     "comospeech": "CoMoSpeech 1-step student (consistency distillation of the speech teacher)",
+    "vocoder": "Vocos-style neural vocoder (log-mel -> STFT magnitude and phase) for speech",
 }
 
 
@@ -72,6 +81,18 @@ def _arguments(name: str) -> Callable[[argparse.ArgumentParser], None]:
             p.add_argument("--dec-width", type=int, default=192)
             p.add_argument("--dec-blocks", type=int, default=8)
             p.add_argument("--sigma-mix", type=float, default=0.5)
+        elif name == "vocoder":
+            p.add_argument("--name", default=VOCODER, help=f"vocoder name ({VOCODER})")
+            p.add_argument("--width", type=int, default=VocoderConfig.width)
+            p.add_argument("--blocks", type=int, default=VocoderConfig.blocks)
+            p.add_argument("--segment", type=int, default=64, help="frames per segment (64)")
+            p.add_argument("--mel-weight", type=float, default=1.0)
+            p.add_argument(
+                "--threads",
+                type=int,
+                default=0,
+                help="torch CPU threads (0: torch's default; 1 is fastest on a busy machine)",
+            )
         else:
             p.add_argument("--teacher", default=TEACHER, help=f"teacher package ({TEACHER})")
 
@@ -93,6 +114,16 @@ def main(args: argparse.Namespace) -> int:
         net = TTSConfig(width=args.width, dec_width=args.dec_width, dec_blocks=args.dec_blocks)
         settings = speech.TeacherSettings(sigma_mix=args.sigma_mix)
         speech.run_teacher(run, net, settings)
+    elif args.recipe == "vocoder":
+        import torch
+
+        from engines.training import vocoder
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        net = VocoderConfig(width=args.width, blocks=args.blocks)
+        settings = vocoder.VocoderSettings(segment=args.segment, mel_weight=args.mel_weight)
+        vocoder.run(run, args.name, net, settings)
     elif args.recipe == "prodiff":
         speech.run_prodiff(run, args.teacher, speech.ProDiffSettings())
     else:
