@@ -11,8 +11,10 @@ cycling over the labels:
 
 - fixed: `steps` = the top budget; admission by predicted wait refuses (429) what cannot
   meet the deadline or waits past the model's target;
-- auto: `quality: "auto"`; admission picks the most steps whose predicted finish meets the
-  deadline at the current load.
+- auto, greedy (`FEWSTEP_AUTO_QUALITY=greedy`): `quality: "auto"`; admission picks the most
+  steps whose predicted finish meets the deadline at the current load;
+- auto, graded (the default): the same, keeping headroom for the larger budgets (the i-th
+  of m must finish within (i+1)/m of the deadline).
 
 Per policy: requests, share served within the deadline, 429 share, mean steps of what was
 served, p50/p99 latency of what was served, images/s, and the FD and class accuracy of the
@@ -44,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from engines import quality  # noqa: E402
 from engines.repository import Repository  # noqa: E402
-from loadtest.run import ServerProcess, client_for, percentile  # noqa: E402
+from loadtest.procs import Processes, fewstep, free_port  # noqa: E402
+from loadtest.run import client_for, percentile  # noqa: E402
 
 
 def say(text: str) -> None:
@@ -72,6 +75,12 @@ async def send(client: httpx.AsyncClient, body: dict, label: int) -> Served:
     data = r.json()
     pngs = [base64.b64decode(d["b64_json"]) for d in data["data"]]
     return Served(latency, 200, data["steps"], [label] * len(pngs), pngs)
+
+
+def server(model: str, env: dict[str, str]) -> Processes:
+    port = free_port()
+    cmd = fewstep("serve", "--host", "127.0.0.1", "--port", str(port), "--no-grpc")
+    return Processes([cmd], port, {"FEWSTEP_MODELS": f'["{model}"]', **env})
 
 
 def bodies(spec, base: dict, count: int) -> list[tuple[dict, int]]:
@@ -142,29 +151,34 @@ def main() -> int:
     spec = Repository(ROOT / "model_repo").spec(args.model)
     ladder = spec.sampling.budgets(spec.sampling.default_sampler)
     base = {"model": args.model, "n": args.n, "deadline_ms": args.deadline_ms}
+    auto = {**base, "quality": "auto"}
     policies = {
-        f"fixed {ladder[0]} steps (429 when the deadline cannot be met)": {
-            **base,
-            "steps": ladder[0],
-        },
-        f'quality "auto" (steps from {list(ladder)})': {**base, "quality": "auto"},
+        f"fixed {ladder[0]} steps (429 when the deadline cannot be met)": (
+            {**base, "steps": ladder[0]},
+            {},
+        ),
+        f'quality "auto", greedy (steps from {list(ladder)})': (
+            auto,
+            {"FEWSTEP_AUTO_QUALITY": "greedy"},
+        ),
+        f'quality "auto", graded (the default; steps from {list(ladder)})': (auto, {}),
     }
     results = {}
     rate = None
-    for name, body in policies.items():
+    for name, (body, env) in policies.items():
         work = bodies(spec, body, 1000)
         plain = bodies(spec, {"model": args.model, "n": args.n, "steps": ladder[0]}, 1000)
-        with ServerProcess("continuous", args.model) as server:
+        with server(args.model, env) as server_:
             say(f"{name}: warming up")
-            asyncio.run(closed(server.url, plain, 4, 3.0))
+            asyncio.run(closed(server_.url, plain, 4, 3.0))
             if rate is None:
                 say(f"  capacity: closed loop, {args.concurrency} clients, fixed {ladder[0]} steps")
-                elapsed, out = asyncio.run(closed(server.url, plain, args.concurrency, 10.0))
+                elapsed, out = asyncio.run(closed(server_.url, plain, args.concurrency, 10.0))
                 capacity = sum(s.status == 200 for s in out) / elapsed
                 rate = args.load * capacity
                 say(f"  capacity {capacity:.1f} req/s; offering {rate:.1f} req/s")
             say(f"  open loop {rate:.1f} req/s for {args.seconds:g} s")
-            elapsed, served = asyncio.run(poisson(server.url, work, rate, args.seconds, args.seed))
+            elapsed, served = asyncio.run(poisson(server_.url, work, rate, args.seconds, args.seed))
         results[name] = (elapsed, served)
 
     say("quality: loading the classifier and the test set")

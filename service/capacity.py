@@ -85,19 +85,30 @@ def _evals(job: Job) -> int:
     return INFO[job.sampler].evals_per_step
 
 
-def choose_steps(backlog: Backlog, job: Job, now: float, batch_rows: int) -> int:
+def choose_steps(
+    backlog: Backlog, job: Job, now: float, batch_rows: int, graded: bool = True
+) -> int:
     """Quality "auto": the most steps of `job.step_budgets` (largest first) whose predicted
     finish, the wait for the work ahead plus its own compute at that many steps, meets the
-    job's deadline at the current load. Before the drain rate is measured nothing can be
+    job's deadline at the current load.
+
+    Greedy, that alone lets the queue grow until waits reach the deadline (the steps left
+    do not change the wait, only the work each request adds), then refuses: every request
+    is admitted at full steps while it fits. Graded (the default) keeps headroom: the i-th
+    of m budgets (i = 0 the largest) must finish within (i + 1) / m of the time left, so
+    requests fall to fewer steps as soon as the queue grows, which cuts the work arriving
+    before the queue reaches the deadline. Before the drain rate is known nothing can be
     predicted: the largest. DeadlineUnmeetable when not even the fewest steps fit."""
     wait = predicted_wait(backlog, job.priority)
     if wait is None:
         return job.step_budgets[0]
     left = job.deadline - now
-    for steps in job.step_budgets:
-        if wait + own_seconds(backlog, job, steps, batch_rows) <= left:
+    budgets = job.step_budgets
+    for i, steps in enumerate(budgets):
+        share = (i + 1) / len(budgets) if graded else 1.0
+        if wait + own_seconds(backlog, job, steps, batch_rows) <= left * share:
             return steps
-    fewest = job.step_budgets[-1]
+    fewest = budgets[-1]
     finish = wait + own_seconds(backlog, job, fewest, batch_rows)
     raise DeadlineUnmeetable(
         f"even at {fewest} step{'s' if fewest > 1 else ''} this request would finish in about "
@@ -115,7 +126,8 @@ async def check(queue: JobQueue, settings: Settings, job: Job, batch_rows: int =
     backlog = await queue.backlog(job.model, job.version)
     now = time.time()
     if job.step_budgets:
-        steps = choose_steps(backlog, job, now, batch_rows)
+        graded = settings is None or settings.auto_quality == "graded"
+        steps = choose_steps(backlog, job, now, batch_rows, graded)
         job.cost = job.cost // job.steps * steps  # row-steps are linear in steps
         job.steps = steps
         return predicted_wait(backlog, job.priority)

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         description='targets per model and priority, JSON: {"MODEL:PRIO": s, "MODEL": s, '
         '":PRIO": s}; the most specific applies, else max_predicted_wait_s',
     )
+    auto_quality: Literal["graded", "greedy"] = Field(
+        "graded",
+        description='quality "auto": "graded" keeps headroom (the i-th of m step budgets, '
+        "largest first, must finish within (i+1)/m of the deadline), so requests degrade "
+        'before the queue reaches the deadline; "greedy": the most steps that finish in time',
+    )
     max_active_samples: int = Field(
         0, ge=0, description="rows in flight (0: the model's max_batch_size)"
     )

@@ -46,13 +46,30 @@ def test_picks_the_most_steps_whose_predicted_finish_meets_the_deadline():
     for s in (8, 4, 2, 1):
         j = auto_job(2, (8, 4, 2, 1), deadline=100.0)
         assert finish(backlog, j, s, 64) == pytest.approx(predicted[s])
-    assert capacity.choose_steps(backlog, auto_job(2, (8, 4, 2, 1), 102.0), 100.0, 64) == 8
-    assert capacity.choose_steps(backlog, auto_job(2, (8, 4, 2, 1), 101.3), 100.0, 64) == 4
-    assert capacity.choose_steps(backlog, auto_job(2, (8, 4, 2, 1), 101.07), 100.0, 64) == 1
+
+    def greedy(deadline: float) -> int:
+        return capacity.choose_steps(backlog, auto_job(2, (8, 4, 2, 1), deadline), 100, 64, False)
+
+    assert greedy(102.0) == 8 and greedy(101.3) == 4 and greedy(101.07) == 1
     with pytest.raises(DeadlineUnmeetable) as info:
         capacity.choose_steps(backlog, auto_job(2, (8, 4, 2, 1), 101.0), 100.0, 64)
     assert info.value.status == 429 and "even at 1 step" in info.value.message
     assert info.value.retry_after == pytest.approx(0.064, rel=0.01)
+
+
+def test_graded_keeps_headroom_for_the_larger_budgets():
+    backlog = Backlog({0: 1000}, rate=1000.0)  # as above: finish 1 s + s x 0.064 s
+
+    def graded(deadline: float) -> int:
+        return capacity.choose_steps(backlog, auto_job(2, (8, 4, 2, 1), deadline), 100, 64)
+
+    # budget i of 4 must finish within (i + 1) / 4 of the time left
+    assert graded(106.1) == 8  # 1.512 <= 6.1 / 4
+    assert graded(106.0) == 4  # 1.512 > 6.0 / 4; 1.256 <= 6.0 / 2
+    assert graded(102.6) == 4 and graded(102.5) == 2  # 1.256 vs 2.6 / 2, 2.5 / 2
+    assert graded(101.1) == 1  # 1.064 <= 1.1; 1.128 > 1.1 x 3 / 4
+    with pytest.raises(DeadlineUnmeetable):  # the fewest steps get the whole time left
+        graded(101.0)
 
 
 def test_idle_and_unmeasured_get_the_most_steps():
@@ -71,14 +88,20 @@ def test_never_more_steps_than_the_prediction_allows():
         backlog = Backlog(work, rng.uniform(50, 5e4))
         deadline = 100.0 + rng.uniform(0.001, 3.0)
         j = auto_job(rng.randint(1, 16), budgets, deadline, rng.randint(0, 1))
-        batch = rng.choice((1, 8, 64, 256))
+        batch, graded = rng.choice((1, 8, 64, 256)), rng.random() < 0.5
+        left = j.deadline - 100.0
+
+        def allowed(i: int, left: float = left, graded: bool = graded) -> float:
+            return left * ((i + 1) / len(budgets) if graded else 1.0)
+
         try:
-            chosen = capacity.choose_steps(backlog, j, 100.0, batch)
+            chosen = capacity.choose_steps(backlog, j, 100.0, batch, graded)
         except DeadlineUnmeetable:
-            assert finish(backlog, j, budgets[-1], batch) > j.deadline - 100.0
+            assert finish(backlog, j, budgets[-1], batch) > left
             continue
-        assert finish(backlog, j, chosen, batch) <= j.deadline - 100.0
-        assert all(finish(backlog, j, s, batch) > j.deadline - 100.0 for s in budgets if s > chosen)
+        assert finish(backlog, j, chosen, batch) <= allowed(budgets.index(chosen)) <= left
+        for i, s in enumerate(budgets[: budgets.index(chosen)]):
+            assert finish(backlog, j, s, batch) > allowed(i)
 
 
 def test_check_sets_steps_and_cost_of_an_auto_job():
@@ -86,7 +109,7 @@ def test_check_sets_steps_and_cost_of_an_auto_job():
         async def backlog(self, model, version):
             return Backlog({0: 1000}, rate=1000.0)
 
-    j = auto_job(2, (8, 4, 2, 1), deadline=time.time() + 1.3)
+    j = auto_job(2, (8, 4, 2, 1), deadline=time.time() + 3.0)  # graded: 4 steps
     j.cost = 2 * 8 * 2  # a two-evaluation sampler would double it; stays linear in steps
     asyncio.run(capacity.check(Queue(), None, j, 64))
     assert j.steps == 4 and j.cost == 2 * 4 * 2
@@ -209,8 +232,9 @@ def test_under_load_auto_falls_to_fewer_steps_then_refuses(auto_server):
     try:
         with httpx.Client(base_url=auto_server.url, timeout=30) as c:
             body = {**BODY, "quality": "auto"}
-            # predicted: 1 s + s x 0.064 s; 1.5 s allows 4 steps at the most (8: 1.51 s)
-            r = c.post("/v1/images/generations", json={**body, "deadline_ms": 1500})
+            # predicted: 1 s + s x 0.064 s; graded, budget i of 4 gets (i + 1) / 4 of the
+            # deadline: 3 s allows 4 steps (1.26 s <= 1.5 s; 8 steps: 1.51 s > 0.75 s)
+            r = c.post("/v1/images/generations", json={**body, "deadline_ms": 3000})
             assert r.status_code == 200, r.text
             assert r.json()["steps"] == 4 and r.json()["quality"] == "auto"
             r = c.post("/v1/jobs", json={**body, "deadline_ms": 1100})
