@@ -133,15 +133,27 @@ def generate(
     seed: int = 0,
     batch: int = 500,
     device: str = "cpu",
+    grid: str | Tensor = "auto",
 ) -> tuple[Tensor, Tensor, int, float]:
-    """n conditional samples (labels i % classes) in data space, labels, NFE, seconds."""
+    """n conditional samples (labels i % classes) in data space, labels, NFE, seconds.
+
+    `grid` as engines.sampling.start_sampler takes it: "auto", "tuned", "karras" or sigmas.
+    """
     classes = max(len(model.spec.labels), 1)
     labels = torch.arange(n) % classes
     out, start, used = [], time.perf_counter(), 0
     for i in range(0, n, batch):
         y = labels[i : i + batch]
         gen, cond, used = start_sampler(
-            model, sampler, steps, row_seeds(seed + i, len(y)), y, teleport, guidance, device=device
+            model,
+            sampler,
+            steps,
+            row_seeds(seed + i, len(y)),
+            y,
+            teleport,
+            guidance,
+            device=device,
+            grid=grid,
         )
         out.append(model.decode(drive(gen, model.denoiser, cond)).float().cpu())
     seconds = time.perf_counter() - start
@@ -160,9 +172,11 @@ def evaluate(
     guidance: float = 1.0,
     seed: int = 0,
     device: str = "cpu",
+    grid: str | Tensor = "auto",
+    batch: int = 500,
 ) -> Cell:
     images, labels, used, seconds = generate(
-        model, sampler, steps, n, teleport, guidance, seed, device=device
+        model, sampler, steps, n, teleport, guidance, seed, batch, device, grid
     )
     feats, preds = embed(ref.classifier, images)
     fd = frechet_distance(Gaussian.of(feats), ref.test)

@@ -25,12 +25,16 @@ def start_sampler(
     guidance: float = 1.0,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    grid: str | Tensor = "auto",
 ) -> tuple[SamplerGen, Cond, int]:
     """The (not yet started) sampler generator, its conditioning, and the NFE it will use.
 
-    The grid is the model's own (`ModelSpec.grid`); with teleport, a jump from sigma_max to
-    the model's teleport sigma, then a Karras grid from there. Raises SamplerError /
-    ScheduleError for arguments that cannot work.
+    The grid is the model's own (`ModelSpec.grid`): `grid` "auto" takes the tuned grid of
+    this sampler and step count where model.yaml has one, "tuned" insists on it (GridError
+    if none), "karras" takes the plain grid; a tensor is used as the grid itself (what
+    `fewstep tune` tries). With teleport, a jump from sigma_max to the model's teleport
+    sigma, then a Karras grid from there (teleport keeps its own grid). Raises SamplerError
+    / ScheduleError / GridError for arguments that cannot work.
     """
     spec = model.spec
     s = spec.sampling
@@ -39,7 +43,11 @@ def start_sampler(
         sigmas = teleport_sigmas(s.sigma_max, follower)
         name, opts = "teleport", {"gaussian": model.gaussian, "labels": labels, "then": sampler}
     else:
-        sigmas = spec.grid(steps)  # Karras, or the consistency / LCM picks of its kind
+        # tuned, or Karras, or the consistency / LCM picks of its kind
+        if isinstance(grid, Tensor):
+            sigmas = grid.to(torch.float64)
+        else:
+            sigmas = spec.grid(steps, sampler, grid)
         name, opts = sampler, {}
     noise = RowNoise(seeds)
     x = noise.randn((len(seeds), *spec.shape), dtype=dtype, device=device) * float(sigmas[0])

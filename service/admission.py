@@ -142,6 +142,10 @@ def admit(state: ServiceState, req: Request, principal: Principal = ANONYMOUS) -
     except InputError as err:
         raise InvalidRequest(err.message, param=err.param) from None
     sampler, steps = sampler_and_steps(spec, req.sampler, req.steps)
+    try:
+        modality.check_sampling(spec, inputs, sampler, steps)
+    except InputError as err:
+        raise InvalidRequest(err.message, param=err.param) from None
     now = time.time()
     job = Job(
         model=spec.name,

@@ -13,7 +13,7 @@ class GenerationRequest(BaseModel):
     """Fields shared by POST /v1/images/generations and POST /v1/jobs.
 
     The OpenAI Images fields (model, prompt, n, size, response_format, user) plus fewstep's
-    own: sampler, steps, seed, guidance_scale, teleport, deadline_ms, priority, preview.
+    own: sampler, steps, seed, guidance_scale, teleport, grid, deadline_ms, priority, preview.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -31,6 +31,11 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     guidance_scale: float | None = Field(None, ge=0, le=100)
     teleport: bool = False
+    grid: Literal["auto", "tuned", "karras"] | None = Field(
+        None,
+        description="'auto' (default: the model's tuned grid for this sampler and steps where "
+        "it has one), 'tuned' (400 if none) or 'karras' (the plain grid)",
+    )
     deadline_ms: int | None = Field(None, ge=1, le=86_400_000)
     priority: int = Field(0, ge=-10, le=10)
     preview: bool = False
@@ -84,6 +89,7 @@ class ImagesResponse(BaseModel):
     model: str
     sampler: str
     steps: int
+    grid: str = Field(description="the grid used: 'tuned', 'karras' or 'teleport'")
     nfe: int
     timings: Timings
     runtime: str
@@ -119,6 +125,7 @@ class JobResultView(BaseModel):
     status: Literal["succeeded"]
     data: list[ImageData]
     nfe: int
+    grid: str | None = None  # the grid used: "tuned", "karras" or "teleport"
     timings: Timings
     runtime: str
     fingerprint: str

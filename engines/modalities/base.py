@@ -183,6 +183,12 @@ class Modality(ABC):
         """Rows x steps of a request, before it is admitted."""
         return Cost(inputs.rows(n), steps)
 
+    def check_sampling(self, spec, inputs: Inputs, sampler: str, steps: int) -> None:
+        """Refuse inputs that do not fit the request's sampler and step count (images: a
+        tuned grid asked for where the model has none). Raises InputError. The default:
+        every input fits every sampler."""
+        return None
+
     def check(self, spec, inputs: Inputs, model) -> None:
         """Refuse, before admission, a request whose cost only the model can tell (speech:
         frames after the front end, speed included). `model` is the LoadedModel, or None in

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from engines.media import ENCODINGS, encode_images
 from engines.noise import row_seeds
+from engines.repository import GRID_CHOICES, GridError
 from engines.sampling import start_sampler
 
 from .base import (
@@ -42,6 +43,7 @@ class ImageInputs(Inputs):
     labels: list[int]  # one class id per image; [] for an unconditional model
     guidance_scale: float = 1.0
     teleport: bool = False
+    grid: str = "auto"  # "auto" (tuned where model.yaml has one), "tuned" or "karras"
 
     def rows(self, n: int) -> int:
         """Classifier-free guidance runs a conditional and an unconditional row."""
@@ -60,6 +62,7 @@ class ImageInfo(Info):
 
     width: int = 0
     height: int = 0
+    grid: str = ""  # the grid the samples were drawn on: "tuned", "karras" or "teleport"
 
 
 def _unknown_class(spec, text: str, where: str) -> InputError:
@@ -79,7 +82,7 @@ class ImageModality(Modality):
 
     def parse(self, spec, fields: Mapping[str, Any]) -> tuple[ImageInputs, int]:
         """Fields: prompt and n (or labels: class ids, one per image, already checked),
-        size, guidance_scale, teleport."""
+        size, guidance_scale, teleport, grid."""
         s = spec.sampling
         height, width = spec.image_shape[-2], spec.image_shape[-1]
         size = fields.get("size")
@@ -121,7 +124,29 @@ class ImageModality(Modality):
                 f"model {spec.name} ships no Gaussian statistics, so teleport is not available",
                 param="teleport",
             )
-        return ImageInputs(labels, guidance, teleport), n
+        grid = fields.get("grid") or "auto"
+        if grid not in GRID_CHOICES:
+            raise InputError(
+                f"grid must be one of {list(GRID_CHOICES)} ('auto': the tuned grid where model "
+                f"{spec.name} has one), got {grid!r}",
+                param="grid",
+            )
+        if teleport and grid == "tuned":
+            raise InputError(
+                "teleport keeps its own grid (a jump, then Karras); send grid 'auto' or omit "
+                "teleport to use a tuned grid",
+                param="grid",
+            )
+        return ImageInputs(labels, guidance, teleport, grid), n
+
+    def check_sampling(self, spec, inputs: ImageInputs, sampler: str, steps: int) -> None:
+        """A tuned grid asked for must exist for this sampler and step count."""
+        if inputs.teleport:
+            return
+        try:
+            spec.grid_used(sampler, steps, inputs.grid)
+        except GridError as err:
+            raise InputError(str(err), param="grid") from None
 
     def output_format(self, requested: str | None, tensor: bool = False) -> str:
         if tensor:
@@ -137,7 +162,11 @@ class ImageModality(Modality):
         return ENCODINGS[output_format][1]
 
     def describe(self, spec) -> dict:
-        return {"size": f"{spec.image_shape[-1]}x{spec.image_shape[-2]}"}
+        """Size, and the step counts per sampler that have a tuned grid."""
+        return {
+            "size": f"{spec.image_shape[-1]}x{spec.image_shape[-2]}",
+            "tuned_grids": spec.tuned_budgets(),
+        }
 
     def start(self, job, model, dtype: torch.dtype, device: str) -> Started:
         inputs: ImageInputs = job.inputs
@@ -152,8 +181,12 @@ class ImageModality(Modality):
             inputs.guidance_scale,
             dtype,
             device,
+            inputs.grid,
         )
-        return Started(gen, cond, total)
+        used = "teleport"
+        if not inputs.teleport:
+            used = model.spec.grid_used(job.sampler, job.steps, inputs.grid)
+        return Started(gen, cond, total, used)
 
     def preview(self, model, job, x0: Tensor) -> bytes | None:
         if not job.preview:
@@ -168,14 +201,15 @@ class ImageModality(Modality):
         with torch.inference_mode():
             pixels = model.decode(sample)
         height, width = model.spec.image_shape[-2:]
-        return encode(pixels, model.spec.data_range), ImageInfo(width, height)
+        return encode(pixels, model.spec.data_range), ImageInfo(width, height, state or "")
 
     # -- Open Inference Protocol -------------------------------------------------------
 
     def signature(self, spec) -> Signature:
         """label BYTES [-1] (one class name per image; an unconditional model takes
-        n INT32 [1] instead), seed INT64 [1], steps INT32 [1], sampler BYTES [1], and where
-        the model has them guidance_scale FP32 [1] and teleport BOOL [1]; returns
+        n INT32 [1] instead), seed INT64 [1], steps INT32 [1], sampler BYTES [1], grid
+        BYTES [1] ("auto", "tuned" or "karras"), and where the model has them
+        guidance_scale FP32 [1] and teleport BOOL [1]; returns
         image UINT8 [n, H, W, C] and seed INT64 [n]."""
         s = spec.sampling
         first = (
@@ -188,6 +222,7 @@ class ImageModality(Modality):
             TensorSpec("seed", "INT64", (1,)),
             TensorSpec("steps", "INT32", (1,)),
             TensorSpec("sampler", "BYTES", (1,)),
+            TensorSpec("grid", "BYTES", (1,)),
         ]
         if s.max_guidance != 1.0:
             inputs.append(TensorSpec("guidance_scale", "FP32", (1,)))
@@ -227,6 +262,9 @@ class ImageModality(Modality):
             fields["n"] = n
         fields["guidance_scale"] = scalar(tensors, "guidance_scale")
         fields["teleport"] = bool(scalar(tensors, "teleport"))
+        grid = scalar(tensors, "grid")
+        if grid is not None:
+            fields["grid"] = text_of("grid", grid)
         return fields
 
     def to_tensors(self, spec, outputs: list[bytes], seeds: list[int], info: Info) -> dict:

@@ -48,7 +48,9 @@ def image_request(req: GenerationRequest, idempotency_key: str | None = None) ->
         )
     return Admit(
         **{k: getattr(req, k) for k in _COMMON},
-        fields=req.model_dump(include={"prompt", "n", "size", "guidance_scale", "teleport"}),
+        fields=req.model_dump(
+            include={"prompt", "n", "size", "guidance_scale", "teleport", "grid"}
+        ),
         modality="image",
         preview=req.preview,
         output_format="png",

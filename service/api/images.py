@@ -35,6 +35,7 @@ async def generate_images(req: GenerationRequest, state: State, caller: Caller) 
             "model": f"{job.model}@{job.version}",
             "sampler": job.sampler,
             "steps": job.steps,
+            "grid": getattr(result.info, "grid", ""),
             "nfe": result.nfe,
             "timings": timings(result).model_dump(),
             "runtime": result.runtime,

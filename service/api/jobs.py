@@ -100,6 +100,7 @@ async def get_result(job_id: str, state: State, caller: Caller, wait: float = 0.
             for out, seed in zip(result.outputs, result.seeds, strict=True)
         ],
         nfe=result.nfe,
+        grid=getattr(result.info, "grid", None),
         timings=timings(result),
         runtime=result.runtime,
         fingerprint=result.fingerprint,
