@@ -249,6 +249,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--teleport", action="store_true", help="teleport jump first")
     p.add_argument("--guidance", type=float, default=1.0, help="guidance scale (1: none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--grid",
+        choices=("auto", "tuned", "karras"),
+        default="auto",
+        help="sigma grid: the tuned one where model.yaml has one (auto), or the plain one",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--model-repo", default="model_repo")
     p.add_argument("--classifier", default=str(CLASSIFIER))
@@ -273,7 +279,9 @@ def main(args: argparse.Namespace) -> int:
         for name, sampler, steps, tp, w in table_cells(repo):
             if chosen and name not in chosen:
                 continue
-            cell = evaluate(ref, load(name), sampler, steps, args.n, tp, w, args.seed, args.device)
+            cell = evaluate(
+                ref, load(name), sampler, steps, args.n, tp, w, args.seed, args.device, args.grid
+            )
             print(_line(cell), flush=True)
             cells.append(cell)
         text = markdown(cells, ref.floor(args.n), args.n, ref, time.perf_counter() - start)
@@ -287,10 +295,25 @@ def main(args: argparse.Namespace) -> int:
     model = load(args.model)
     sampler = args.sampler or model.spec.sampling.default_sampler
     steps = args.steps or model.spec.sampling.default_steps
+    try:
+        grid = "karras" if args.teleport else args.grid
+        model.spec.grid_used(sampler, steps, grid)
+    except ValueError as err:
+        print(f"fewstep: {err}", file=sys.stderr)
+        return 2
     cell = evaluate(
-        ref, model, sampler, steps, args.n, args.teleport, args.guidance, args.seed, args.device
+        ref,
+        model,
+        sampler,
+        steps,
+        args.n,
+        args.teleport,
+        args.guidance,
+        args.seed,
+        args.device,
+        grid,
     )
-    print(_line(cell))
+    print(_line(cell) + f"  grid {model.spec.grid_used(sampler, steps, grid)}")
     print(f"floor (real train vs test, n={args.n}): FD {ref.floor(args.n):.2f}")
     return 0
 
