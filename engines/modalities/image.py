@@ -50,7 +50,7 @@ class ImageInputs(Inputs):
         return n * (2 if self.guidance_scale != 1.0 else 1)
 
     def static_key(self) -> tuple:
-        return (self.guidance_scale, self.teleport)
+        return (self.guidance_scale, self.teleport, self.grid)
 
     def revised_prompt(self, spec) -> str | None:
         return spec.labels[self.labels[0]] if self.labels else None
