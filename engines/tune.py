@@ -125,13 +125,19 @@ def _reference(ref: Reference, model: LoadedModel, steps: int, n: int, seed: int
     return _REFERENCES[key]
 
 
-def starts(model: LoadedModel, sampler: str, steps: int) -> list[Tensor]:
-    """The plain grid, and a Karras ramp of steps + 1 points whose last (sigma_min, where
-    the denoiser is nearly the identity) is replaced by 0: no evaluation is spent there."""
+def starts(model: LoadedModel, sampler: str, steps: int, extra=()) -> list[Tensor]:
+    """The plain grid; a Karras ramp of steps + 1 points whose last (sigma_min, where the
+    denoiser is nearly the identity) is replaced by 0, so no evaluation is spent there; the
+    grid model.yaml already has for this sampler and steps; and the `extra` grids (--start)
+    of this many steps."""
     s = model.spec.sampling
     plain = model.spec.grid(steps, sampler, "karras")
     ramp = karras_sigmas(steps, s.sigma_min, float(plain[0]), s.rho, final_zero=False)
-    return [plain, torch.cat([ramp[:-1], torch.zeros(1, dtype=torch.float64)])]
+    out = [plain, torch.cat([ramp[:-1], torch.zeros(1, dtype=torch.float64)])]
+    if steps in model.spec.grids.get(sampler, {}):
+        out.append(model.spec.grid(steps, sampler, "tuned"))
+    out += [torch.tensor(g, dtype=torch.float64) for g in extra if len(g) == steps + 1]
+    return out
 
 
 def tune_one(ref, evals, model, sampler: str, steps: int, args, deadline: float) -> Outcome:
@@ -142,7 +148,8 @@ def tune_one(ref, evals, model, sampler: str, steps: int, args, deadline: float)
     result = pattern_search(
         space,
         objective,
-        starts(model, sampler, steps),
+        starts(model, sampler, steps, args.starts),
+        step=args.step,
         max_evals=args.max_evals,
         deadline=deadline,
         log=lambda line: print(line, flush=True),
@@ -186,6 +193,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--n-eval", type=int, default=10000, help="samples of the before/after check")
     p.add_argument("--ref-steps", type=int, default=32, help="objective 'ref': reference steps")
     p.add_argument("--max-evals", type=int, default=20, help="objective values per budget")
+    p.add_argument("--step", type=float, default=1.0, help="first search step (logit units)")
+    p.add_argument(
+        "--start",
+        action="append",
+        default=[],
+        help="an extra starting grid, comma-separated sigmas ending in 0 (for the budgets "
+        "with that many steps); repeatable",
+    )
     p.add_argument("--max-minutes", type=float, default=60.0, help="wall-time budget")
     p.add_argument("--seed", type=int, default=0, help="seed of the before/after samples")
     p.add_argument("--write", action="store_true", help="record grids in model.yaml + card")
@@ -225,6 +240,7 @@ def main(args: argparse.Namespace) -> int:
         repo = Repository(args.model_repo)
         model = repo.load(args.model, threads=args.threads)
         budgets = _budgets(model, args)
+        args.starts = [[float(v) for v in g.split(",")] for g in args.start]
         print(f"{args.model}: loaded ({model.runtime}); reading the test set", flush=True)
         ref = Reference(load_classifier(args.classifier))
     except (OSError, ValueError, LookupError) as err:
