@@ -72,7 +72,7 @@ def card_table(grids: Grids) -> str:
     ]
     return "\n".join(
         [
-            "| sampler | steps (NFE) | FD Karras | FD tuned | acc. Karras | acc. tuned | "
+            "| sampler | steps (NFE) | FD plain | FD tuned | acc. plain | acc. tuned | "
             "search objective | tuned sigmas |",
             "|---|---|---|---|---|---|---|---|",
             *rows,
@@ -84,6 +84,11 @@ def write_card(path: Path, grids: Grids, args) -> None:
     """Add (or replace) the card's "Tuned step grids" section with every grid of model.yaml."""
     all_grids = _all_grids(path.parent.parent / "model.yaml", path.parent.parent.name) | grids
     g = next(iter(grids.values()))
+    text = path.read_text() if path.is_file() else ""
+    old = text.partition(CARD_START)[2].partition(CARD_END)[0]
+    commands = re.findall(r"^- `(fewstep tune [^`]*)`$", old, re.MULTILINE)
+    commands = [c for c in commands if c != _command(args)] + [_command(args)]
+    listed = "\n".join(f"- `{c}`" for c in commands)
     section = f"""{CARD_START}
 ## Tuned step grids
 
@@ -93,13 +98,16 @@ seeds; objective "ref-mse" = feature-space distance to a many-step DPM-Solver++(
 solution from the same noise, "fd" = FD of the search samples. The before/after numbers are
 on other seeds: n = {g.n_eval} samples (seed {g.seed}), FD against the 10,000 Fashion-MNIST
 test images in the shipped classifier's features, class accuracy of the same classifier.
-The worker uses these grids by default for these samplers and steps (`grid: "karras"`
-asks for the plain one). Command: `{_command(args)}`.
+"Plain" is the grid the model had (Karras; for `cm` the consistency picks of a 40-point
+Karras grid). The worker uses these grids by default for these samplers and steps (`grid: "karras"`
+asks for the plain one). A grid is written only where its FD is below Karras's; a later
+run replaces the grid of the same sampler and steps. Commands, in order:
+
+{listed}
 
 {card_table(all_grids)}
 {CARD_END}
 """
-    text = path.read_text() if path.is_file() else ""
     if CARD_START in text:
         head, _, rest = text.partition(CARD_START)
         text = head + section.rstrip("\n") + rest.partition(CARD_END)[2]
@@ -121,6 +129,9 @@ def _command(args) -> str:
     parts.append(
         f"--objective {args.objective} --n-search {args.n_search} --n-eval {args.n_eval} "
         f"--ref-steps {args.ref_steps} --max-evals {args.max_evals} "
-        f"--max-minutes {args.max_minutes:g} --seed {args.seed} --write"
+        f"--max-minutes {args.max_minutes:g} --seed {args.seed}"
     )
-    return " ".join(parts)
+    if getattr(args, "step", 1.0) != 1.0:
+        parts.append(f"--step {args.step:g}")
+    parts += [f"--start {start}" for start in getattr(args, "start", [])]
+    return " ".join([*parts, "--write"])

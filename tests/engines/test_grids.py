@@ -242,3 +242,9 @@ def test_write_card_adds_then_replaces_its_section(copy):
     assert (
         "| dpmpp_2m | 3 | 11.300 | 9.900 | 0.810 | 0.840 | ref-mse (n=64) | 80, 3, 0.4, 0 |" in text
     )
+    assert text.count("- `fewstep tune fashion-gaussian --nfe 3 --samplers dpmpp_2m") == 1
+    args.nfe = "4"
+    write_card(card, {("dpmpp_2m", 3): grid()}, args)
+    text = card.read_text()
+    first, second = text.index("--nfe 3 --samplers"), text.index("--nfe 4 --samplers")
+    assert first < second and text.count(CARD_START) == 1

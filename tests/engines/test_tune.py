@@ -32,14 +32,12 @@ def test_tune_improves_its_objective_and_writes_a_grid_that_loads(repo, capsys):
     yaml_before = (repo / "fashion-gaussian" / "model.yaml").read_text()
     assert tune(repo, "--nfe", "2", "--max-evals", "5", "--write", "--cache", str(repo / "c")) == 0
     out = capsys.readouterr().out
-    start, best = map(
-        float, re.search(r"ref-mse ([\d.]+) \(best start\) -> ([\d.]+)", out).groups()
-    )
+    start, best = map(float, re.search(r"fd ([\d.]+) \(best start\) -> ([\d.]+)", out).groups())
     assert best <= start
     assert len(re.findall(r"eval +\d+:", out)) == 5
     spec = Repository(repo).spec("fashion-gaussian")
     tuned = spec.grids["dpmpp_2m"][2]
-    assert tuned.objective == "ref-mse" and tuned.n_search == 24 and tuned.n_eval == 100
+    assert tuned.objective == "fd" and tuned.n_search == 24 and tuned.n_eval == 100
     # the plain 2-step grid spends its second evaluation at sigma_min (FD ~45 at n=10,000):
     # any interior level the search moved to is far better, on held-out seeds
     assert tuned.fd_after < tuned.fd_before
