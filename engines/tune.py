@@ -135,7 +135,11 @@ def starts(model: LoadedModel, sampler: str, steps: int, extra=()) -> list[Tenso
     if steps in model.spec.grids.get(sampler, {}):
         out.append(model.spec.grid(steps, sampler, "tuned"))
     out += [torch.tensor(g, dtype=torch.float64) for g in extra if len(g) == steps + 1]
-    return out
+    distinct: list[Tensor] = []
+    for grid in out:  # a grid given twice is evaluated once
+        if not any(torch.allclose(grid, seen, rtol=1e-6, atol=0) for seen in distinct):
+            distinct.append(grid)
+    return distinct
 
 
 def tune_one(ref, evals, model, sampler: str, steps: int, args, deadline: float) -> Outcome:
