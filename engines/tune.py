@@ -54,10 +54,11 @@ class Outcome:
     steps: int
     search: SearchResult
     grid: TunedGrid
+    fd_current: float = float("inf")  # FD of the grid model.yaml already has, if any
 
     @property
     def improved(self) -> bool:
-        return self.grid.fd_after < self.grid.fd_before
+        return self.grid.fd_after < min(self.grid.fd_before, self.fd_current)
 
 
 class Evaluations:
@@ -166,6 +167,10 @@ def tune_one(ref, evals, model, sampler: str, steps: int, args, deadline: float)
     )
     before = evals(model, sampler, plain, args.n_eval, args.seed)
     after = evals(model, sampler, best, args.n_eval, args.seed)
+    current = float("inf")
+    if steps in model.spec.grids.get(sampler, {}):  # a new grid must beat it too
+        now = model.spec.grid(steps, sampler, "tuned")
+        current = round(evals(model, sampler, now, args.n_eval, args.seed)["fd"], 4)
     grid = TunedGrid(
         sigmas=tuple(round(v, 6) for v in result.best.sigmas),
         objective=name,
@@ -182,7 +187,7 @@ def tune_one(ref, evals, model, sampler: str, steps: int, args, deadline: float)
         f"{grid.accuracy_before:.3f} -> {grid.accuracy_after:.3f}",
         flush=True,
     )
-    return Outcome(sampler, steps, result, grid)
+    return Outcome(sampler, steps, result, grid, current)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -263,7 +268,10 @@ def main(args: argparse.Namespace) -> int:
     kept = {(o.sampler, o.steps): o.grid for o in outcomes if o.improved}
     for o in outcomes:
         if not o.improved:
-            print(f"{o.sampler} steps={o.steps}: tuned FD is not below Karras; not written")
+            print(
+                f"{o.sampler} steps={o.steps}: FD {o.grid.fd_after} is not below the plain "
+                f"grid's ({o.grid.fd_before}) and model.yaml's ({o.fd_current}); not written"
+            )
     print(f"tuned {len(outcomes)} budgets in {(time.monotonic() - start) / 60:.1f} min")
     if args.write and kept:
         folder = repo.root / args.model
