@@ -11,7 +11,8 @@ from torch import Tensor
 
 from engines.denoisers import Cond
 from engines.noise import RowNoise
-from engines.samplers import SamplerGen, create, nfe
+from engines.samplers import SamplerError, SamplerGen, create, nfe
+from engines.scaling import Choice, Search, Verify, best_of, check, steered
 from engines.schedules import karras_sigmas, teleport_sigmas
 
 
@@ -25,9 +26,13 @@ def start_sampler(
     guidance: float = 1.0,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    search: Search | None = None,
+    verify: Verify | None = None,
+    choice: Choice | None = None,
     grid: str | Tensor = "auto",
 ) -> tuple[SamplerGen, Cond, int]:
-    """The (not yet started) sampler generator, its conditioning, and the NFE it will use.
+    """The (not yet started) sampler generator, its conditioning, and the NFE it will use
+    per row.
 
     The grid is the model's own (`ModelSpec.grid`): `grid` "auto" takes the tuned grid of
     this sampler and step count where model.yaml has one, "tuned" insists on it (GridError
@@ -35,6 +40,10 @@ def start_sampler(
     `fewstep tune` tries). With teleport, a jump from sigma_max to the model's teleport
     sigma, then a Karras grid from there (teleport keeps its own grid). Raises SamplerError
     / ScheduleError / GridError for arguments that cannot work.
+
+    With a `search` of k > 1 candidates (engines.scaling), `seeds` and `labels` are the
+    n * k rows (image-major, scaling.candidate_seeds), `verify` scores x0 predictions, the
+    generator returns the n picked rows and `choice` records which and their scores.
     """
     spec = model.spec
     s = spec.sampling
@@ -56,4 +65,21 @@ def start_sampler(
         cond = {"label": labels.to(device)}
         if guidance != 1.0:
             cond["guidance_scale"] = torch.full((len(seeds),), guidance, dtype=dtype, device=device)
-    return create(name, x, sigmas, noise, **opts), cond, nfe(name, sigmas, opts)
+    used = nfe(name, sigmas, opts)
+    if search is None or search.method == "plain":
+        return create(name, x, sigmas, noise, **opts), cond, used
+    if verify is None or choice is None:
+        raise ValueError(f"{search.method} needs a verifier and a Choice to record its pick")
+    problem = check(search, name, len(sigmas) - 1, teleport)
+    if problem:
+        raise SamplerError(problem)
+    n = len(seeds) // search.candidates
+    gen = create(name, x, sigmas, noise, **opts)
+    if search.method == "best_of":
+        return best_of(gen, n, search.candidates, verify, choice), cond, used
+
+    def restart(x_from: Tensor, grid: Tensor) -> SamplerGen:
+        return create(name, x_from, grid, noise, **opts)
+
+    gen = steered(gen, restart, x, sigmas, name, n, search, verify, seeds[0], choice)
+    return gen, cond, used

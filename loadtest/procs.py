@@ -35,10 +35,14 @@ class Processes:
         env: dict[str, str],
         ready_path: str = "/readyz",
         name: str = "server",
+        root: Path = ROOT,
     ) -> None:
+        """`root`: the checkout the processes run from (`python -m service.cli` imports the
+        `service` package of its working directory first): another one measures a baseline
+        side by side."""
         self.port, self.name, self.ready_path = port, name, ready_path
         self.url = f"http://127.0.0.1:{port}"
-        self.procs = [subprocess.Popen(c, cwd=ROOT, env={**os.environ, **env}) for c in commands]
+        self.procs = [subprocess.Popen(c, cwd=root, env={**os.environ, **env}) for c in commands]
 
     def __enter__(self):
         deadline = time.monotonic() + 90
@@ -56,6 +60,18 @@ class Processes:
             proc.terminate()
         for proc in self.procs:
             proc.wait(30)
+
+    def wakeups(self) -> int:
+        """Voluntary context switches of every thread of the processes so far: each is a
+        thread that blocked and had to be woken (an event-loop wait, a thread hop). Unlike
+        wall time, a count other load on the machine does not inflate."""
+        total = 0
+        for proc in self.procs:
+            for status in Path(f"/proc/{proc.pid}/task").glob("*/status"):
+                for line in status.read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+        return total
 
     def cpu_seconds(self) -> float:
         """user + system CPU time of all the processes so far."""

@@ -66,8 +66,10 @@ class Deployment(contextlib.ExitStack):
         workers=1,
         env=None,
         prefix="",
+        root: Path = ROOT,
     ) -> None:
         super().__init__()
+        self.root = root
         self.args = ["--runtime", "simulated", "--batching", batching]
         if curve is not None:
             self.args += ["--latency-curve", str(curve)]
@@ -86,7 +88,7 @@ class Deployment(contextlib.ExitStack):
         if self.queue != "memory":
             serve += ["--queue", self.queue, "--no-worker"]
             commands += [fewstep("worker", "--queue", self.queue, *self.args)] * with_workers
-        return Processes(commands, port, self.env)
+        return Processes(commands, port, self.env, root=self.root)
 
     def __enter__(self) -> Deployment:
         super().__enter__()
@@ -100,6 +102,9 @@ class Deployment(contextlib.ExitStack):
 
     def cpu_seconds(self) -> float:
         return sum(p.cpu_seconds() for p in self.procs)
+
+    def wakeups(self) -> int:
+        return sum(p.wakeups() for p in self.procs)
 
 
 async def closed(urls: list[str], bodies: list[dict], concurrency: int, seconds: float):
@@ -199,14 +204,16 @@ def overload(args, bodies: list[dict]) -> None:
 def batching(args, bodies: list[dict]) -> None:
     results = {}
     rate = None
-    for mode in ("continuous", "static"):
-        with Deployment(None, batching=mode) as d:
-            if rate is None:
-                say("batching: capacity of continuous batching on the H200 curve ...")
-                cap = capacity(d.urls, bodies, args.concurrency, args.seconds)
-                rate = args.load * cap
-            say(f"batching: {mode} at {rate:.0f} req/s ...")
-            results[mode] = asyncio.run(poisson(d.urls, bodies, rate, args.seconds, args.seed))
+    for tree, root in trees(args):
+        for mode in ("continuous", "static"):
+            with Deployment(None, batching=mode, root=root) as d:
+                if rate is None:
+                    say("batching: capacity of continuous batching on the H200 curve ...")
+                    cap = capacity(d.urls, bodies, args.concurrency, args.seconds)
+                    rate = args.load * cap
+                say(f"batching: {label(mode, tree)} at {rate:.0f} req/s ...")
+                out = asyncio.run(poisson(d.urls, bodies, rate, args.seconds, args.seed))
+                results.setdefault(tree, []).append((mode, out))
     print(
         f"\n### Continuous vs static batching, mixed-edm, simulated H200 curve, open loop at "
         f"{args.load:.0%} of capacity ({cap:.0f} req/s closed-loop) = {rate:.0f} req/s\n"
@@ -214,20 +221,37 @@ def batching(args, bodies: list[dict]) -> None:
     print(
         "| batching | answered req/s | p50 ms | p95 ms | p99 ms | 429 |\n|---|---|---|---|---|---|"
     )
-    p99 = {}
-    thr = {}
-    for mode, (elapsed, out) in results.items():
-        lat = ok_ms(out)
-        thr[mode], p99[mode] = len(lat) / elapsed, percentile(lat, 99)
-        rejected = sum(o.status == 429 for o in out) / max(len(out), 1)
+    for tree, runs in results.items():
+        p99: dict[str, list[float]] = {}
+        thr: dict[str, list[float]] = {}
+        for mode, (elapsed, out) in runs:
+            lat = ok_ms(out)
+            thr.setdefault(mode, []).append(len(lat) / elapsed)
+            p99.setdefault(mode, []).append(percentile(lat, 99))
+            rejected = sum(o.status == 429 for o in out) / max(len(out), 1)
+            print(
+                f"| {label(mode, tree)} | {thr[mode][-1]:.0f} | {percentile(lat, 50):.1f} | "
+                f"{percentile(lat, 95):.1f} | {p99[mode][-1]:.1f} | {rejected:.0%} |"
+            )
+        ratio = [c / s for c, s in zip(p99["continuous"], p99["static"], strict=True)]
+        through = [c / s for c, s in zip(thr["continuous"], thr["static"], strict=True)]
         print(
-            f"| {mode} | {thr[mode]:.0f} | {percentile(lat, 50):.1f} | "
-            f"{percentile(lat, 95):.1f} | {p99[mode]:.1f} | {rejected:.0%} |"
+            f"\n{label('continuous p99 / static p99', tree)} = "
+            f"{', '.join(f'{r:.2f}' for r in ratio)} (goal <= 0.6), throughput ratio "
+            f"{', '.join(f'{t:.2f}' for t in through)}"
         )
-    print(
-        f"\ncontinuous p99 / static p99 = {p99['continuous'] / p99['static']:.2f} (goal <= "
-        f"0.6), throughput ratio {thr['continuous'] / thr['static']:.2f}"
-    )
+
+
+def trees(args) -> list[tuple[str, Path]]:
+    """(label, checkout) of this tree and, with --baseline, the baseline, measured in
+    alternating rounds so both see the same machine."""
+    if args.baseline is None:
+        return [("", ROOT)]
+    return [("this tree", ROOT), ("baseline", args.baseline)] * args.rounds
+
+
+def label(name: str, tree: str) -> str:
+    return f"{name}, {tree}" if tree else name
 
 
 def cpu(args, heavy: list[dict]) -> None:
@@ -239,23 +263,39 @@ def cpu(args, heavy: list[dict]) -> None:
         "| deployment | samples/s | service CPU ms / sample | samples/s per core | "
         "load generator cores |\n|---|---|---|---|---|"
     )
+    per_core: dict[tuple[str, str], list[float]] = {}
     for name, queue in (("embedded", "memory"), ("Redis: 1 API + 1 worker", args.redis)):
-        prefix = f"fewstep-sweep-{uuid.uuid4().hex[:8]}:"
-        try:
-            with Deployment(None, queue=queue, prefix=prefix) as d:
-                say(f"cpu: {name} ...")
-                asyncio.run(closed(d.urls, heavy, 4, 1.0))  # warm
-                before, client = d.cpu_seconds(), time.process_time()
-                elapsed, out = asyncio.run(closed(d.urls, heavy, args.concurrency, args.seconds))
-                used, client = d.cpu_seconds() - before, time.process_time() - client
-        finally:
-            drop(args.redis, prefix)
-        samples = sum(o.samples for o in out)
-        per = used / max(samples, 1)
-        print(
-            f"| {name} | {samples / elapsed:.0f} | {per * 1000:.3f} | {1 / per:.0f} | "
-            f"{client / elapsed:.2f} |"
-        )
+        for tree, root in trees(args):
+            prefix = f"fewstep-sweep-{uuid.uuid4().hex[:8]}:"
+            try:
+                with Deployment(None, queue=queue, prefix=prefix, root=root) as d:
+                    say(f"cpu: {label(name, tree)} ...")
+                    asyncio.run(closed(d.urls, heavy, 4, 1.0))  # warm
+                    before, client = d.cpu_seconds(), time.process_time()
+                    elapsed, out = asyncio.run(
+                        closed(d.urls, heavy, args.concurrency, args.seconds)
+                    )
+                    used, client = d.cpu_seconds() - before, time.process_time() - client
+            finally:
+                drop(args.redis, prefix)
+            samples = sum(o.samples for o in out)
+            per = used / max(samples, 1)
+            per_core.setdefault((name, tree), []).append(1 / per)
+            print(
+                f"| {label(name, tree)} | {samples / elapsed:.0f} | {per * 1000:.3f} | "
+                f"{1 / per:.0f} | {client / elapsed:.2f} |",
+                flush=True,
+            )
+    _ratios(per_core, "samples/s per core")
+
+
+def _ratios(values: dict[tuple[str, str], list[float]], what: str) -> None:
+    """this tree / baseline of the medians, per deployment (with --baseline)."""
+    for name in dict.fromkeys(n for n, _ in values):
+        if (name, "baseline") in values:
+            new = percentile(values[name, "this tree"], 50)
+            old = percentile(values[name, "baseline"], 50)
+            print(f"\n{name}: {what}, this tree / baseline (medians of rounds) = {new / old:.2f}")
 
 
 def apis(args, heavy: list[dict]) -> None:
@@ -288,24 +328,35 @@ def latency(args, bodies: list[dict]) -> None:
         "\n### Latency added at concurrency 1 (n=1, euler, 1 step), simulated H200 curve: "
         "client latency minus forward time\n"
     )
-    print("| deployment | requests | p50 ms | p95 ms | p99 ms | GET /healthz p50 / p99 ms |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| deployment | requests | p50 ms | p95 ms | p99 ms | server CPU ms / request | "
+        "server wake-ups / request | GET /healthz p50 / p99 ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    medians: dict[tuple[str, str], list[float]] = {}
     for name, queue in (("embedded", "memory"), ("Redis: 1 API + 1 worker", args.redis)):
-        prefix = f"fewstep-sweep-{uuid.uuid4().hex[:8]}:"
-        try:
-            with Deployment(None, queue=queue, prefix=prefix) as d:
-                say(f"latency: {name} ...")
-                asyncio.run(closed(d.urls, single, 1, 1.0))
-                _, out = asyncio.run(closed(d.urls, single, 1, args.seconds))
-                floor = asyncio.run(ping(d.urls[0]))
-        finally:
-            drop(args.redis, prefix)
-        added = [(o.latency - o.forward) * 1000 for o in out if o.status == 200]
-        print(
-            f"| {name} | {len(added)} | {percentile(added, 50):.2f} | "
-            f"{percentile(added, 95):.2f} | {percentile(added, 99):.2f} | "
-            f"{percentile(floor, 50):.2f} / {percentile(floor, 99):.2f} |"
-        )
+        for tree, root in trees(args):
+            prefix = f"fewstep-sweep-{uuid.uuid4().hex[:8]}:"
+            try:
+                with Deployment(None, queue=queue, prefix=prefix, root=root) as d:
+                    say(f"latency: {label(name, tree)} ...")
+                    asyncio.run(closed(d.urls, single, 1, 1.0))
+                    before, woken = d.cpu_seconds(), d.wakeups()
+                    _, out = asyncio.run(closed(d.urls, single, 1, args.seconds))
+                    used, woken = d.cpu_seconds() - before, d.wakeups() - woken
+                    floor = asyncio.run(ping(d.urls[0]))
+            finally:
+                drop(args.redis, prefix)
+            added = [(o.latency - o.forward) * 1000 for o in out if o.status == 200]
+            medians.setdefault((name, tree), []).append(percentile(added, 50))
+            print(
+                f"| {label(name, tree)} | {len(added)} | {percentile(added, 50):.2f} | "
+                f"{percentile(added, 95):.2f} | {percentile(added, 99):.2f} | "
+                f"{used * 1000 / max(len(out), 1):.2f} | {woken / max(len(out), 1):.1f} | "
+                f"{percentile(floor, 50):.2f} / {percentile(floor, 99):.2f} |",
+                flush=True,
+            )
+    _ratios(medians, "added p50")
     print("\ngoal: p50 <= 1 ms, p99 <= 5 ms")
 
 
@@ -331,6 +382,14 @@ def main() -> int:
     parser.add_argument("--api-counts", default="1,2,3")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="batching, cpu and latency parts: also measure this checkout (e.g. `git worktree add "
+        "/tmp/base main`), in alternating rounds, and print this tree / baseline",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per tree with --baseline")
     args = parser.parse_args()
     args.loads = [float(x) for x in args.loads.split(",")]
     args.api_counts = [int(x) for x in args.api_counts.split(",")]

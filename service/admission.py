@@ -58,6 +58,7 @@ class Request:
     output_format: str | None = None  # None: the modality's default
     tensor_output: bool = False  # raw tensors (OIP) instead of media files
     idempotency_key: str | None = None
+    quality: str = "fixed"  # "auto": admission picks the steps that meet the deadline
 
 
 @dataclass(frozen=True)
@@ -142,8 +143,12 @@ def admit(state: ServiceState, req: Request, principal: Principal = ANONYMOUS) -
     except InputError as err:
         raise InvalidRequest(err.message, param=err.param) from None
     sampler, steps = sampler_and_steps(spec, req.sampler, req.steps)
+    budgets = auto_budgets(spec, req, sampler) if req.quality == "auto" else ()
+    if budgets:  # the budgets its inputs can run with (steering needs steps to resample)
+        budgets = tuple(b for b in budgets if _plans(modality, spec, inputs, sampler, b))
+        steps = budgets[0] if budgets else steps
     try:
-        modality.check_sampling(spec, inputs, sampler, steps)
+        modality.plan(spec, inputs, sampler, steps)
     except InputError as err:
         raise InvalidRequest(err.message, param=err.param) from None
     now = time.time()
@@ -163,8 +168,37 @@ def admit(state: ServiceState, req: Request, principal: Principal = ANONYMOUS) -
         owner=principal.name,
         submit_time=now,
         cost=capacity.cost(modality, spec, inputs, n, sampler, steps),
+        step_budgets=list(budgets),
     )
     return Admitted(job, spec, modality)
+
+
+def _plans(modality: Modality, spec, inputs, sampler: str, steps: int) -> bool:
+    try:
+        modality.plan(spec, inputs, sampler, steps)
+    except InputError:
+        return False
+    return True
+
+
+def auto_budgets(spec, req: Request, sampler: str) -> tuple[int, ...]:
+    """The step counts quality "auto" may choose from, largest first (the request's own
+    steps are the most it wants); it needs a deadline to choose for."""
+    if req.deadline_ms is None:
+        raise InvalidRequest(
+            'quality "auto" picks the most steps that meet the request\'s deadline; send '
+            'deadline_ms (e.g. 1000), or quality "fixed"',
+            param="deadline_ms",
+        )
+    budgets = spec.sampling.budgets(sampler, req.steps)
+    if not budgets:  # only when the model's ladder has nothing this sampler can run
+        raise InvalidRequest(
+            f'quality "auto" has no step budget for sampler {sampler} on model {spec.name} '
+            f"(its quality_steps are {list(spec.sampling.quality_steps)}); send steps or "
+            "another sampler",
+            param="sampler",
+        )
+    return budgets
 
 
 async def check_cost(state: ServiceState, admitted: Admitted) -> None:
@@ -189,9 +223,9 @@ async def take_quota(state: ServiceState, principal: Principal, job: Job) -> Non
     `release`); RateLimited (429) when either is spent."""
     try:
         (await state.rate.acquire(principal)).check(principal, "requests")
-        (await state.in_flight.acquire(principal, job.id, job.n)).check(principal, "samples")
+        (await state.in_flight.acquire(principal, job.id, job.samples)).check(principal, "samples")
     except RateLimited:
-        state.metrics.rejected.labels("rate_limited").inc()
+        state.metrics.rejected.labels("rate_limited", principal.name).inc()
         raise
 
 
@@ -215,10 +249,13 @@ async def submit(state: ServiceState, job: Job, fingerprint: str = "") -> tuple[
     """Queue a job: (the job, True) or, for a repeated idempotency key, (the first, False).
     Refuses (429) a job whose predicted wait is too long (service.capacity)."""
     try:
-        await capacity.check(state.queue, state.settings, job)
+        spec = state.specs[job.model][job.version]
+        await capacity.check(state.queue, state.settings, job, spec.max_batch_size)
+        if job.step_budgets:
+            state.metrics.auto_steps.labels(job.model).observe(job.steps)
         return await state.queue.submit(job, fingerprint)
     except QueueFull as exc:
-        state.metrics.rejected.labels(exc.reason).inc()
+        state.metrics.rejected.labels(exc.reason, job.owner or ANONYMOUS.name).inc()
         raise
 
 
@@ -300,11 +337,12 @@ async def run(
         if result.state is not JobState.SUCCEEDED:
             raise failure(result, dialect)
     except FewstepError as exc:
-        state.metrics.observe_request(job.model, job.sampler, endpoint, str(exc.status), None)
+        state.metrics.observe_request(
+            job.model, job.sampler, endpoint, str(exc.status), None, principal.name
+        )
         raise
     finally:
         await release(state, principal, job.id)
-    state.metrics.observe_request(
-        job.model, job.sampler, endpoint, "200", time.perf_counter() - begin
-    )
+    seconds = time.perf_counter() - begin
+    state.metrics.observe_request(job.model, job.sampler, endpoint, "200", seconds, principal.name)
     return result

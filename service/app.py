@@ -41,7 +41,7 @@ def _shared_quotas(state: ServiceState, queue) -> None:
     """Quotas in the queue's Redis, so that every API replica draws from the same ones."""
     prefix = state.settings.redis_prefix
     state.rate = RedisRateLimiter(queue.redis, prefix)
-    state.in_flight = RedisInFlight(queue.redis, prefix)
+    state.in_flight = RedisInFlight(queue.redis, prefix, ttl=state.settings.inflight_ttl_s)
 
 
 def _watch_worker(state: ServiceState, task: asyncio.Task, stopping: list) -> None:

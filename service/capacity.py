@@ -8,8 +8,9 @@ drain them while work waits (backlog.py). A new job waits for that work at its p
 or above: wait = ahead / rate. It is
 refused (429) when that exceeds the model's target for its priority (`Overloaded`), or
 when it exceeds the time left to its own deadline (`DeadlineUnmeetable`). Until a model's
-drain rate has been measured (its queue has not yet had work waiting), nothing is
-refused here: the queued-samples bound is the guard, not a guessed capacity.
+drain rate has been measured (its queue has not yet had work waiting), the rate is the
+engine speed its worker timed and announced at start (JobQueue.seed_rate); with neither,
+nothing is refused here and the queued-samples bound is the guard.
 """
 
 from __future__ import annotations
@@ -69,7 +70,53 @@ def judge(backlog: Backlog, job: Job, target_s: float, now: float) -> float | No
     return wait
 
 
-async def check(queue: JobQueue, settings: Settings, job: Job) -> float | None:
-    """Admit or refuse a job by its predicted wait (see `judge`)."""
+def own_seconds(backlog: Backlog, job: Job, steps: int, batch_rows: int) -> float:
+    """Predicted seconds the job computes once it starts, at `steps`: one forward pass per
+    step, and a pass carries the job's rows and as many of the rows ahead as fit in the
+    model's batch (the rows ahead are about the work ahead over the job's steps); a pass of
+    r rows costs r / rate at the measured row-steps per second."""
+    rows = max(1, job.cost // max(job.steps, 1) // max(_evals(job), 1))
+    ahead_rows = backlog.ahead(job.priority) / max(steps, 1)
+    pass_rows = min(max(batch_rows, rows), rows + ahead_rows)
+    return steps * _evals(job) * pass_rows / backlog.rate
+
+
+def _evals(job: Job) -> int:
+    return INFO[job.sampler].evals_per_step
+
+
+def choose_steps(backlog: Backlog, job: Job, now: float, batch_rows: int) -> int:
+    """Quality "auto": the most steps of `job.step_budgets` (largest first) whose predicted
+    finish, the wait for the work ahead plus its own compute at that many steps, meets the
+    job's deadline at the current load. Before the drain rate is measured nothing can be
+    predicted: the largest. DeadlineUnmeetable when not even the fewest steps fit."""
+    wait = predicted_wait(backlog, job.priority)
+    if wait is None:
+        return job.step_budgets[0]
+    left = job.deadline - now
+    for steps in job.step_budgets:
+        if wait + own_seconds(backlog, job, steps, batch_rows) <= left:
+            return steps
+    fewest = job.step_budgets[-1]
+    finish = wait + own_seconds(backlog, job, fewest, batch_rows)
+    raise DeadlineUnmeetable(
+        f"even at {fewest} step{'s' if fewest > 1 else ''} this request would finish in about "
+        f"{finish:.2f} s, after its deadline ({max(left, 0) * 1000:.0f} ms) at the current "
+        "load; raise the deadline or retry after the Retry-After interval",
+        retry_after=finish - max(left, 0),
+    )
+
+
+async def check(queue: JobQueue, settings: Settings, job: Job, batch_rows: int = 1) -> float | None:
+    """Admit or refuse a job by its predicted wait (see `judge`). A quality "auto" job
+    (step_budgets) is admitted at the most steps that meet its deadline instead: its
+    steps and cost are set here (see `choose_steps`); `batch_rows` is its model's
+    max_batch_size."""
     backlog = await queue.backlog(job.model, job.version)
-    return judge(backlog, job, target(settings, job.model, job.priority), time.time())
+    now = time.time()
+    if job.step_budgets:
+        steps = choose_steps(backlog, job, now, batch_rows)
+        job.cost = job.cost // job.steps * steps  # row-steps are linear in steps
+        job.steps = steps
+        return predicted_wait(backlog, job.priority)
+    return judge(backlog, job, target(settings, job.model, job.priority), now)

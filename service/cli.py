@@ -110,20 +110,22 @@ def _build_engine(args: argparse.Namespace) -> int:
     from engines.runtimes.build import build_engine
     from engines.runtimes.export import BuildError, EngineCache
 
+    if args.gate_n < 10:
+        print(f"fewstep: --gate-n must be at least 10 samples, got {args.gate_n}", file=sys.stderr)
+        return 2
+    repo, cache = Repository(args.model_repo or _default_repo()), EngineCache(args.cache)
     try:
         report = build_engine(
-            Repository(args.model_repo or _default_repo()),
-            args.target,
-            args.runtime,
-            args.precision,
-            args.device,
-            EngineCache(args.cache),
-            args.force,
+            repo, args.target, args.runtime, args.precision, args.device, cache, args.force
         )
+        print(report.text(), flush=True)
+        if args.runtime == "onnxruntime-int8":  # lossy: its samples are measured too
+            from engines.quality_gate import gate_int8
+
+            print(gate_int8(repo, args.target, args.gate_n, cache=cache).text())
     except (RepositoryError, ModelNotFoundError, RuntimeUnavailable, BuildError, OSError) as err:
         print(f"fewstep: {err}", file=sys.stderr)
         return 1
-    print(report.text())
     return 0
 
 
@@ -155,7 +157,9 @@ def _add_build(commands: argparse._SubParsersAction) -> None:
     gaussian.add_argument("--out", default="model_repo/fashion-gaussian", help="model folder")
     gaussian.add_argument("--version", type=int, default=1, help="version folder (default 1)")
     engine = build.add_argument_group("build MODEL")
-    engine.add_argument("--runtime", choices=list(FASTEST_FIRST), default="onnxruntime")
+    engine.add_argument(
+        "--runtime", choices=[*FASTEST_FIRST, "onnxruntime-int8"], default="onnxruntime"
+    )
     engine.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     engine.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     engine.add_argument("--model-repo", default=None, help="model repository folder")
@@ -165,6 +169,12 @@ def _add_build(commands: argparse._SubParsersAction) -> None:
         help="build cache (default $FEWSTEP_ENGINE_CACHE or ~/.cache/fewstep/engines)",
     )
     engine.add_argument("--force", action="store_true", help="rebuild even if cached")
+    engine.add_argument(
+        "--gate-n",
+        type=int,
+        default=1000,
+        help="onnxruntime-int8: samples per network in its quality gate (default 1000)",
+    )
     build.set_defaults(run=_build)
 
 
@@ -361,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     samplers.add_argument("--samplers", default="", help="comma-separated subset (default: all)")
     samplers.set_defaults(run=_bench_samplers)
     _add_bench_engines(targets)
+    from engines import scaling_bench
+
+    scaling_bench.add_parser(targets)
     _add_build(commands)
     _add_serve(commands)
     _add_worker(commands)

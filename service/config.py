@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     inline_compute_ms: float = Field(
         2.0, ge=0, description="passes shorter than this run on the event loop, not a thread"
     )
+    inline_lone_ms: float = Field(
+        20.0,
+        ge=0,
+        description="the same for a job alone in the worker: no other work overlaps its pass",
+    )
 
     request_timeout_s: float = Field(300.0, gt=0, description="synchronous endpoints give up after")
     max_body_bytes: int = Field(65536, ge=1024)
@@ -89,6 +94,12 @@ class Settings(BaseSettings):
         3, ge=1, description="a job handed out this often without a result is dead-lettered"
     )
     result_ttl_s: float = Field(86400.0, ge=1, description="results and job records kept for")
+    inflight_ttl_s: float = Field(
+        3600.0,
+        ge=1,
+        description="Redis mode: a job's samples in flight are freed after this long even if "
+        "the API replica that held them died (a job running longer frees them early)",
+    )
     retained_result_bytes: int = Field(
         256 * 2**20,
         ge=2**20,

@@ -61,6 +61,9 @@ class Job:
     # row-steps (rows x network evaluations) it costs, set at admission; the queue counts the
     # queued ones per model and priority, and their drain rate, to predict waits
     cost: int = 0
+    # quality "auto": the step counts admission may choose from, largest first; it sets
+    # steps and cost to the one it picks at submission. Empty: steps are the client's.
+    step_budgets: list[int] = field(default_factory=list)
     id: str = field(default_factory=new_job_id)
     submit_time: float = field(default_factory=time.time)
     # Set by the queue when it hands the job out. delivery: 2 and more means an earlier
@@ -73,6 +76,12 @@ class Job:
     def rows(self) -> int:
         """Rows this job adds to a forward pass (classifier-free guidance doubles them)."""
         return self.inputs.rows(self.n)
+
+    @property
+    def samples(self) -> int:
+        """Samples it computes (best_of candidates, steering particles): what quotas and
+        the queue's bound count."""
+        return self.inputs.samples(self.n)
 
     @property
     def modality(self) -> Modality:

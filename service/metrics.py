@@ -60,7 +60,7 @@ class Metrics:
         self.requests = Counter(
             "requests_total",
             "Requests answered",
-            ["model", "sampler", "status", "endpoint"],
+            ["model", "sampler", "status", "endpoint", "principal"],
             namespace=ns,
             registry=r,
         )
@@ -115,6 +115,13 @@ class Metrics:
         self.nfe = Counter(
             "nfe_total", "Denoiser evaluations", ["model", "sampler"], namespace=ns, registry=r
         )
+        self.verifier_candidates = Counter(
+            "verifier_candidates_total",
+            "Candidates and particles a verifier scored (best_of, steering)",
+            ["model", "method"],
+            namespace=ns,
+            registry=r,
+        )
         self.active_jobs = Gauge(
             "active_jobs", "Jobs being sampled", ["model"], namespace=ns, registry=r
         )
@@ -125,7 +132,11 @@ class Metrics:
             "queue_lag", "Samples waiting in the queue", namespace=ns, registry=r
         )
         self.rejected = Counter(
-            "rejected_total", "Requests refused", ["reason"], namespace=ns, registry=r
+            "rejected_total",
+            "Requests refused",
+            ["reason", "principal"],
+            namespace=ns,
+            registry=r,
         )
         self.model_load = Gauge(
             "model_load_seconds",
@@ -140,6 +151,15 @@ class Metrics:
         runtime_help = "1 for the runtime that runs a model's network (from model.yaml's runtimes)"
         self.model_runtime = Gauge(
             "model_runtime_info", runtime_help, ["model", "runtime"], namespace=ns, registry=r
+        )
+        self.auto_steps = Histogram(
+            "auto_steps",
+            'Quality "auto": the steps admission chose for a request (the largest whose '
+            "predicted finish meets its deadline)",
+            ["model"],
+            buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 32, 50, 100),
+            namespace=ns,
+            registry=r,
         )
         self.real_time_factor = Histogram(
             "real_time_factor",
@@ -165,15 +185,25 @@ class Metrics:
         if result.compute_seconds:
             self.queue_wait.labels(job.model).observe(result.queue_seconds)
             self.compute.labels(job.model, job.sampler).observe(result.compute_seconds)
+        searched = result.info.searched() if result.info is not None else None
+        if searched is not None:
+            self.verifier_candidates.labels(job.model, searched[0]).inc(searched[1])
         if result.info is not None and result.info.duration:
             rtf = result.total_seconds / result.info.duration
             self.real_time_factor.labels(job.model, job.sampler).observe(rtf)
 
     def observe_request(
-        self, model: str, sampler: str, endpoint: str, status: str, seconds: float | None
+        self,
+        model: str,
+        sampler: str,
+        endpoint: str,
+        status: str,
+        seconds: float | None,
+        principal: str = "anonymous",
     ) -> None:
-        """API side: one answered request."""
-        self.requests.labels(model, sampler, status, endpoint).inc()
+        """API side: one answered request, by the API key (principal) that made it; key
+        names come from the service's configuration, so the label stays bounded."""
+        self.requests.labels(model, sampler, status, endpoint, principal).inc()
         if seconds is not None:
             self.request_duration.labels(model, endpoint).observe(seconds)
 

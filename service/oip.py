@@ -7,7 +7,8 @@ data and raw contents), maps them to an admission Request (`request`), runs it t
 the same admission as the OpenAI-style endpoints (`infer`), and turns the result into
 output tensors. So an OIP request takes the same queue and worker, and the same seed gives
 the same pixels. Request parameters `priority` and `timeout` follow Triton's
-schedule-policy extension.
+schedule-policy extension; fewstep's own `quality` ("auto" with a `timeout`: the most steps
+that meet the deadline at the current load) is the OpenAI-style field of that name.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ EXTENSIONS = ("binary_tensor_data", "parameters", "schedule_policy")
 # fewstep's priorities -10..10 (higher first) are levels 21..1, the default 0 is level 11.
 PRIORITY_LEVELS = 21
 DEFAULT_PRIORITY_LEVEL = 11
-SCHEDULE_PARAMETERS = ("priority", "timeout")
+SCHEDULE_PARAMETERS = ("priority", "timeout", "quality")
 
 
 def server_version() -> str:
@@ -245,7 +246,11 @@ def schedule(parameters: dict[str, object]) -> tuple[int, int | None]:
     return priority, deadline_ms
 
 
-_PARAM_NAMES = {"deadline_ms": "parameter 'timeout'", "priority": "parameter 'priority'"}
+_PARAM_NAMES = {
+    "deadline_ms": "parameter 'timeout'",
+    "priority": "parameter 'priority'",
+    "quality": "parameter 'quality'",
+}
 
 
 def validated(model: type, fields: dict):
@@ -279,6 +284,12 @@ def request(spec, tensors: dict[str, Tensor], parameters: dict[str, object]) -> 
             )
     sampler = scalar(values, "sampler")
     priority, deadline_ms = schedule(parameters)
+    quality = parameters.get("quality", "fixed")
+    if quality == "auto" and deadline_ms is None:
+        raise InvalidRequest(
+            "parameter 'quality' \"auto\" picks the most steps that meet the request's "
+            "deadline; send the 'timeout' parameter (microseconds), or quality \"fixed\""
+        )
     common = {
         "model": f"{spec.name}@{spec.version}",
         "sampler": None if sampler is None else _text("sampler", sampler),
@@ -286,6 +297,7 @@ def request(spec, tensors: dict[str, Tensor], parameters: dict[str, object]) -> 
         "seed": scalar(values, "seed"),
         "deadline_ms": deadline_ms,
         "priority": priority,
+        "quality": quality,
     }
     wire = REQUEST_MODELS[modality.name]
     known = {k: v for k, v in fields.items() if k in wire.model_fields}
@@ -333,6 +345,7 @@ def response_parameters(job: Job, result: JobResult) -> dict[str, object]:
     return {
         "sampler": job.sampler,
         "steps": job.steps,
+        "quality": "auto" if job.step_budgets else "fixed",
         "nfe": result.nfe,
         "queue_seconds": result.queue_seconds,
         "compute_seconds": result.compute_seconds,

@@ -9,11 +9,22 @@ from pydantic import BaseModel, ConfigDict, Field
 from engines.noise import SEED_MAX
 
 
+class Steering(BaseModel):
+    """FK steering: k particles per image, resampled by the verifier every s steps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    particles: int = Field(ge=1, le=64, description="particles per image (the model's max)")
+    resample_every: int = Field(1, ge=1, le=1000, description="steps between resamplings")
+
+
 class GenerationRequest(BaseModel):
     """Fields shared by POST /v1/images/generations and POST /v1/jobs.
 
     The OpenAI Images fields (model, prompt, n, size, response_format, user) plus fewstep's
-    own: sampler, steps, seed, guidance_scale, teleport, grid, deadline_ms, priority, preview.
+    own: sampler, steps, seed, guidance_scale, teleport, grid, deadline_ms, priority,
+    preview, quality, and inference-time scaling with the model's verifier: best_of or
+    steering.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -39,11 +50,22 @@ class GenerationRequest(BaseModel):
     deadline_ms: int | None = Field(None, ge=1, le=86_400_000)
     priority: int = Field(0, ge=-10, le=10)
     preview: bool = False
+    quality: Literal["fixed", "auto"] = Field(
+        "fixed",
+        description='"auto": the most steps (up to `steps`, else the model\'s quality_steps) '
+        "whose predicted finish meets deadline_ms at the current load",
+    )
+    best_of: int | None = Field(
+        None, ge=1, le=64, description="candidates per image; the verifier returns the best"
+    )
+    steering: Steering | None = Field(
+        None, description="FK steering with the verifier (instead of best_of)"
+    )
 
 
 class SpeechRequest(BaseModel):
     """OpenAI's speech fields (model, input, voice, response_format, speed) plus fewstep's
-    sampler, steps, seed, deadline_ms and priority."""
+    sampler, steps, seed, deadline_ms, priority and quality."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -58,6 +80,7 @@ class SpeechRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     deadline_ms: int | None = Field(None, ge=1, le=86_400_000)
     priority: int = Field(0, ge=-10, le=10)
+    quality: Literal["fixed", "auto"] = "fixed"
 
 
 # the wire request of each modality's OpenAI-style endpoint (OIP checks its values with it)
@@ -70,7 +93,8 @@ REQUEST_MODELS: dict[str, type[BaseModel]] = {
 class ImageData(BaseModel):
     b64_json: str
     revised_prompt: str | None = None
-    seed: int
+    seed: int  # with best_of, the chosen candidate's own seed (a plain request remakes it)
+    verifier_score: float | None = None  # best_of / steering: the verifier's score of it
 
 
 class Timings(BaseModel):
@@ -83,14 +107,27 @@ class Timings(BaseModel):
     forward_seconds: float
 
 
+class Scaling(BaseModel):
+    """How a best_of / steering request searched."""
+
+    method: Literal["best_of", "steering"]
+    candidates: int  # per image: best_of's k or the particles
+    resample_every: int | None = None
+    resamples: int = 0  # resampling rounds done (steering)
+    verifier: str
+
+
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
     model: str
     sampler: str
-    steps: int
+    steps: int  # with quality "auto": the steps admission chose
     grid: str = Field(description="the grid used: 'tuned', 'karras' or 'teleport'")
-    nfe: int
+    quality: Literal["fixed", "auto"] = "fixed"
+    nfe: int  # denoiser evaluations per row
+    total_nfe: int  # spent on the request: rows (candidates, guidance included) x nfe
+    scaling: Scaling | None = None
     timings: Timings
     runtime: str
     fingerprint: str
@@ -109,6 +146,7 @@ class JobView(BaseModel):
     version: int
     sampler: str
     steps: int
+    quality: Literal["fixed", "auto"] = "fixed"
     n: int
     seed: int
     teleport: bool
@@ -126,6 +164,8 @@ class JobResultView(BaseModel):
     data: list[ImageData]
     nfe: int
     grid: str | None = None  # the grid used: "tuned", "karras" or "teleport"
+    total_nfe: int
+    scaling: Scaling | None = None
     timings: Timings
     runtime: str
     fingerprint: str

@@ -72,6 +72,11 @@ class Inputs(Payload):
         """Rows the request adds to a forward pass for n samples."""
         return n
 
+    def samples(self, n: int) -> int:
+        """Samples computed for n outputs (best_of candidates and steering particles
+        count): what quotas and the queue's bound count."""
+        return n
+
     def static_key(self) -> tuple:
         """What, besides sampler and steps, must match for static batching."""
         return ()
@@ -88,6 +93,15 @@ class Info(Payload):
     def duration(self) -> float:
         """Seconds of time-based media made (0 for still images)."""
         return 0.0
+
+    def output_seeds(self) -> list[int] | None:
+        """The seed of each output where it is not the request's row seed (a best_of
+        pick: its candidate's seed), else None."""
+        return None
+
+    def searched(self) -> tuple[str, int] | None:
+        """(method, candidate rows sampled) of a best_of / steering request, else None."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -183,10 +197,9 @@ class Modality(ABC):
         """Rows x steps of a request, before it is admitted."""
         return Cost(inputs.rows(n), steps)
 
-    def check_sampling(self, spec, inputs: Inputs, sampler: str, steps: int) -> None:
-        """Refuse inputs that do not fit the request's sampler and step count (images: a
-        tuned grid asked for where the model has none). Raises InputError. The default:
-        every input fits every sampler."""
+    def plan(self, spec, inputs: Inputs, sampler: str, steps: int) -> None:
+        """Refuse inputs that cannot work with the request's sampler and steps (checked
+        once both are known). Raises InputError. The default: nothing to check."""
         return None
 
     def check(self, spec, inputs: Inputs, model) -> None:

@@ -8,7 +8,7 @@ preview or an output is encoded (`LoadedModel.decode`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -19,6 +19,8 @@ from engines.media import ENCODINGS, encode_images
 from engines.noise import row_seeds
 from engines.repository import GRID_CHOICES, GridError
 from engines.sampling import start_sampler
+from engines.scaling import Choice, Search, candidate_seeds
+from engines.scaling import check as check_search
 
 from .base import (
     Info,
@@ -43,11 +45,20 @@ class ImageInputs(Inputs):
     labels: list[int]  # one class id per image; [] for an unconditional model
     guidance_scale: float = 1.0
     teleport: bool = False
+    candidates: int = 1  # best_of or steering.particles: sampled rows per image
+    resample_every: int = 0  # steering: resample every this many steps; 0: best-of
     grid: str = "auto"  # "auto" (tuned where model.yaml has one), "tuned" or "karras"
 
     def rows(self, n: int) -> int:
-        """Classifier-free guidance runs a conditional and an unconditional row."""
-        return n * (2 if self.guidance_scale != 1.0 else 1)
+        """Every candidate is a row; classifier-free guidance adds an unconditional one."""
+        return self.samples(n) * (2 if self.guidance_scale != 1.0 else 1)
+
+    def samples(self, n: int) -> int:
+        return n * self.candidates
+
+    def search(self, spec) -> Search:
+        scale = spec.verifier.potential_scale if spec.verifier else 1.0
+        return Search(self.candidates, self.resample_every, scale)
 
     def static_key(self) -> tuple:
         return (self.guidance_scale, self.teleport, self.grid)
@@ -62,7 +73,72 @@ class ImageInfo(Info):
 
     width: int = 0
     height: int = 0
+    # best_of / steering: the method, the verifier, its score and the seed of each pick
+    method: str = "plain"
+    candidates: int = 1
+    verifier: str = ""
+    scores: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    resamples: int = 0
     grid: str = ""  # the grid the samples were drawn on: "tuned", "karras" or "teleport"
+
+    def output_seeds(self) -> list[int] | None:
+        return self.seeds or None
+
+    def searched(self) -> tuple[str, int] | None:
+        if self.method == "plain":
+            return None
+        return self.method, self.candidates * len(self.scores)
+
+
+@dataclass
+class Searched:
+    """A best_of / steering request's state between start and finish."""
+
+    search: Search
+    choice: Choice
+    seeds: list[int]  # of every row, image-major
+    verifier: str
+
+
+def _search_fields(spec, fields: Mapping[str, Any]) -> tuple[int, int]:
+    """(candidates, resample_every) from best_of / steering, checked against the model."""
+    best, steer = fields.get("best_of"), fields.get("steering")
+    if best is not None and steer is not None:
+        raise InputError(
+            "best_of and steering are alternatives; send one of them", param="steering"
+        )
+    if best is None and steer is None:
+        return 1, 0
+    what = "best_of" if best is not None else "steering"
+    v = spec.verifier
+    if v is None:
+        raise InputError(
+            f"model {spec.name} has no verifier, so {what} is not available; omit it "
+            "(a model gets one with a verifier: section in its model.yaml)",
+            param=what,
+        )
+    k = best if best is not None else steer.get("particles")
+    param = "best_of" if best is not None else "steering.particles"
+    if not _is_count(k) or not 1 <= k <= v.max_candidates:
+        raise InputError(
+            f"{param} must be an integer in 1..{v.max_candidates} for model {spec.name}, got {k!r}",
+            param=param,
+        )
+    if steer is None:
+        return k, 0
+    every = steer.get("resample_every", 1)
+    if not _is_count(every) or every < 1:
+        raise InputError(
+            f"steering.resample_every must be an integer >= 1 (steps between resamplings), "
+            f"got {every!r}",
+            param="steering.resample_every",
+        )
+    return k, every
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _unknown_class(spec, text: str, where: str) -> InputError:
@@ -137,13 +213,16 @@ class ImageModality(Modality):
                 "teleport to use a tuned grid",
                 param="grid",
             )
-        return ImageInputs(labels, guidance, teleport, grid), n
+        candidates, every = _search_fields(spec, fields)
+        return ImageInputs(labels, guidance, teleport, candidates, every, grid), n
 
-    def check_sampling(self, spec, inputs: ImageInputs, sampler: str, steps: int) -> None:
-        """A tuned grid asked for must exist for this sampler and step count."""
+    def plan(self, spec, inputs: ImageInputs, sampler: str, steps: int) -> None:
+        problem = check_search(inputs.search(spec), sampler, steps, inputs.teleport)
+        if problem:
+            raise InputError(problem, param="steering")
         if inputs.teleport:
             return
-        try:
+        try:  # a tuned grid asked for must exist for this sampler and step count
             spec.grid_used(sampler, steps, inputs.grid)
         except GridError as err:
             raise InputError(str(err), param="grid") from None
@@ -162,15 +241,19 @@ class ImageModality(Modality):
         return ENCODINGS[output_format][1]
 
     def describe(self, spec) -> dict:
-        """Size, and the step counts per sampler that have a tuned grid."""
-        return {
-            "size": f"{spec.image_shape[-1]}x{spec.image_shape[-2]}",
-            "tuned_grids": spec.tuned_budgets(),
-        }
+        shown: dict = {"size": f"{spec.image_shape[-1]}x{spec.image_shape[-2]}"}
+        if spec.verifier is not None:  # best_of / steering are available, up to this k
+            v = spec.verifier
+            name = f"classifier:{v.classifier}" if v.name == "classifier" else v.name
+            shown["verifier"] = {"name": name, "max_candidates": v.max_candidates}
+        shown["tuned_grids"] = spec.tuned_budgets()  # step counts per sampler
+        return shown
 
     def start(self, job, model, dtype: torch.dtype, device: str) -> Started:
         inputs: ImageInputs = job.inputs
         labels = torch.tensor(inputs.labels, dtype=torch.long) if inputs.labels else None
+        if inputs.candidates > 1:
+            return self._start_search(job, model, labels, dtype, device)
         gen, cond, total = start_sampler(
             model,
             job.sampler,
@@ -181,12 +264,41 @@ class ImageModality(Modality):
             inputs.guidance_scale,
             dtype,
             device,
-            inputs.grid,
+            grid=inputs.grid,
         )
-        used = "teleport"
-        if not inputs.teleport:
-            used = model.spec.grid_used(job.sampler, job.steps, inputs.grid)
-        return Started(gen, cond, total, used)
+        return Started(gen, cond, total)
+
+    def _start_search(self, job, model, labels, dtype: torch.dtype, device: str) -> Started:
+        """best_of / steering: n * k rows, the model's verifier scoring their x0."""
+        inputs: ImageInputs = job.inputs
+        verifier = model.verifier
+        if verifier is None:
+            raise ValueError(f"model {job.model} has no verifier loaded; omit best_of/steering")
+        search, k = inputs.search(model.spec), inputs.candidates
+        seeds = candidate_seeds(job.seed, job.n, k)
+        row_labels = None if labels is None else labels.repeat_interleave(k)
+
+        def verify(x0: Tensor) -> Tensor:
+            with torch.inference_mode():
+                return verifier.score(model.decode(x0), row_labels)
+
+        choice = Choice()
+        gen, cond, total = start_sampler(
+            model,
+            job.sampler,
+            job.steps,
+            seeds,
+            row_labels,
+            inputs.teleport,
+            inputs.guidance_scale,
+            dtype,
+            device,
+            search=search,
+            verify=verify,
+            choice=choice,
+            grid=inputs.grid,
+        )
+        return Started(gen, cond, total, Searched(search, choice, seeds, verifier.name))
 
     def preview(self, model, job, x0: Tensor) -> bytes | None:
         if not job.preview:
@@ -201,7 +313,23 @@ class ImageModality(Modality):
         with torch.inference_mode():
             pixels = model.decode(sample)
         height, width = model.spec.image_shape[-2:]
-        return encode(pixels, model.spec.data_range), ImageInfo(width, height, state or "")
+        info = ImageInfo(width, height)
+        if isinstance(state, Searched):
+            choice = state.choice
+            info = ImageInfo(
+                width,
+                height,
+                state.search.method,
+                state.search.candidates,
+                state.verifier,
+                choice.scores,
+                [state.seeds[r] for r in choice.rows],
+                choice.resamples,
+            )
+        info.grid = "teleport"
+        if not job.inputs.teleport:
+            info.grid = model.spec.grid_used(job.sampler, job.steps, job.inputs.grid)
+        return encode(pixels, model.spec.data_range), info
 
     # -- Open Inference Protocol -------------------------------------------------------
 
@@ -233,6 +361,13 @@ class ImageModality(Modality):
             TensorSpec("image", "UINT8", (-1, height, width, channels)),
             TensorSpec("seed", "INT64", (-1,)),
         ]
+        if spec.verifier is not None:  # best_of / steering; verifier_score empty without
+            inputs += [
+                TensorSpec("best_of", "INT32", (1,)),
+                TensorSpec("steering_particles", "INT32", (1,)),
+                TensorSpec("resample_every", "INT32", (1,)),
+            ]
+            outputs.append(TensorSpec("verifier_score", "FP32", (-1,)))
         return Signature.of(inputs, outputs)
 
     def from_tensors(self, spec, tensors: Mapping[str, list]) -> dict[str, Any]:
@@ -262,6 +397,12 @@ class ImageModality(Modality):
             fields["n"] = n
         fields["guidance_scale"] = scalar(tensors, "guidance_scale")
         fields["teleport"] = bool(scalar(tensors, "teleport"))
+        fields["best_of"] = scalar(tensors, "best_of")
+        particles, every = scalar(tensors, "steering_particles"), scalar(tensors, "resample_every")
+        if particles is not None:
+            fields["steering"] = {"particles": particles, "resample_every": every or 1}
+        elif every is not None:
+            raise InputError("input 'resample_every' needs 'steering_particles' beside it")
         grid = scalar(tensors, "grid")
         if grid is not None:
             fields["grid"] = text_of("grid", grid)
@@ -270,7 +411,12 @@ class ImageModality(Modality):
     def to_tensors(self, spec, outputs: list[bytes], seeds: list[int], info: Info) -> dict:
         shape = self.signature(spec).outputs["image"].shape[1:]
         n = len(outputs)
-        return {
+        made = {
             "image": OutputTensor("image", "UINT8", [n, *shape], b"".join(outputs)),
             "seed": OutputTensor("seed", "INT64", [n], np.asarray(seeds, "<i8").tobytes()),
         }
+        if spec.verifier is not None:
+            scores = getattr(info, "scores", [])
+            raw = np.asarray(scores, "<f4").tobytes()
+            made["verifier_score"] = OutputTensor("verifier_score", "FP32", [len(scores)], raw)
+        return made

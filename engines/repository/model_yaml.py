@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,8 +25,10 @@ from engines.runtimes.base import PRECISIONS
 from engines.runtimes.select import DEFAULT_PREFERENCE, RUNTIMES
 from engines.samplers import INFO, SAMPLERS
 from engines.speech.spec import parse_speech
+from engines.verifiers import VERIFIERS, VerifierConfig
 
 _MISSING = object()
+NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
 
 def _is_int(v: object) -> bool:
@@ -135,6 +138,7 @@ def _parse_sampling(path: Path, data: object, kind: str) -> SamplingSpec:
         expected = f"1.0: a {kind!r} model has no classifier-free guidance"
         max_guidance = f.number("max_guidance", expected, lambda v: v == 1)
         default_guidance = f.number("default_guidance", expected, lambda v: v == 1)
+    quality_steps = _quality_steps(f, INFO[default_sampler].min_steps({}), max_steps)
     return SamplingSpec(
         tuple(names),
         default_sampler,
@@ -146,7 +150,24 @@ def _parse_sampling(path: Path, data: object, kind: str) -> SamplingSpec:
         None if teleport_sigma is None else float(teleport_sigma),
         default_guidance,
         max_guidance,
+        quality_steps,
     )
+
+
+def _quality_steps(f: _Fields, need: int, max_steps: int) -> tuple[int, ...]:
+    """sampling.quality_steps: distinct step counts for quality "auto", each in
+    min_steps(default_sampler)..max_steps; kept largest first."""
+    expected = f"a non-empty list of distinct integers in {need}..max_steps ({max_steps})"
+
+    def ok(v: object) -> bool:
+        return (
+            isinstance(v, list)
+            and bool(v)
+            and all(_is_int(s) and need <= s <= max_steps for s in v)
+            and len(set(v)) == len(v)
+        )
+
+    return tuple(sorted(f.get("quality_steps", expected, ok, default=[]), reverse=True))
 
 
 def _parse_synonyms(f: _Fields, labels: tuple[str, ...]) -> dict[str, str]:
@@ -215,7 +236,42 @@ def parse_model_yaml(path: Path, name: str, versions: Sequence[int]) -> ModelSpe
         **nets,
         **engines,
         **_parse_speech_section(f, kind),
+        verifier=_parse_verifier(f, kind, labels),
     )
+
+
+def _parse_verifier(f: _Fields, kind: str, labels: tuple[str, ...]) -> VerifierConfig | None:
+    """verifier (image kinds, optional): the verifier of best_of / steering requests."""
+    raw = f.get("verifier", "a mapping of verifier settings or null", lambda v: True, None)
+    if raw is None:
+        return None
+    if KINDS[kind].modality != "image":
+        raise f.error("verifier", f"absent: a {kind!r} model has no verifier")
+    v = _Fields(f.path, raw, "verifier.", list(VerifierConfig.__dataclass_fields__))
+    name = v.get("name", f"one of {sorted(VERIFIERS)}", lambda x: x in VERIFIERS)
+    if name == "classifier" and not labels:
+        raise v.error("name", "not 'classifier' for a model without labels (it scores a class)")
+    defaults = VerifierConfig(name)
+    classifier = v.get(
+        "classifier",
+        "the name of a folder under the repository's _classifiers/, e.g. fashion-cnn",
+        lambda x: isinstance(x, str) and NAME.fullmatch(x) is not None,
+        defaults.classifier,
+    )
+    version = v.get("version", "an integer >= 1", lambda x: _is_int(x) and x >= 1, 1)
+    max_candidates = v.get(
+        "max_candidates",
+        "an integer in 1..64",
+        lambda x: _is_int(x) and 1 <= x <= 64,
+        defaults.max_candidates,
+    )
+    scale = v.get(
+        "potential_scale",
+        "a number in (0, 1000]",
+        lambda x: _is_number(x) and 0 < x <= 1000,
+        defaults.potential_scale,
+    )
+    return VerifierConfig(name, classifier, version, max_candidates, float(scale))
 
 
 def _parse_speech_section(f: _Fields, kind: str) -> dict[str, object]:

@@ -22,6 +22,7 @@ from engines.runtimes.base import RuntimeNet, batch_buckets
 from engines.runtimes.export import EngineCache, Progress, network_io
 from engines.runtimes.quantize import Calibration
 from engines.runtimes.select import EngineContext, Selection, select
+from engines.verifiers import Verifier, VerifierError, load_verifier
 
 MODEL_FILE = "model.yaml"
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
@@ -118,6 +119,7 @@ class Repository:
         progress: Progress | None = None,
         runtimes: Sequence[str] | None = None,
         latency_curve: str | None = None,
+        ungated_int8: bool | None = None,
     ) -> LoadedModel:
         """Read a version's files, check them against model.yaml, return the runnable model.
 
@@ -134,6 +136,7 @@ class Repository:
             "threads": threads,
             "progress": progress,
             "latency_curve": latency_curve,
+            "ungated_int8": ungated_int8,  # the INT8 quality gate loads its candidate
         }
 
         def wrap(net: torch.nn.Module) -> RuntimeNet:
@@ -142,6 +145,7 @@ class Repository:
             return RuntimeNet(chosen[-1].runtime, null_label=spec.network.classes)
 
         parts = KINDS[spec.kind].load(spec, folder, wrap)
+        verifier = self._verifier(spec)
         engine = chosen[0] if chosen else None
         model = LoadedModel(
             spec,
@@ -150,11 +154,22 @@ class Repository:
             fingerprint(parts.files),
             engine.runtime.name if engine else "torch",
             parts.decoder,
-            parts.modules,
+            (*parts.modules, *getattr(verifier, "modules", ())),
             engine,
             parts.speech,
+            verifier,
         )
         return model.to(device) if device != "cpu" else model
+
+    def _verifier(self, spec: ModelSpec) -> Verifier | None:
+        """model.yaml's verifier, loaded from the repository root (its _classifiers/)."""
+        if spec.verifier is None:
+            return None
+        entry = self._entry(spec.name)
+        try:
+            return load_verifier(spec.verifier, entry.folder.parent, spec)
+        except VerifierError as err:
+            raise RepositoryError(f"{entry.folder / MODEL_FILE}: verifier: {err}") from None
 
     def engine_context(self, name: str, version: int | None = None, **options) -> EngineContext:
         """A version's network (fp32, on the CPU) with what building its engines needs;

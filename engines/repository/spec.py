@@ -18,8 +18,10 @@ from engines.denoisers import Denoiser
 from engines.gaussian import GaussianStats
 from engines.nets import AutoencoderConfig, UNetConfig
 from engines.runtimes.select import DEFAULT_PREFERENCE, Selection
+from engines.samplers import INFO
 from engines.schedules import DiscreteVP, consistency_grid, karras_sigmas, lcm_sigmas
 from engines.speech.spec import SpeechSpec
+from engines.verifiers import Verifier, VerifierConfig
 
 log = logging.getLogger("fewstep.engines")
 
@@ -74,6 +76,21 @@ class SamplingSpec:
     teleport_sigma: float | None  # None: no Gaussian statistics, teleport unsupported
     default_guidance: float  # 1.0 means no classifier-free guidance
     max_guidance: float
+    # quality "auto": the step counts admission may pick from, largest first (model.yaml
+    # `quality_steps`); empty: the default steps only (auto then never lowers them)
+    quality_steps: tuple[int, ...] = ()
+
+    def budgets(self, sampler: str, cap: int | None = None) -> tuple[int, ...]:
+        """The step counts quality "auto" may choose for `sampler`, largest first: the
+        model's `quality_steps` (else its default steps) the sampler can use, at most `cap`
+        (the request's own steps) and never more than max_steps."""
+        need = INFO[sampler].min_steps({})
+        ladder = self.quality_steps or (self.default_steps,)
+        if cap is None:
+            return tuple(s for s in ladder if need <= s <= self.max_steps)
+        top = min(cap, self.max_steps)  # the client's own steps: the most it wants
+        lower = [s for s in ladder if need <= s < top]
+        return (top, *lower) if top >= need else ()
 
 
 @dataclass(frozen=True)
@@ -117,6 +134,8 @@ class ModelSpec:
     precision: str = "fp32"
     # tuned sigma grids: sampler -> steps -> TunedGrid (model.yaml's `grids:`)
     grids: dict[str, dict[int, TunedGrid]] = field(default_factory=dict, hash=False)
+    # image kinds: the verifier of best_of / steering requests (None: they are refused)
+    verifier: VerifierConfig | None = None
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -188,6 +207,7 @@ class LoadedModel:
     modules: tuple[torch.nn.Module, ...] = ()  # networks inside the denoiser and decoder
     engine: Selection | None = None  # network kinds: the runtime chosen and those skipped
     speech: object | None = None  # kind speech: engines.speech.model.Speech (text -> audio)
+    verifier: Verifier | None = None  # spec.verifier, loaded (engines.verifiers)
 
     def describe_runtime(self) -> dict:
         """The runtime that runs the network, its precision and device, and the reasons the

@@ -79,6 +79,7 @@ def build_engine(
         cache=cache or EngineCache(),
         force=force,
         progress=progress,
+        ungated_int8=True,  # INT8 is built here; its quality gate runs after (the CLI)
     )
     reference = torch_reference(ctx.net, ctx.io)  # before a runtime moves the network
     loaded = prepare(runtime, ctx)
@@ -91,7 +92,7 @@ def build_engine(
         if runtime.startswith("torch")
         else tuple(sorted(p for kind in kinds for p in folder.glob(f"{kind}-*/model.*")))
     )
-    report = BuildReport(ctx.model, runtime, precision, loaded.device, errors, artifacts)
+    report = BuildReport(ctx.model, runtime, loaded.precision, loaded.device, errors, artifacts)
     if not report.ok():
         raise BuildError(report.text())
     return report

@@ -105,6 +105,7 @@ class OnnxRuntime:
         ep = PROVIDERS[provider]
         self.name = "onnxruntime" if provider == "cpu" else f"onnxruntime-{provider}"
         self.io, self.precision, self.device = io, precision, device
+        self.path = Path(path)  # the artifact (its manifest is beside it)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1

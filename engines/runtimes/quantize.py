@@ -10,10 +10,17 @@ receives may differ by at most X0_MAX_ERROR (max abs) and X0_MEAN_ERROR (mean ab
 [-1, 1] scale, or the artifact is refused. Only EDM pixel models have a calibration
 recipe (`Calibration.for_spec` says which). Lossy, so never chosen by default: a model
 asks for it by name in model.yaml's `runtimes`.
+
+The x0 check bounds the network's error, not what it does to images. A second gate,
+engines/quality_gate.py (run by `fewstep build MODEL --runtime onnxruntime-int8`), samples
+the model with fp32 and INT8 and compares FD and class accuracy; its verdict is written
+into the artifact's manifest (`quality_gate`), and serving loads only an artifact that
+passed it (`gate_refusal`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +32,7 @@ from engines.runtimes.base import RuntimeUnavailable
 X0_MAX_ERROR = 0.25  # about 32 8-bit levels, anywhere in any image at any sigma
 X0_MEAN_ERROR = 0.01  # about 1.3 8-bit levels on average
 SIGMA_RANGE = (0.002, 80.0)
+GATE_KEY = "quality_gate"  # the manifest entry the quality gate writes
 
 
 @dataclass(frozen=True)
@@ -119,3 +127,28 @@ def quantize(fp32: Path, out: Path, calibration: Calibration, rows: int = 256) -
             f"{X0_MAX_ERROR} and {X0_MEAN_ERROR}"
         )
     return errors
+
+
+def gate_refusal(cache, folder: Path) -> str | None:
+    """None when the INT8 artifact in `folder` of `cache` (an EngineCache) is intact and
+    passed its quality gate; else why it may not be served."""
+    reason = cache.check(folder, "model.onnx")
+    if reason is not None:
+        return f"no INT8 artifact that passed its quality gate ({reason})"
+    gate = json.loads((folder / "manifest.json").read_text()).get(GATE_KEY)
+    if gate is None:
+        return "the INT8 artifact has not been through its quality gate"
+    if not gate.get("passed"):
+        return f"the INT8 artifact failed its quality gate ({gate.get('verdict')})"
+    return None
+
+
+def record_gate(folder: Path, verdict: dict) -> None:
+    """Write the quality gate's verdict into the artifact's manifest (its sha256 covers the
+    model file only, so the artifact stays intact)."""
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest[GATE_KEY] = verdict
+    staging = path.with_suffix(".json.tmp")
+    staging.write_text(json.dumps(manifest, indent=2) + "\n")
+    staging.replace(path)

@@ -31,7 +31,7 @@ from engines.runtimes.export import (
     torch_reference,
 )
 from engines.runtimes.onnx_rt import OnnxRuntime, check_provider, import_onnxruntime
-from engines.runtimes.quantize import Calibration, quantize
+from engines.runtimes.quantize import Calibration, gate_refusal, quantize
 from engines.runtimes.simulated import LatencyCurve, SimulatedRuntime
 from engines.runtimes.tensorrt_rt import (
     TensorRTRuntime,
@@ -61,6 +61,9 @@ class EngineContext:
     latency_curve: str | None = None  # the `simulated` runtime's curve file (None: H200)
     calibration: Calibration | None = None  # real-data inputs for INT8 (None: no recipe)
     force: bool = False  # rebuild artifacts even if the cache holds them
+    # load an INT8 artifact that has not (yet) passed its quality gate: for `fewstep build`
+    # and the gate itself (engines/quality_gate.py); serving never does
+    ungated_int8: bool = False
     progress: Progress = log.info
 
 
@@ -169,6 +172,15 @@ def _onnxruntime_int8(ctx: EngineContext) -> Runtime:
     onnx_file = onnx_artifact(ctx)
     fields = {**onnx_file.manifest, "int8": "qdq-conv-percentile-v1"}
     fields = {k: fields[k] for k in ("fingerprint", "io", "opset", "torch", "onnx", "int8")}
+    if not ctx.ungated_int8:
+        # serving loads only an artifact whose samples were measured against fp32; it never
+        # builds one (a build runs the quality gate, minutes on a CPU)
+        refused = gate_refusal(ctx.cache, ctx.cache.folder(ctx.model, "onnx-int8", fields))
+        if refused:
+            name = ctx.model.split("@")[0]
+            raise RuntimeUnavailable(
+                f"{refused}; build it with `fewstep build {name} --runtime onnxruntime-int8`"
+            )
 
     def build(path) -> dict:
         ctx.progress(f"{ctx.model}: quantizing to INT8 (calibration on Fashion-MNIST)")

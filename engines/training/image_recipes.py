@@ -7,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from engines.nets import UNetConfig
+from engines.nets import ClassifierConfig, UNetConfig
 from engines.training import common
 from engines.training.registry import Recipe, run_config
 
@@ -92,6 +92,11 @@ def _arguments(name: str) -> Callable[[argparse.ArgumentParser], None]:
             )
         if name in ("lcm-teacher", "lcm"):
             p.add_argument("--autoencoder", default="runs/autoencoder")
+        if name == "classifier":
+            p.add_argument(
+                "--widths", type=_channels, default=(32, 64, 128), help="conv widths per level"
+            )
+            p.add_argument("--features", type=int, default=128, help="penultimate features")
 
     return add_arguments
 
@@ -136,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.recipe == "classifier":
         from engines.training import classifier
 
-        classifier.run(run)
+        classifier.run(run, ClassifierConfig(channels=args.widths, features=args.features))
     elif args.recipe == "cd":
         from engines.training import cd
 

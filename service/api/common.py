@@ -3,6 +3,7 @@ of the OpenAI-style request bodies into admission's protocol-neutral Request."""
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Annotated
 
@@ -11,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.admission import Request as Admit
 from service.errors import InvalidRequest
-from service.jobs import JobResult
+from service.jobs import Job, JobResult
 from service.schemas import GenerationRequest, SpeechRequest, Timings
 from service.security import Principal
 from service.state import ServiceState
@@ -36,7 +37,7 @@ async def get_principal(request: Request, state: State, _: Bearer) -> Principal:
 
 Caller = Annotated[Principal, Depends(get_principal)]
 
-_COMMON = ("model", "sampler", "steps", "seed", "deadline_ms", "priority")
+_COMMON = ("model", "sampler", "steps", "seed", "deadline_ms", "priority", "quality")
 
 
 def image_request(req: GenerationRequest, idempotency_key: str | None = None) -> Admit:
@@ -49,7 +50,16 @@ def image_request(req: GenerationRequest, idempotency_key: str | None = None) ->
     return Admit(
         **{k: getattr(req, k) for k in _COMMON},
         fields=req.model_dump(
-            include={"prompt", "n", "size", "guidance_scale", "teleport", "grid"}
+            include={
+                "prompt",
+                "n",
+                "size",
+                "guidance_scale",
+                "teleport",
+                "best_of",
+                "steering",
+                "grid",
+            }
         ),
         modality="image",
         preview=req.preview,
@@ -71,6 +81,35 @@ def speech_request(req: SpeechRequest) -> Admit:
 def fingerprint(req: GenerationRequest) -> str:
     """What an Idempotency-Key is bound to: the request body, canonicalised."""
     return json.dumps(req.model_dump(), sort_keys=True)
+
+
+def image_items(result: JobResult, label: str | None) -> list[dict]:
+    """The `data` items of an images response; best_of / steering add verifier_score."""
+    scores = getattr(result.info, "scores", None) or [None] * len(result.outputs)
+    items = []
+    for out, seed, score in zip(result.outputs, result.seeds, scores, strict=True):
+        item = {"b64_json": base64.b64encode(out).decode(), "revised_prompt": label, "seed": seed}
+        if score is not None:
+            item["verifier_score"] = score
+        items.append(item)
+    return items
+
+
+def usage(job: Job, result: JobResult) -> dict:
+    """total_nfe (rows x evaluations, every candidate and guidance row included) and, for
+    best_of / steering, how the request searched."""
+    info = result.info
+    searched = info.searched() if info is not None else None
+    scaling = None
+    if searched is not None:
+        scaling = {
+            "method": searched[0],
+            "candidates": info.candidates,
+            "resample_every": job.inputs.resample_every or None,
+            "resamples": info.resamples,
+            "verifier": info.verifier,
+        }
+    return {"total_nfe": job.rows * result.nfe, "scaling": scaling}
 
 
 def timings(result: JobResult) -> Timings:

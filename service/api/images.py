@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service import admission
 from service.schemas import GenerationRequest, ImagesResponse
 
-from .common import Caller, State, image_request, timings
+from .common import Caller, State, image_items, image_request, timings, usage
 
 router = APIRouter(tags=["openai"])
 
@@ -24,19 +22,17 @@ async def generate_images(req: GenerationRequest, state: State, caller: Caller) 
     label = job.inputs.revised_prompt(admitted.spec)
     # Built as a plain dict: this is the hot path, and FastAPI would validate the model
     # again on the way out. ImagesResponse stays the documented schema.
-    data = [
-        {"b64_json": base64.b64encode(png).decode(), "revised_prompt": label, "seed": seed}
-        for png, seed in zip(result.outputs, result.seeds, strict=True)
-    ]
     return JSONResponse(
         {
             "created": int(job.submit_time),
-            "data": data,
+            "data": image_items(result, label),
             "model": f"{job.model}@{job.version}",
             "sampler": job.sampler,
             "steps": job.steps,
             "grid": getattr(result.info, "grid", ""),
+            "quality": "auto" if job.step_budgets else "fixed",
             "nfe": result.nfe,
+            **usage(job, result),
             "timings": timings(result).model_dump(),
             "runtime": result.runtime,
             "fingerprint": result.fingerprint,

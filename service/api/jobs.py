@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Annotated
 
@@ -16,7 +15,7 @@ from service.parsing import parse_uint
 from service.schemas import GenerationRequest, ImageData, JobResultView, JobView, Progress
 from service.security import Principal
 
-from .common import Caller, State, fingerprint, image_request, timings
+from .common import Caller, State, fingerprint, image_items, image_request, timings, usage
 
 router = APIRouter(tags=["jobs"])
 
@@ -30,6 +29,7 @@ def view(status) -> JobView:
         version=job.version,
         sampler=job.sampler,
         steps=job.steps,
+        quality="auto" if job.step_budgets else "fixed",
         n=job.n,
         seed=job.seed,
         teleport=getattr(job.inputs, "teleport", False),
@@ -95,12 +95,10 @@ async def get_result(job_id: str, state: State, caller: Caller, wait: float = 0.
     return JobResultView(
         id=job.id,
         status="succeeded",
-        data=[
-            ImageData(b64_json=base64.b64encode(out).decode(), revised_prompt=label, seed=seed)
-            for out, seed in zip(result.outputs, result.seeds, strict=True)
-        ],
+        data=[ImageData(**item) for item in image_items(result, label)],
         nfe=result.nfe,
         grid=getattr(result.info, "grid", None),
+        **usage(job, result),
         timings=timings(result),
         runtime=result.runtime,
         fingerprint=result.fingerprint,

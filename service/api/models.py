@@ -40,6 +40,9 @@ def describe(name: str, state) -> dict:
             "max_guidance_scale": s.max_guidance,
         },
         "teleport": s.teleport_sigma is not None,
+        # quality "auto": the step counts admission picks from under load, largest first
+        # (those a sampler can run: at least its minimum steps)
+        "quality_steps": list(s.quality_steps or (s.default_steps,)),
         # the engine running the network here; null where this process loads no weights
         # (an API-only process in distributed mode)
         "runtime": state.runtimes.get(name),

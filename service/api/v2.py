@@ -252,8 +252,8 @@ def _parameters(request: dict) -> tuple[dict, bool]:
     unknown = sorted(set(parameters) - set(oip.SCHEDULE_PARAMETERS))
     if unknown:
         raise InvalidRequest(
-            f"unknown request parameter(s) {unknown}; fewstep reads priority, timeout and "
-            "binary_data_output"
+            f"unknown request parameter(s) {unknown}; fewstep reads priority, timeout, "
+            "quality and binary_data_output"
         )
     return parameters, binary
 

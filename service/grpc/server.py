@@ -171,7 +171,8 @@ class InferenceServicer:
         unknown = sorted(set(parameters) - set(oip.SCHEDULE_PARAMETERS))
         if unknown:
             raise InvalidRequest(
-                f"unknown request parameter(s) {unknown}; fewstep reads priority and timeout"
+                f"unknown request parameter(s) {unknown}; fewstep reads priority, timeout "
+                "and quality"
             )
         job, result = await oip.infer(state, spec, tensors, parameters, "v2_grpc", principal)
         response = protocol.ModelInferResponse(

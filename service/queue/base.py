@@ -84,5 +84,11 @@ class JobQueue(Protocol):
 
     async def backlog(self, model: str, version: int) -> Backlog:
         """The model version's queued row-steps by priority and their measured drain rate
-        (what admission predicts a new job's wait from)."""
+        (what admission predicts a new job's wait from); until the rate has been measured,
+        the rate a worker announced with `seed_rate`."""
+        ...
+
+    async def seed_rate(self, model: str, version: int, row_steps_per_s: float) -> None:
+        """A worker's measured engine speed for a model version (row-steps per second at
+        its largest batch): what `backlog` reports until a drain rate has been measured."""
         ...

@@ -21,8 +21,9 @@ Layout (P = prefix, MV = "model@version"):
                          is a principal name, which holds no ":", so the split is unique)
     P counters           hash: jobs, samples queued (admission control, depth, lag)
     P work:MV            hash: priority -> row-steps of MV admitted and not done (queued, or
-                         the steps a running job has left), and "queued" -> the row-steps
-                         not yet claimed (admission by predicted wait)
+                         the steps a running job has left), "queued" -> the row-steps
+                         not yet claimed (admission by predicted wait), and "seed" -> a
+                         worker's engine speed in row-steps/s (the rate until one is measured)
     P dead               dead-letter stream: jobs delivered too often without a result
     P done               channel: "ID\\nN\\nSTATE\\nMV COST QUEUED\\nRESULT-JSON-or-empty" when a
                          job finishes (COST: its row-steps; QUEUED: MV's row-steps not

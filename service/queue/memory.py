@@ -82,6 +82,7 @@ class MemoryQueue:
         self._work: dict[tuple[str, int], Counter[int]] = {}
         self._queued_work: Counter[tuple[str, int]] = Counter()
         self._rates: dict[tuple[str, int], WorkRate] = {}
+        self._seeds: dict[tuple[str, int], float] = {}  # the worker's engine speed
         self._wakeup = asyncio.Event()
         self.drain = DrainRate()
         self.heartbeat_s: float | None = None  # claims live as long as the process
@@ -108,7 +109,7 @@ class MemoryQueue:
                         param="Idempotency-Key",
                     )
                 return first.job, False
-        excess = self._queued_samples + job.n - self.max_queued_samples
+        excess = self._queued_samples + job.samples - self.max_queued_samples
         if excess > 0:
             raise QueueFull(
                 f"the queue holds {self._queued_samples} samples "
@@ -122,7 +123,7 @@ class MemoryQueue:
         if job.idempotency_key is not None:
             self._keys[scoped] = job.id
         heapq.heappush(self._heap, (*entry.key, job.id))
-        self._queued_samples += job.n
+        self._queued_samples += job.samples
         self._queued_jobs += 1
         self._by_priority[job.priority] += 1
         self._work.setdefault((job.model, job.version), Counter())[job.priority] += job.cost
@@ -168,7 +169,7 @@ class MemoryQueue:
         return True
 
     def _take_queued(self, entry: _Entry) -> None:
-        self._queued_samples -= entry.job.n
+        self._queued_samples -= entry.job.samples
         self._queued_jobs -= 1
         self._by_priority[entry.job.priority] -= 1
         self._queued_work[entry.job.model, entry.job.version] -= entry.job.cost
@@ -192,12 +193,12 @@ class MemoryQueue:
             entry = self._entries.get(item[3])
             if entry is None or entry.state is not JobState.QUEUED:
                 continue
-            if entry.job.n > budget or (
+            if entry.job.samples > budget or (
                 models is not None and (entry.job.model, entry.job.version) not in models
             ):
                 skipped.append(item)
                 continue
-            budget -= entry.job.n
+            budget -= entry.job.samples
             self._take_queued(entry)
             entry.state = JobState.RUNNING
             entry.touch()
@@ -218,7 +219,7 @@ class MemoryQueue:
         self._result_bytes += _size(result)
         entry.done.set()
         if result.state is JobState.SUCCEEDED:
-            self.drain.add(entry.job.n)
+            self.drain.add(entry.job.samples)
             mv = (entry.job.model, entry.job.version)
             busy = self._queued_work[mv] > 0
             self._rates.setdefault(mv, WorkRate()).add(entry.job.cost, busy)
@@ -297,7 +298,7 @@ class MemoryQueue:
             other = self._entries.get(item[3])
             if other is not None and other.state is JobState.QUEUED and other.key < entry.key:
                 jobs += 1
-                samples += other.job.n
+                samples += other.job.samples
         return jobs, samples
 
     async def status(self, job_id: str) -> JobStatus | None:
@@ -317,4 +318,9 @@ class MemoryQueue:
     async def backlog(self, model: str, version: int) -> Backlog:
         work = self._work.get((model, version), {})
         rate = self._rates.get((model, version))
-        return Backlog({p: w for p, w in work.items() if w > 0}, rate and rate.rate)
+        measured = rate.rate if rate is not None else None
+        rate = measured if measured is not None else self._seeds.get((model, version))
+        return Backlog({p: w for p, w in work.items() if w > 0}, rate)
+
+    async def seed_rate(self, model: str, version: int, row_steps_per_s: float) -> None:
+        self._seeds[model, version] = row_steps_per_s

@@ -9,14 +9,37 @@ import socket
 import uuid
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError
+from redis.exceptions import (
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.errors import QueueUnavailable
 
-# Redis is away (or full, past its maxmemory under noeviction), not wrong: a 503, retry
-DOWN = (RedisConnectionError, RedisTimeoutError, OSError, OutOfMemoryError)
+# Redis is away (or full, past its maxmemory under noeviction; a replica being promoted,
+# READONLY / MASTERDOWN / TRYAGAIN during a failover), not wrong: a 503, retry
+DOWN = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    MasterDownError,
+    TryAgainError,
+)
+# error replies of a server changing role, which redis-py raises as a plain ResponseError:
+# a blocked XREADGROUP is released with UNBLOCKED when its primary becomes a replica
+TRANSIENT_REPLIES = ("UNBLOCKED", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
 INLINE_RESULT_BYTES = 256 * 1024  # results up to this size travel on the done channel
+
+
+def transient(exc: ResponseError) -> bool:
+    """Whether an error reply means "a server changing role": retry, as when it is away."""
+    return str(exc).startswith(TRANSIENT_REPLIES)
 
 
 def _unavailable(exc: Exception) -> QueueUnavailable:
@@ -36,6 +59,10 @@ def _guarded(method):
             return await method(self, *args, **kwargs)
         except DOWN as exc:
             raise _unavailable(exc) from exc
+        except ResponseError as exc:
+            if transient(exc):
+                raise _unavailable(exc) from exc
+            raise
 
     return wrapper
 

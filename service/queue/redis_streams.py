@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.retry import Retry
 
 from service.errors import Conflict, QueueFull
@@ -53,6 +53,7 @@ from service.queue.redis_common import (
     _guarded,
     _unavailable,
     consumer_name,
+    transient,
 )
 from service.queue.redis_scripts import sources
 from service.queue.redis_worker import WorkerSide
@@ -173,7 +174,7 @@ class RedisStreamsQueue(WorkerSide):
             "submit",
             job.id,
             json.dumps(job.to_dict()),
-            job.n,
+            job.samples,
             fingerprint,
             self.max_queued_samples,
             model_version(job.model, job.version),
@@ -197,7 +198,7 @@ class RedisStreamsQueue(WorkerSide):
                 self._fresh.popitem(last=False)
         if reply[0] == "full":
             queued = int(reply[1])
-            excess = queued + job.n - self.max_queued_samples
+            excess = queued + job.samples - self.max_queued_samples
             eta = self.drain.seconds_for(excess)
             raise QueueFull(
                 f"the queue holds {queued} samples (limit {self.max_queued_samples}); "
@@ -254,8 +255,16 @@ class RedisStreamsQueue(WorkerSide):
         mv = model_version(model, version)
         work = await self.redis.hgetall(self.keys.work(mv))
         rate = self._rates.get(mv)
-        by_priority = {int(p): int(w) for p, w in work.items() if p != "queued" and int(w) > 0}
-        return Backlog(by_priority, rate and rate.rate)
+        measured = rate.rate if rate is not None else None
+        seed = work.pop("seed", None)  # a worker's engine speed, until a rate is measured
+        work.pop("queued", None)
+        by_priority = {int(p): int(w) for p, w in work.items() if int(w) > 0}
+        return Backlog(by_priority, measured if measured is not None else _float(seed))
+
+    @_guarded
+    async def seed_rate(self, model: str, version: int, row_steps_per_s: float) -> None:
+        mv = model_version(model, version)
+        await self.redis.hset(self.keys.work(mv), "seed", repr(float(row_steps_per_s)))
 
     # -- results and events ---------------------------------------------------------------
 
@@ -323,7 +332,9 @@ class RedisStreamsQueue(WorkerSide):
                     entries = reply[0][1] if reply else []
                     if not entries and not await self.redis.exists(key, self.keys.job(job_id)):
                         return  # expired
-            except DOWN:
+            except (*DOWN, ResponseError) as exc:
+                if isinstance(exc, ResponseError) and not transient(exc):
+                    raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
@@ -410,3 +421,10 @@ class RedisStreamsQueue(WorkerSide):
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result("")
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None

@@ -42,13 +42,16 @@ class Worker:
         max_queue_delay_ms: float = 5.0,
         max_active_samples: int = 0,
         inline_compute_ms: float = 2.0,
+        inline_lone_ms: float = 20.0,
         device: str = "cpu",
         claim_models: Collection[tuple[str, int]] | None = None,
+        seed_rates: bool = True,
     ) -> None:
         """`claim_models`: claim only jobs of these (name, version) pairs, for a worker that
-        shares the queue with others; None claims every job (the embedded worker)."""
+        shares the queue with others; None claims every job (the embedded worker).
+        `seed_rates`: time each model's engine at start and announce it (`_seed_rates`)."""
         self.queue, self.models, self.metrics = queue, models, metrics
-        self.claim_models = claim_models
+        self.claim_models, self.seed_rates = claim_models, seed_rates
         self.device = device
         self.static, self.max_queue_delay = static, max_queue_delay_ms / 1000
         biggest = max((m.spec.max_batch_size for m in models.values()), default=1)
@@ -58,6 +61,11 @@ class Worker:
         # Handing a pass to the compute thread costs about a millisecond on a busy small
         # machine; passes that recently took less than this run on the event loop instead.
         self.inline_compute = inline_compute_ms / 1000
+        # A job alone in the worker has no other job's work to overlap with its pass, so
+        # the hop buys nothing but its own two wake-ups: longer passes of a lone job run
+        # inline too (the API waits at most this long to read a new request, which would
+        # join at the next step anyway).
+        self.inline_lone = max(inline_lone_ms, inline_compute_ms) / 1000
         self._recent: dict[str, float] = {}  # model -> moving average of step seconds
         self._stopping = False
         self._beat_s = queue.heartbeat_s
@@ -72,6 +80,8 @@ class Worker:
     async def run(self, burst: bool = False) -> None:
         """Serve until stop(); with burst, return as soon as the queue is drained."""
         outage = 0.0
+        if self.seed_rates:
+            await self._seed_rates()
         try:
             while True:
                 self.last_tick = time.monotonic()
@@ -98,6 +108,24 @@ class Worker:
         finally:
             self._executor.shutdown(wait=False)
 
+    async def _seed_rates(self) -> None:
+        """Tell the queue how fast each model's engine runs, so that admission predicts
+        waits from the first request on (a drain rate is measured only once work waits):
+        row-steps per second of the engine alone (`engine_speed`), so it overestimates what
+        the whole service drains; the measured rate replaces it as soon as there is one."""
+        loop = asyncio.get_running_loop()
+        for (name, version), model in self.models.items():
+            if model.speech is not None:  # its cost is frames, its warmup not a batch pass
+                continue
+            rows = min(model.spec.max_batch_size, self.capacity)
+            try:
+                rate, batch = await loop.run_in_executor(self._executor, engine_speed, model, rows)
+                await self.queue.seed_rate(name, version, rate)
+            except QueueUnavailable as exc:
+                log.warning("%s@%s: engine speed not announced: %s", name, version, exc.message)
+                continue
+            log.info("%s@%s: engine speed %.0f row-steps/s (batch %d)", name, version, rate, batch)
+
     async def _heartbeat(self) -> None:
         """Keep the claims on the jobs in hand alive; drop the ones another worker took
         over after our claim lapsed (that worker stores their result)."""
@@ -107,28 +135,35 @@ class Worker:
             log.warning("job %s was taken over by another worker; dropping it", active.job.id)
             self._drop(active)
 
-    async def _start_off_loop(self, job: Job, model) -> Active:
+    def _inline(self, key, lone: bool) -> bool:
+        """Whether work whose recent runs took _recent[key] runs on the event loop."""
+        return self._recent.get(key, math.inf) < (self.inline_lone if lone else self.inline_compute)
+
+    async def _start_off_loop(self, job: Job, model, lone: bool = False) -> Active:
         """scheduler.start in the compute thread (always where the modality may block: the
         speech front end), or on the event loop for a model whose starts recently took less
-        than inline_compute_ms."""
+        than inline_compute_ms (inline_lone_ms for a job that will be alone)."""
         key = ("start", job.model)
-        begin = time.perf_counter()
-        if not job.modality.may_block and self._recent.get(key, math.inf) < self.inline_compute:
-            active = start(job, model, device=self.device)
+        call = functools.partial(_timed, start, job, model, device=self.device)
+        if not job.modality.may_block and self._inline(key, lone):
+            active, took = call()
         else:
-            loop = asyncio.get_running_loop()
-            active = await loop.run_in_executor(
-                self._executor, functools.partial(start, job, model, device=self.device)
-            )
-        took = time.perf_counter() - begin
-        self._recent[key] = 0.8 * self._recent.get(key, took) + 0.2 * took
+            active, took = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        self._learn(key, took)
         return active
 
+    def _learn(self, key, took: float) -> None:
+        """Moving average of how long the work itself took, wherever it ran. The thread
+        hop is left out: counted in, a pass that went to the thread once because of one
+        slow start would look slow for ever (every later hop adds its own wake-ups) and
+        never come back to the event loop."""
+        self._recent[key] = 0.8 * self._recent.get(key, took) + 0.2 * took
+
     async def _in_thread(self, batch: list[Active]):
-        """step_batch in the compute thread; meanwhile a client's cancel reaches the jobs
-        (long vocoding checks Active.should_stop)."""
+        """step_batch in the compute thread, and the seconds it took there; meanwhile a
+        client's cancel reaches the jobs (long vocoding checks Active.should_stop)."""
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, step_batch, batch)
+        future = loop.run_in_executor(self._executor, _timed, step_batch, batch)
         while True:
             done, _ = await asyncio.wait({future}, timeout=CANCEL_POLL_S)
             if done:
@@ -141,15 +176,13 @@ class Worker:
     async def _compute(self, batch: list[Active]):
         """step_batch on the event loop if this model's passes are short, else in the thread."""
         name = batch[0].job.model
-        begin = time.perf_counter()
-        if self._recent.get(name, math.inf) < self.inline_compute:
-            outcomes, seconds = step_batch(batch)
+        if self._inline(name, lone=len(batch) == 1 == len(self.actives)):
+            (outcomes, seconds), took = _timed(step_batch, batch)
         else:
-            outcomes, seconds = await self._in_thread(batch)
+            (outcomes, seconds), took = await self._in_thread(batch)
         # the whole tick counts (forward, sampler steps, encoding): that is what an inline
         # tick would keep the API waiting for
-        took = time.perf_counter() - begin
-        self._recent[name] = 0.8 * self._recent.get(name, took) + 0.2 * took
+        self._learn(name, took)
         return outcomes, seconds
 
     async def _admit(self) -> None:
@@ -162,19 +195,20 @@ class Worker:
         jobs = await self.queue.claim(free, 0.05 if not self.actives else 0.0, self.claim_models)
         if self.static and jobs:
             deadline = time.monotonic() + self.max_queue_delay
-            while sum(j.n for j in jobs) < self.capacity and time.monotonic() < deadline:
+            while sum(j.samples for j in jobs) < self.capacity and time.monotonic() < deadline:
                 more = await self.queue.claim(
-                    self.capacity - sum(j.n for j in jobs),
+                    self.capacity - sum(j.samples for j in jobs),
                     deadline - time.monotonic(),
                     self.claim_models,
                 )
                 if not more:
                     break
                 jobs += more
+        lone = len(jobs) == 1 and not self.actives
         for job in jobs:
-            await self._start(job)
+            await self._start(job, lone)
 
-    async def _start(self, job: Job) -> None:
+    async def _start(self, job: Job, lone: bool = False) -> None:
         if job.expired():
             await self._finish_job(
                 job,
@@ -193,7 +227,7 @@ class Worker:
             )
             return
         try:
-            active = await self._start_off_loop(job, model)
+            active = await self._start_off_loop(job, model, lone)
         except Unavailable as exc:
             await self._finish_job(job, JobState.FAILED, "unavailable", str(exc))
             return
@@ -298,7 +332,7 @@ class Worker:
             state,
             outputs=list(outputs),
             media_type=job.modality.media_type(job.output_format),
-            seeds=row_seeds(job.seed, job.n) if outputs else [],
+            seeds=_seeds(job, info) if outputs else [],
             nfe=active.nfe if active else 0,
             queue_seconds=started - job.submit_time,
             compute_seconds=now - started,
@@ -327,6 +361,34 @@ class Worker:
                 delay = min(delay * 2, 2.0)
 
 
+def engine_speed(model, max_rows: int, budget_s: float = 0.05) -> tuple[float, int]:
+    """Row-evaluations per second of the model's engine, and the batch that gave it: one
+    pass of zeros at 8, 32, 128, ... rows up to max_rows, stopping after the first pass
+    over budget_s. A GPU's passes stay short, so it reaches its largest batch (where it is
+    fastest per row); a CPU's cost per row hardly changes with the batch, so a small one
+    says as much and start-up does not wait seconds for a pass of 256 rows."""
+    best, best_rows, rows = 0.0, 1, min(8, max_rows)
+    while True:
+        seconds = model.warmup((rows,))
+        if rows / seconds > best:
+            best, best_rows = rows / seconds, rows
+        if seconds > budget_s or rows >= max_rows:
+            return best, best_rows
+        rows = min(rows * 4, max_rows)
+
+
+def _timed(fn, *args, **kwargs):
+    """fn's result and the seconds it took (measured where it runs)."""
+    begin = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - begin
+
+
+def _seeds(job: Job, info) -> list[int]:
+    """Each output's seed: the request's row seeds, or the modality's (a best_of pick)."""
+    chosen = info.output_seeds() if info is not None else None
+    return chosen or row_seeds(job.seed, job.n)
+
+
 def build_worker(queue, models: dict, metrics: Metrics, settings, claim_models=None) -> Worker:
     """The worker `fewstep serve` and `fewstep worker` run, configured from Settings."""
     return Worker(
@@ -337,6 +399,7 @@ def build_worker(queue, models: dict, metrics: Metrics, settings, claim_models=N
         max_queue_delay_ms=settings.max_queue_delay_ms,
         max_active_samples=settings.max_active_samples,
         inline_compute_ms=settings.inline_compute_ms,
+        inline_lone_ms=settings.inline_lone_ms,
         device=resolve_device(settings.device),
         claim_models=claim_models,
     )

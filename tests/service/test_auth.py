@@ -169,6 +169,12 @@ def test_request_rate_quota_is_a_429_with_openai_headers(client):
     assert headers["x-ratelimit-reset-requests"].endswith("s")
     # another principal is not affected
     assert client.post("/v1/images/generations", json=IMAGE, headers=auth("bob")).is_success
+    # the metrics say who: requests and refusals carry the API key's name
+    metrics = client.get("/metrics").text
+    assert 'fewstep_rejected_total{principal="carol",reason="rate_limited"}' in metrics
+    assert 'fewstep_rejected_total{principal="bob",reason="rate_limited"}' not in metrics
+    for name in ("carol", "bob"):
+        assert f'principal="{name}",sampler="dpmpp_2m",status="200"}}' in metrics
     sdk = openai.OpenAI(
         base_url=str(client.base_url).rstrip("/") + "/v1", api_key=KEYS["carol"], max_retries=0
     )

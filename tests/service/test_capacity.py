@@ -145,6 +145,33 @@ def test_queues_measure_the_drain_rate_while_work_waits(make):  # noqa: F811
     assert backlog.rate == pytest.approx(30 / 0.2, rel=0.35)
 
 
+def test_a_workers_engine_speed_stands_in_until_a_rate_is_measured(make):  # noqa: F811
+    async def scenario(queue):
+        await queue.backlog("toy", 1)  # an API process starts listening for completions
+        await queue.seed_rate("toy", 1, 1000.0)
+        jobs = [costly(30, t=i) for i in range(4)]
+        for j in jobs:
+            await queue.submit(j)
+        seeded = await queue.backlog("toy", 1)
+        for _ in range(3):
+            (claimed,) = await queue.claim(1, 0)
+            await asyncio.sleep(0.2)
+            await queue.complete(JobResult(claimed.id, JobState.SUCCEEDED))
+        for _ in range(40):
+            measured = await queue.backlog("toy", 1)
+            if measured.rate != 1000.0:
+                break
+            await asyncio.sleep(0.05)
+        return seeded, measured, await queue.backlog("other", 1)
+
+    seeded, measured, other = run(scenario, make(100))
+    assert seeded.rate == 1000.0 and seeded.work == {0: 120}
+    # with a seed the first request is already judged: 120 row-steps ahead = 0.12 s
+    assert capacity.predicted_wait(seeded, 0) == pytest.approx(0.12)
+    assert measured.rate == pytest.approx(30 / 0.2, rel=0.35)  # the measurement wins
+    assert other.rate is None  # a seed is per model version
+
+
 def refuses_by_predicted_wait_and_unmeetable_deadline(url: str) -> None:
     """slow-model: 0.05 s per forward of up to 64 rows; n=2 x 20 steps = 40 row-steps a job,
     so about 1280 row-steps/s drain and a 0.3 s target holds about 10 jobs ahead."""
@@ -173,8 +200,9 @@ def refuses_by_predicted_wait_and_unmeetable_deadline(url: str) -> None:
         assert time.perf_counter() - begin < 1.0  # answered at once, not after the deadline
         assert r.status_code == 429 and r.json()["error"]["code"] == "deadline_unmeetable"
         metrics = c.get("/metrics").text
-        assert 'fewstep_rejected_total{reason="predicted_wait"}' in metrics
-        assert 'fewstep_rejected_total{reason="deadline_unmeetable"} 1.0' in metrics
+        assert 'fewstep_rejected_total{principal="anonymous",reason="predicted_wait"}' in metrics
+        unmeetable = 'fewstep_rejected_total{principal="anonymous",reason="deadline_unmeetable"}'
+        assert f"{unmeetable} 1.0" in metrics
         assert "deadline_unmeetable" not in before
 
 

@@ -166,3 +166,10 @@ def test_serve_refuses_an_unknown_runtime_or_an_unreadable_latency_curve(tmp_pat
     for args, message in cases:
         assert main(["serve", "--port", "0", *args]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_build_int8_needs_a_gate_of_at_least_10_samples(capsys, tmp_path):
+    argv = ["build", "fashion-edm", "--runtime", "onnxruntime-int8", "--gate-n", "5"]
+    assert main([*argv, "--cache", str(tmp_path)]) == 2
+    assert "--gate-n must be at least 10 samples, got 5" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was built

@@ -117,7 +117,8 @@ def test_admission_position_and_backlog_metrics_across_processes(tmp_path):
             assert "queue holds 6 samples (limit 6)" in refused.json()["error"]["message"]
             metrics = c.get("/metrics").text
             assert "fewstep_queue_depth 3.0" in metrics and "fewstep_queue_lag 6.0" in metrics
-            assert 'fewstep_rejected_total{reason="queue_full"} 1.0' in metrics
+            full = 'fewstep_rejected_total{principal="anonymous",reason="queue_full"}'
+            assert f"{full} 1.0" in metrics
             worker = fixture_worker(env, tmp_path / "worker.log")
             for i in ids:
                 assert c.get(f"/v1/jobs/{i}/result", params={"wait": 30}).status_code == 200

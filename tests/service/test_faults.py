@@ -1,6 +1,7 @@
 """Faults in distributed mode, with real processes and a real Redis: a worker killed with
 SIGKILL mid-batch, a worker stopped with SIGTERM, Redis away for a few seconds, a poison job
-that kills every worker that runs it, and an API process restarted under its clients."""
+that kills every worker that runs it, an API process restarted under its clients, and a
+Redis primary demoted to a replica (a failover) under a running server."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from PIL import Image
 
 from service.queue.keys import GROUP, Keys
 
+from .conftest import serve
 from .redisutil import (
     REDIS_URL,
     Process,
     RedisServer,
     api_process,
+    free_port,
 )
 from .test_distributed import fixture_api, fixture_worker
 
@@ -265,3 +268,30 @@ def test_5_an_api_restart_loses_no_accepted_job(prefix, tmp_path):
         stop(worker)
         if second is not None:
             second.kill()
+
+
+def test_6_a_read_only_redis_during_failover_is_a_503_not_a_500(tmp_path):
+    """A replica being promoted answers writes with READONLY: Redis is not there yet for
+    writes, so the API answers 503 with Retry-After (as when Redis is away), keeps
+    answering /readyz from reads, and serves again once the replica is a primary."""
+    with RedisServer(tmp_path) as server, serve(queue=server.url) as api:
+        client = redis.Redis.from_url(server.url)
+        body = {"model": "toy", "prompt": "dark", "steps": 2}
+        with httpx.Client(base_url=api.url, timeout=30) as c:
+            assert c.post("/v1/images/generations", json=body).status_code == 200
+            client.replicaof("127.0.0.1", free_port())  # a replica of a primary not yet up
+            try:
+                messages = []
+                for path in ("/v1/images/generations", "/v1/jobs", "/v1/jobs"):
+                    r = c.post(path, json=body)
+                    assert r.status_code == 503, r.text
+                    assert int(r.headers["retry-after"]) >= 1
+                    messages.append(r.json()["error"]["message"])
+                    assert "queue (Redis) is unavailable" in messages[-1]
+                # the role change closes the connections it had; then writes are refused
+                assert any("read only replica" in m for m in messages), messages
+                assert c.get("/readyz").status_code == 200  # reads still answer
+            finally:
+                client.replicaof("NO", "ONE")
+            r = c.post("/v1/images/generations", json=body)
+            assert r.status_code == 200, r.text

@@ -75,6 +75,7 @@ def test_live_ready_and_metadata(triton):
         ("seed", "INT64", [1]),
         ("steps", "INT32", [1]),
         ("sampler", "BYTES", [1]),
+        ("grid", "BYTES", [1]),
         ("teleport", "BOOL", [1]),
     ]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
@@ -403,7 +404,9 @@ def test_not_ready_until_the_models_are_loaded():
 def test_a_full_queue_is_429_over_http_and_resource_exhausted_over_grpc():
     """One job running (the worker holds 2 rows), one queued (the queue holds 2 samples):
     for about a second both OIP surfaces refuse more, with a Retry-After."""
-    settings = {"max_active_samples": 2, "max_queued_samples": 2}
+    # a long predicted-wait target: the samples bound refuses here, not the prediction from
+    # the engine speed the worker announced (40 row-steps/s: these 2 jobs are 2 s of work)
+    settings = {"max_active_samples": 2, "max_queued_samples": 2, "max_predicted_wait_s": 60}
     with (
         serve(grpc=True, grpc_port=0, host="127.0.0.1", **settings) as server,
         httpx.Client(base_url=server.url, timeout=30) as c,

@@ -87,3 +87,45 @@ def test_a_trickle_of_header_bytes_does_not_keep_it_open(url):
     data, took = held(url, pieces, pause=0.1)
     assert data == b"" or data.startswith(b"HTTP/1.1 408")
     assert took < 1.9  # 21 x 0.1 s: 2 s at least if it stayed open
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str):
+        return f"extra {name}"
+
+
+def test_a_response_written_in_two_pieces_leaves_in_one_write():
+    import asyncio
+
+    from service.httpserver import _OneWrite
+
+    async def scenario() -> _Recorder:
+        real = _Recorder()
+        transport = _OneWrite(real, asyncio.get_running_loop())
+        transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        transport.write(b"ok")
+        assert real.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]
+        transport.write(b"data: 1\n\n")  # a streamed piece alone waits one loop turn at most
+        assert len(real.writes) == 1
+        await asyncio.sleep(0)
+        assert real.writes[1:] == [b"data: 1\n\n"]
+        transport.write(b"last")
+        transport.close()  # closing sends what is held first
+        assert real.writes[2:] == [b"last"] and real.closed
+        assert transport.get_extra_info("peername") == "extra peername"
+        return real
+
+    asyncio.run(scenario())

@@ -28,6 +28,7 @@ from service.security import (
     load_key_file,
 )
 
+from .conftest import serve
 from .redisutil import REDIS_URL, delete_prefix, free_port, new_prefix, require_redis
 
 ALICE_KEY, BOB_KEY = "fs-alice-secret-0001", "fs-bob-secret-0002"
@@ -356,3 +357,9 @@ def test_redis_quota_store_away_is_a_503_not_a_hang():
 
     err, took = asyncio.run(scenario())
     assert err.status == 503 and err.retry_after and took < 3
+
+
+def test_the_in_flight_ttl_is_a_setting(prefix):
+    with serve(queue=REDIS_URL, redis_prefix=prefix, inflight_ttl_s=7) as server:
+        in_flight = server.app.state.fewstep.in_flight
+        assert isinstance(in_flight, RedisInFlight) and in_flight.ttl == 7

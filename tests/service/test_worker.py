@@ -109,7 +109,8 @@ def test_each_model_batches_up_to_its_own_max_batch_size():
         }
         for i in range(6):
             await queue.submit(job(2, steps=8, model=first, t=i))
-        worker = Worker(queue, models, Metrics(), max_active_samples=64)
+        # seed_rates off: its timing passes at max batch are not serving passes
+        worker = Worker(queue, models, Metrics(), max_active_samples=64, seed_rates=False)
         running = asyncio.create_task(worker.run(burst=True))
         while not passes:
             await asyncio.sleep(0.001)
@@ -189,3 +190,59 @@ def test_start_uses_the_models_own_grid():
     seen.append(active.gen.send(torch.zeros_like(active.pending[0]))[1])
     expected = model.spec.grid(2)
     assert seen == expected[:-1].tolist() and seen[1] > 0.01  # not [80, 0.002]
+
+
+def test_a_lone_job_runs_on_the_event_loop_and_company_sends_passes_to_the_thread():
+    """A pass of 5 ms is over inline_compute_ms (2) and well under inline_lone_ms (50 here): a job
+    alone runs it on the event loop (no thread hop), two jobs in hand hand it to the
+    compute thread so the API can read requests meanwhile."""
+    import threading
+
+    from .conftest import slow, toy_stats
+
+    stats = toy_stats()
+    threads: list[str] = []
+    pass_5ms = slow(stats, 0.005)
+
+    def denoiser(x, sigma, cond):
+        threads.append(threading.current_thread().name)
+        return pass_5ms(x, sigma, cond)
+
+    async def scenario(jobs):
+        queue = MemoryQueue()
+        for j in jobs:
+            await queue.submit(j)
+        model = toy_model("toy", denoiser=denoiser)
+        worker = Worker(
+            queue, {("toy", 1): model}, Metrics(), inline_lone_ms=50.0, seed_rates=False
+        )
+        await asyncio.wait_for(worker.run(burst=True), 30)
+        return [await queue.result(j.id, 0) for j in jobs]
+
+    results = asyncio.run(scenario([job(steps=6)]))
+    assert results[0].state is JobState.SUCCEEDED
+    # the first pass has no history and goes to the thread; every later one stays inline
+    assert threads[0].startswith("fewstep-compute")
+    assert threads[1:] == ["MainThread"] * (len(threads) - 1) and len(threads) >= 5
+
+    threads.clear()
+    results = asyncio.run(scenario([job(steps=6, t=1), job(steps=6, t=2)]))
+    assert all(r.state is JobState.SUCCEEDED for r in results)
+    assert all(t.startswith("fewstep-compute") for t in threads)
+
+
+def test_the_worker_announces_each_models_engine_speed_before_serving():
+    """Row-steps per second of one pass at the model's largest batch (here a model that
+    takes 20 ms a pass of up to 16 rows): admission predicts from the first request on."""
+    from .conftest import slow, toy_stats
+
+    async def scenario():
+        queue = MemoryQueue()
+        model = toy_model("toy", denoiser=slow(toy_stats(), 0.02), max_batch_size=16)
+        before = await queue.backlog("toy", 1)
+        await asyncio.wait_for(Worker(queue, {("toy", 1): model}, Metrics()).run(burst=True), 30)
+        return before, await queue.backlog("toy", 1)
+
+    before, after = asyncio.run(scenario())
+    assert before.rate is None
+    assert 0.3 * 16 / 0.02 <= after.rate <= 16 / 0.02  # a pass never takes less than 20 ms
