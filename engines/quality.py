@@ -133,15 +133,27 @@ def generate(
     seed: int = 0,
     batch: int = 500,
     device: str = "cpu",
+    grid: str | Tensor = "auto",
 ) -> tuple[Tensor, Tensor, int, float]:
-    """n conditional samples (labels i % classes) in data space, labels, NFE, seconds."""
+    """n conditional samples (labels i % classes) in data space, labels, NFE, seconds.
+
+    `grid` as engines.sampling.start_sampler takes it: "auto", "tuned", "karras" or sigmas.
+    """
     classes = max(len(model.spec.labels), 1)
     labels = torch.arange(n) % classes
     out, start, used = [], time.perf_counter(), 0
     for i in range(0, n, batch):
         y = labels[i : i + batch]
         gen, cond, used = start_sampler(
-            model, sampler, steps, row_seeds(seed + i, len(y)), y, teleport, guidance, device=device
+            model,
+            sampler,
+            steps,
+            row_seeds(seed + i, len(y)),
+            y,
+            teleport,
+            guidance,
+            device=device,
+            grid=grid,
         )
         out.append(model.decode(drive(gen, model.denoiser, cond)).float().cpu())
     seconds = time.perf_counter() - start
@@ -160,9 +172,11 @@ def evaluate(
     guidance: float = 1.0,
     seed: int = 0,
     device: str = "cpu",
+    grid: str | Tensor = "auto",
+    batch: int = 500,
 ) -> Cell:
     images, labels, used, seconds = generate(
-        model, sampler, steps, n, teleport, guidance, seed, device=device
+        model, sampler, steps, n, teleport, guidance, seed, batch, device, grid
     )
     feats, preds = embed(ref.classifier, images)
     fd = frechet_distance(Gaussian.of(feats), ref.test)
@@ -235,6 +249,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--teleport", action="store_true", help="teleport jump first")
     p.add_argument("--guidance", type=float, default=1.0, help="guidance scale (1: none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--grid",
+        choices=("auto", "tuned", "karras"),
+        default="auto",
+        help="sigma grid: the tuned one where model.yaml has one (auto), or the plain one",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--runtime",
@@ -269,7 +289,9 @@ def main(args: argparse.Namespace) -> int:
         for name, sampler, steps, tp, w in table_cells(repo):
             if chosen and name not in chosen:
                 continue
-            cell = evaluate(ref, load(name), sampler, steps, args.n, tp, w, args.seed, args.device)
+            cell = evaluate(
+                ref, load(name), sampler, steps, args.n, tp, w, args.seed, args.device, args.grid
+            )
             print(_line(cell), flush=True)
             cells.append(cell)
         text = markdown(cells, ref.floor(args.n), args.n, ref, time.perf_counter() - start)
@@ -288,10 +310,25 @@ def main(args: argparse.Namespace) -> int:
     print(f"{args.model}: the network runs on {model.runtime}", flush=True)
     sampler = args.sampler or model.spec.sampling.default_sampler
     steps = args.steps or model.spec.sampling.default_steps
+    try:
+        grid = "karras" if args.teleport else args.grid
+        model.spec.grid_used(sampler, steps, grid)
+    except ValueError as err:
+        print(f"fewstep: {err}", file=sys.stderr)
+        return 2
     cell = evaluate(
-        ref, model, sampler, steps, args.n, args.teleport, args.guidance, args.seed, args.device
+        ref,
+        model,
+        sampler,
+        steps,
+        args.n,
+        args.teleport,
+        args.guidance,
+        args.seed,
+        args.device,
+        grid,
     )
-    print(_line(cell))
+    print(_line(cell) + f"  grid {model.spec.grid_used(sampler, steps, grid)}")
     print(f"floor (real train vs test, n={args.n}): FD {ref.floor(args.n):.2f}")
     return 0
 

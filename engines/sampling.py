@@ -29,13 +29,17 @@ def start_sampler(
     search: Search | None = None,
     verify: Verify | None = None,
     choice: Choice | None = None,
+    grid: str | Tensor = "auto",
 ) -> tuple[SamplerGen, Cond, int]:
     """The (not yet started) sampler generator, its conditioning, and the NFE it will use
     per row.
 
-    The grid is the model's own (`ModelSpec.grid`); with teleport, a jump from sigma_max to
-    the model's teleport sigma, then a Karras grid from there. Raises SamplerError /
-    ScheduleError for arguments that cannot work.
+    The grid is the model's own (`ModelSpec.grid`): `grid` "auto" takes the tuned grid of
+    this sampler and step count where model.yaml has one, "tuned" insists on it (GridError
+    if none), "karras" takes the plain grid; a tensor is used as the grid itself (what
+    `fewstep tune` tries). With teleport, a jump from sigma_max to the model's teleport
+    sigma, then a Karras grid from there (teleport keeps its own grid). Raises SamplerError
+    / ScheduleError / GridError for arguments that cannot work.
 
     With a `search` of k > 1 candidates (engines.scaling), `seeds` and `labels` are the
     n * k rows (image-major, scaling.candidate_seeds), `verify` scores x0 predictions, the
@@ -48,7 +52,11 @@ def start_sampler(
         sigmas = teleport_sigmas(s.sigma_max, follower)
         name, opts = "teleport", {"gaussian": model.gaussian, "labels": labels, "then": sampler}
     else:
-        sigmas = spec.grid(steps)  # Karras, or the consistency / LCM picks of its kind
+        # tuned, or Karras, or the consistency / LCM picks of its kind
+        if isinstance(grid, Tensor):
+            sigmas = grid.to(torch.float64)
+        else:
+            sigmas = spec.grid(steps, sampler, grid)
         name, opts = sampler, {}
     noise = RowNoise(seeds)
     x = noise.randn((len(seeds), *spec.shape), dtype=dtype, device=device) * float(sigmas[0])

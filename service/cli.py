@@ -337,12 +337,13 @@ def _add_worker(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_train_eval(commands: argparse._SubParsersAction) -> None:
-    from engines import quality
+    from engines import quality, tune
     from engines import quality_speech as speech_eval
     from engines.training import recipes
 
     recipes.add_parsers(commands)
     quality.add_parser(commands)
+    tune.add_parser(commands)
     speech_eval.add_parser(commands)
 
 

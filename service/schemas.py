@@ -22,8 +22,9 @@ class GenerationRequest(BaseModel):
     """Fields shared by POST /v1/images/generations and POST /v1/jobs.
 
     The OpenAI Images fields (model, prompt, n, size, response_format, user) plus fewstep's
-    own: sampler, steps, seed, guidance_scale, teleport, deadline_ms, priority, preview,
-    quality, and inference-time scaling with the model's verifier: best_of or steering.
+    own: sampler, steps, seed, guidance_scale, teleport, grid, deadline_ms, priority,
+    preview, quality, and inference-time scaling with the model's verifier: best_of or
+    steering.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -41,6 +42,11 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     guidance_scale: float | None = Field(None, ge=0, le=100)
     teleport: bool = False
+    grid: Literal["auto", "tuned", "karras"] | None = Field(
+        None,
+        description="'auto' (default: the model's tuned grid for this sampler and steps where "
+        "it has one), 'tuned' (400 if none) or 'karras' (the plain grid)",
+    )
     deadline_ms: int | None = Field(None, ge=1, le=86_400_000)
     priority: int = Field(0, ge=-10, le=10)
     preview: bool = False
@@ -117,6 +123,7 @@ class ImagesResponse(BaseModel):
     model: str
     sampler: str
     steps: int  # with quality "auto": the steps admission chose
+    grid: str = Field(description="the grid used: 'tuned', 'karras' or 'teleport'")
     quality: Literal["fixed", "auto"] = "fixed"
     nfe: int  # denoiser evaluations per row
     total_nfe: int  # spent on the request: rows (candidates, guidance included) x nfe
@@ -156,6 +163,7 @@ class JobResultView(BaseModel):
     status: Literal["succeeded"]
     data: list[ImageData]
     nfe: int
+    grid: str | None = None  # the grid used: "tuned", "karras" or "teleport"
     total_nfe: int
     scaling: Scaling | None = None
     timings: Timings

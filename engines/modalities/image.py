@@ -17,6 +17,7 @@ from torch import Tensor
 
 from engines.media import ENCODINGS, encode_images
 from engines.noise import row_seeds
+from engines.repository import GRID_CHOICES, GridError
 from engines.sampling import start_sampler
 from engines.scaling import Choice, Search, candidate_seeds
 from engines.scaling import check as check_search
@@ -46,6 +47,7 @@ class ImageInputs(Inputs):
     teleport: bool = False
     candidates: int = 1  # best_of or steering.particles: sampled rows per image
     resample_every: int = 0  # steering: resample every this many steps; 0: best-of
+    grid: str = "auto"  # "auto" (tuned where model.yaml has one), "tuned" or "karras"
 
     def rows(self, n: int) -> int:
         """Every candidate is a row; classifier-free guidance adds an unconditional one."""
@@ -59,7 +61,7 @@ class ImageInputs(Inputs):
         return Search(self.candidates, self.resample_every, scale)
 
     def static_key(self) -> tuple:
-        return (self.guidance_scale, self.teleport)
+        return (self.guidance_scale, self.teleport, self.grid)
 
     def revised_prompt(self, spec) -> str | None:
         return spec.labels[self.labels[0]] if self.labels else None
@@ -78,6 +80,7 @@ class ImageInfo(Info):
     scores: list[float] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     resamples: int = 0
+    grid: str = ""  # the grid the samples were drawn on: "tuned", "karras" or "teleport"
 
     def output_seeds(self) -> list[int] | None:
         return self.seeds or None
@@ -155,7 +158,7 @@ class ImageModality(Modality):
 
     def parse(self, spec, fields: Mapping[str, Any]) -> tuple[ImageInputs, int]:
         """Fields: prompt and n (or labels: class ids, one per image, already checked),
-        size, guidance_scale, teleport."""
+        size, guidance_scale, teleport, grid."""
         s = spec.sampling
         height, width = spec.image_shape[-2], spec.image_shape[-1]
         size = fields.get("size")
@@ -197,13 +200,32 @@ class ImageModality(Modality):
                 f"model {spec.name} ships no Gaussian statistics, so teleport is not available",
                 param="teleport",
             )
+        grid = fields.get("grid") or "auto"
+        if grid not in GRID_CHOICES:
+            raise InputError(
+                f"grid must be one of {list(GRID_CHOICES)} ('auto': the tuned grid where model "
+                f"{spec.name} has one), got {grid!r}",
+                param="grid",
+            )
+        if teleport and grid == "tuned":
+            raise InputError(
+                "teleport keeps its own grid (a jump, then Karras); send grid 'auto' or omit "
+                "teleport to use a tuned grid",
+                param="grid",
+            )
         candidates, every = _search_fields(spec, fields)
-        return ImageInputs(labels, guidance, teleport, candidates, every), n
+        return ImageInputs(labels, guidance, teleport, candidates, every, grid), n
 
     def plan(self, spec, inputs: ImageInputs, sampler: str, steps: int) -> None:
         problem = check_search(inputs.search(spec), sampler, steps, inputs.teleport)
         if problem:
             raise InputError(problem, param="steering")
+        if inputs.teleport:
+            return
+        try:  # a tuned grid asked for must exist for this sampler and step count
+            spec.grid_used(sampler, steps, inputs.grid)
+        except GridError as err:
+            raise InputError(str(err), param="grid") from None
 
     def output_format(self, requested: str | None, tensor: bool = False) -> str:
         if tensor:
@@ -224,6 +246,7 @@ class ImageModality(Modality):
             v = spec.verifier
             name = f"classifier:{v.classifier}" if v.name == "classifier" else v.name
             shown["verifier"] = {"name": name, "max_candidates": v.max_candidates}
+        shown["tuned_grids"] = spec.tuned_budgets()  # step counts per sampler
         return shown
 
     def start(self, job, model, dtype: torch.dtype, device: str) -> Started:
@@ -241,6 +264,7 @@ class ImageModality(Modality):
             inputs.guidance_scale,
             dtype,
             device,
+            grid=inputs.grid,
         )
         return Started(gen, cond, total)
 
@@ -272,6 +296,7 @@ class ImageModality(Modality):
             search=search,
             verify=verify,
             choice=choice,
+            grid=inputs.grid,
         )
         return Started(gen, cond, total, Searched(search, choice, seeds, verifier.name))
 
@@ -301,14 +326,18 @@ class ImageModality(Modality):
                 [state.seeds[r] for r in choice.rows],
                 choice.resamples,
             )
+        info.grid = "teleport"
+        if not job.inputs.teleport:
+            info.grid = model.spec.grid_used(job.sampler, job.steps, job.inputs.grid)
         return encode(pixels, model.spec.data_range), info
 
     # -- Open Inference Protocol -------------------------------------------------------
 
     def signature(self, spec) -> Signature:
         """label BYTES [-1] (one class name per image; an unconditional model takes
-        n INT32 [1] instead), seed INT64 [1], steps INT32 [1], sampler BYTES [1], and where
-        the model has them guidance_scale FP32 [1] and teleport BOOL [1]; returns
+        n INT32 [1] instead), seed INT64 [1], steps INT32 [1], sampler BYTES [1], grid
+        BYTES [1] ("auto", "tuned" or "karras"), and where the model has them
+        guidance_scale FP32 [1] and teleport BOOL [1]; returns
         image UINT8 [n, H, W, C] and seed INT64 [n]."""
         s = spec.sampling
         first = (
@@ -321,6 +350,7 @@ class ImageModality(Modality):
             TensorSpec("seed", "INT64", (1,)),
             TensorSpec("steps", "INT32", (1,)),
             TensorSpec("sampler", "BYTES", (1,)),
+            TensorSpec("grid", "BYTES", (1,)),
         ]
         if s.max_guidance != 1.0:
             inputs.append(TensorSpec("guidance_scale", "FP32", (1,)))
@@ -373,6 +403,9 @@ class ImageModality(Modality):
             fields["steering"] = {"particles": particles, "resample_every": every or 1}
         elif every is not None:
             raise InputError("input 'resample_every' needs 'steering_particles' beside it")
+        grid = scalar(tensors, "grid")
+        if grid is not None:
+            fields["grid"] = text_of("grid", grid)
         return fields
 
     def to_tensors(self, spec, outputs: list[bytes], seeds: list[int], info: Info) -> dict:

@@ -13,19 +13,24 @@ from engines.repository.kinds import KINDS, NET_KINDS, Kind, Loader, Parts, Wrap
 from engines.repository.model_yaml import parse_model_yaml
 from engines.repository.repository import MODEL_FILE, NAME_PATTERN, Repository, fingerprint
 from engines.repository.spec import (
+    GRID_CHOICES,
+    GridError,
     LatentConsistency,
     LoadedModel,
     ModelNotFoundError,
     ModelSpec,
     RepositoryError,
     SamplingSpec,
+    TunedGrid,
 )
 
 __all__ = [
+    "GRID_CHOICES",
     "KINDS",
     "MODEL_FILE",
     "NAME_PATTERN",
     "NET_KINDS",
+    "GridError",
     "Kind",
     "LatentConsistency",
     "LoadedModel",
@@ -36,6 +41,7 @@ __all__ = [
     "Repository",
     "RepositoryError",
     "SamplingSpec",
+    "TunedGrid",
     "Wrap",
     "fingerprint",
     "load_weights",

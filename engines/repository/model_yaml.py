@@ -18,6 +18,7 @@ from engines.repository.spec import (
     ModelSpec,
     RepositoryError,
     SamplingSpec,
+    TunedGrid,
     normal_text,
 )
 from engines.repository.vocoders import check_fits, read_vocoder
@@ -219,6 +220,7 @@ def parse_model_yaml(path: Path, name: str, versions: Sequence[int]) -> ModelSpe
     max_batch_size = f.integer("max_batch_size", 1)
     nets = _parse_networks(f, kind, labels)
     engines = _parse_runtimes(f, kind)
+    sampling = _parse_sampling(path, f.get("sampling", "a mapping", lambda v: True), kind)
     return ModelSpec(
         name=name,
         version=version,
@@ -228,9 +230,10 @@ def parse_model_yaml(path: Path, name: str, versions: Sequence[int]) -> ModelSpe
         labels=labels,
         synonyms=_parse_synonyms(f, labels),
         data_range=(float(lo_hi[0]), float(lo_hi[1])),
-        sampling=_parse_sampling(path, f.get("sampling", "a mapping", lambda v: True), kind),
+        sampling=sampling,
         max_batch_size=max_batch_size,
         max_n=f.integer("max_n", 1),
+        grids=_parse_grids(f, sampling),
         **nets,
         **engines,
         **_parse_speech_section(f, kind),
@@ -345,3 +348,58 @@ def _parse_networks(f: _Fields, kind: str, labels: tuple[str, ...]) -> dict[str,
     if network.classes != len(labels):
         raise f.error("network", f"a network with classes: {len(labels)} (one per label)")
     return out
+
+
+def _parse_grids(f: _Fields, sampling: SamplingSpec) -> dict[str, dict[int, TunedGrid]]:
+    """grids (written by `fewstep tune`): sampler -> steps -> a TunedGrid mapping whose
+    sigmas are steps + 1 finite levels in [0, sampling.sigma_max], strictly decreasing,
+    positive but for the last."""
+    raw = f.get("grids", "a mapping of sampler -> steps -> grid", lambda v: True, {})
+    outer = _Fields(f.path, raw, "grids.", list(sampling.samplers))
+    grids: dict[str, dict[int, TunedGrid]] = {}
+    for sampler, by_steps in outer.data.items():
+        what = f"a mapping of step counts (integers) -> grid, for sampler {sampler}"
+        if not isinstance(by_steps, dict) or not by_steps:
+            raise outer.error(sampler, f"a non-empty {what}")
+        need = INFO[sampler].min_steps({})
+        grids[sampler] = {}
+        for steps, entry in by_steps.items():
+            where = f"grids.{sampler}.{steps}"
+            if not _is_int(steps) or not need <= steps <= sampling.max_steps:
+                expected = f"a step count in {need}..{sampling.max_steps} (sampling.max_steps)"
+                raise RepositoryError(f"{f.path}: {where}: the key must be {expected}")
+            grids[sampler][steps] = _parse_grid(f.path, entry, f"{where}.", steps, sampling)
+    return grids
+
+
+def _parse_grid(path: Path, data: object, prefix: str, steps: int, s: SamplingSpec) -> TunedGrid:
+    g = _Fields(path, data, prefix, list(TunedGrid.__dataclass_fields__))
+    sigmas = g.get(
+        "sigmas",
+        f"a list of {steps + 1} numbers (steps + 1 noise levels, noisiest first)",
+        lambda v: isinstance(v, list) and len(v) == steps + 1,
+    )
+    for i, v in enumerate(sigmas):
+        last = i == steps
+        lo = "0 <=" if last else "0 <"
+        if not _is_number(v) or not (v >= 0 if last else v > 0) or v > s.sigma_max:
+            expected = f"a finite number with {lo} sigma <= sigma_max ({s.sigma_max})"
+            raise g.error(f"sigmas[{i}]", expected, v)
+        if i and v >= sigmas[i - 1]:
+            expected = f"below sigmas[{i - 1}] ({sigmas[i - 1]}): a grid strictly decreases"
+            raise g.error(f"sigmas[{i}]", expected, v)
+    counts = {k: g.integer(k, 1) for k in ("n_search", "n_eval")}
+    scores = {
+        k: g.number(k, "a finite number >= 0", lambda v: v >= 0) for k in ("fd_before", "fd_after")
+    }
+    scores |= {
+        k: g.number(k, "a number in 0..1", lambda v: 0 <= v <= 1)
+        for k in ("accuracy_before", "accuracy_after")
+    }
+    return TunedGrid(
+        sigmas=tuple(float(v) for v in sigmas),
+        objective=g.text("objective"),
+        seed=g.integer("seed", 0),
+        **counts,
+        **scores,
+    )

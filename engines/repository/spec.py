@@ -39,6 +39,29 @@ class ModelNotFoundError(LookupError):
     """A model or version was asked for that the repository does not hold."""
 
 
+class GridError(ValueError):
+    """A request asked for a step grid the model does not have (the message names those it has)."""
+
+
+GRID_CHOICES = ("auto", "tuned", "karras")  # auto: the tuned grid where one exists
+
+
+@dataclass(frozen=True)
+class TunedGrid:
+    """A sigma grid found by `fewstep tune` for one sampler and step count, with how it was
+    found and what it measured (FD and class accuracy, Karras grid before, tuned after)."""
+
+    sigmas: tuple[float, ...]  # steps + 1 levels, strictly decreasing, noisiest first
+    objective: str  # what the search minimised, e.g. "fd" or "ref-mse"
+    n_search: int  # samples per objective evaluation (fixed seeds)
+    n_eval: int  # samples of the FD / accuracy numbers below
+    seed: int  # seed of the evaluation samples
+    fd_before: float
+    fd_after: float
+    accuracy_before: float
+    accuracy_after: float
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
     """How the service may sample a model: samplers, step budget, sigma grid, guidance."""
@@ -109,6 +132,8 @@ class ModelSpec:
     # network kinds: runtimes to try in order (engines.runtimes.RUNTIMES) and their precision
     runtimes: tuple[str, ...] = DEFAULT_PREFERENCE
     precision: str = "fp32"
+    # tuned sigma grids: sampler -> steps -> TunedGrid (model.yaml's `grids:`)
+    grids: dict[str, dict[int, TunedGrid]] = field(default_factory=dict, hash=False)
     # image kinds: the verifier of best_of / steering requests (None: they are refused)
     verifier: VerifierConfig | None = None
 
@@ -120,9 +145,12 @@ class ModelSpec:
             return self.shape
         return self.autoencoder.decoded_shape(self.shape)
 
-    def grid(self, steps: int) -> Tensor:
-        """The sigma grid for `steps` steps: consistency picks for 'cm', LCM timesteps for
-        'lcm', else the Karras grid of `sampling`."""
+    def grid(self, steps: int, sampler: str | None = None, grid: str = "auto") -> Tensor:
+        """The sigma grid for `steps` steps of `sampler`: its tuned grid (model.yaml's
+        `grids:`) when `grid` is "tuned", or "auto" and one exists; else the plain grid:
+        consistency picks for 'cm', LCM timesteps for 'lcm', else the Karras grid."""
+        if self.grid_used(sampler, steps, grid) == "tuned":
+            return torch.tensor(self.grids[sampler][steps].sigmas, dtype=torch.float64)
         s = self.sampling
         if self.kind == "cm":
             return consistency_grid(steps, s.sigma_min, s.sigma_max, s.rho)
@@ -131,6 +159,30 @@ class ModelSpec:
         if self.kind == "speech":
             return self.speech.grid(steps, s.sigma_min, s.sigma_max, s.rho)
         return karras_sigmas(steps, s.sigma_min, s.sigma_max, s.rho)
+
+    def grid_used(self, sampler: str | None, steps: int, grid: str = "auto") -> str:
+        """Which grid `grid` ("auto", "tuned" or "karras") means for this sampler and step
+        count: "tuned" or "karras" (the plain grid). GridError for a name that is not one of
+        GRID_CHOICES, or "tuned" where none was tuned (the message names the tuned budgets)."""
+        if grid not in GRID_CHOICES:
+            raise GridError(f"grid must be one of {list(GRID_CHOICES)}, got {grid!r}")
+        tuned = sampler is not None and steps in self.grids.get(sampler, {})
+        if grid == "tuned" and not tuned:
+            budgets = self.tuned_budgets()
+            have = (
+                "; its tuned grids are " + ", ".join(f"{k}: steps {v}" for k, v in budgets.items())
+                if budgets
+                else "; it has none (run `fewstep tune`)"
+            )
+            raise GridError(
+                f"model {self.name} has no tuned grid for sampler {sampler} with {steps} steps"
+                f"{have}; send grid 'karras' or 'auto', or those steps"
+            )
+        return "tuned" if tuned and grid != "karras" else "karras"
+
+    def tuned_budgets(self) -> dict[str, list[int]]:
+        """The step counts with a tuned grid, per sampler (for /v1/models and messages)."""
+        return {name: sorted(by_steps) for name, by_steps in sorted(self.grids.items())}
 
     def label_id(self, prompt: str) -> int | None:
         """Class id of a label or synonym (case and surrounding space ignored), else None."""

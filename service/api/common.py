@@ -50,7 +50,16 @@ def image_request(req: GenerationRequest, idempotency_key: str | None = None) ->
     return Admit(
         **{k: getattr(req, k) for k in _COMMON},
         fields=req.model_dump(
-            include={"prompt", "n", "size", "guidance_scale", "teleport", "best_of", "steering"}
+            include={
+                "prompt",
+                "n",
+                "size",
+                "guidance_scale",
+                "teleport",
+                "best_of",
+                "steering",
+                "grid",
+            }
         ),
         modality="image",
         preview=req.preview,

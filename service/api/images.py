@@ -29,6 +29,7 @@ async def generate_images(req: GenerationRequest, state: State, caller: Caller) 
             "model": f"{job.model}@{job.version}",
             "sampler": job.sampler,
             "steps": job.steps,
+            "grid": getattr(result.info, "grid", ""),
             "quality": "auto" if job.step_budgets else "fixed",
             "nfe": result.nfe,
             **usage(job, result),

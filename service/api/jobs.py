@@ -97,6 +97,7 @@ async def get_result(job_id: str, state: State, caller: Caller, wait: float = 0.
         status="succeeded",
         data=[ImageData(**item) for item in image_items(result, label)],
         nfe=result.nfe,
+        grid=getattr(result.info, "grid", None),
         **usage(job, result),
         timings=timings(result),
         runtime=result.runtime,

@@ -73,6 +73,8 @@ def test_image_oip_tensors_map_to_one_label_per_image():
     assert fields["labels"] == [0, 1] and fields["n"] == 2
     with pytest.raises(InputError, match="element 1: 'grey'"):
         image.from_tensors(spec, {"label": [b"dark", b"grey"]})
-    assert list(image.signature(spec).inputs) == ["label", "seed", "steps", "sampler", "teleport"]
+    names = ["label", "seed", "steps", "sampler", "grid", "teleport"]
+    assert list(image.signature(spec).inputs) == names
+    assert image.from_tensors(spec, {"label": [b"dark"], "grid": [b"karras"]})["grid"] == "karras"
     out = image.to_tensors(spec, [bytes(16), bytes(16)], [5, 6], ImageInfo(4, 4))
     assert out["image"].shape == [2, 4, 4, 1] and len(out["seed"].raw) == 16

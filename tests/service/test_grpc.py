@@ -75,6 +75,7 @@ def test_live_ready_and_metadata(triton):
         ("seed", "INT64", [1]),
         ("steps", "INT32", [1]),
         ("sampler", "BYTES", [1]),
+        ("grid", "BYTES", [1]),
         ("teleport", "BOOL", [1]),
     ]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [

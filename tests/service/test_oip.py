@@ -101,6 +101,7 @@ def test_model_metadata_lists_the_real_inputs_and_outputs(triton):
         {"name": "seed", "datatype": "INT64", "shape": [1]},
         {"name": "steps", "datatype": "INT32", "shape": [1]},
         {"name": "sampler", "datatype": "BYTES", "shape": [1]},
+        {"name": "grid", "datatype": "BYTES", "shape": [1]},
         {"name": "teleport", "datatype": "BOOL", "shape": [1]},
     ]
     assert meta["outputs"] == [
@@ -109,7 +110,7 @@ def test_model_metadata_lists_the_real_inputs_and_outputs(triton):
     ]
     # no Gaussian statistics: no teleport input; no labels: n instead of label
     tiny = [t["name"] for t in triton.get_model_metadata("tiny-model")["inputs"]]
-    assert tiny == ["label", "seed", "steps", "sampler"]
+    assert tiny == ["label", "seed", "steps", "sampler", "grid"]
     plain = triton.get_model_metadata("plain")["inputs"][0]
     assert plain == {"name": "n", "datatype": "INT32", "shape": [1]}
 

@@ -1,0 +1,250 @@
+"""Tuned step grids: model.yaml's strict `grids:` section, the grid a sampler is handed,
+the search's parameterisation and pattern search, and writing grids back."""
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from engines.grid_search import GridSpace, pattern_search
+from engines.grids_file import CARD_START, write_card, write_grids
+from engines.noise import row_seeds
+from engines.repository import GridError, Repository, RepositoryError, TunedGrid
+from engines.samplers import drive
+from engines.sampling import start_sampler
+from engines.schedules import karras_sigmas
+
+PACKAGE = Path(__file__).parents[2] / "model_repo" / "fashion-gaussian"
+TUNED = [80.0, 3.0, 0.4, 0.0]  # 3 steps
+ENTRY = {
+    "sigmas": TUNED,
+    "objective": "ref-mse",
+    "n_search": 64,
+    "n_eval": 200,
+    "seed": 0,
+    "fd_before": 11.3,
+    "fd_after": 9.9,
+    "accuracy_before": 0.81,
+    "accuracy_after": 0.84,
+}
+
+
+@pytest.fixture
+def copy(tmp_path) -> Path:
+    folder = tmp_path / "repo" / "fashion-gaussian"
+    shutil.copytree(PACKAGE, folder)
+    return folder
+
+
+def with_grids(folder: Path, grids) -> Path:
+    path = folder / "model.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["grids"] = grids
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def entry(**changes) -> dict:
+    return {**ENTRY, **changes}
+
+
+BAD_GRIDS = [
+    ({"warp": {3: entry()}}, "unknown key grids.warp"),
+    ({"dpmpp_2m": []}, "grids.dpmpp_2m must be a non-empty a mapping of step counts"),
+    ({"dpmpp_2m": {"3": entry()}}, "grids.dpmpp_2m.3: the key must be a step count in 2..50"),
+    ({"dpmpp_2m": {1: entry(sigmas=[80.0, 0.0])}}, "the key must be a step count in 2..50"),
+    ({"dpmpp_2m": {51: entry()}}, "the key must be a step count in 2..50"),
+    ({"dpmpp_2m": {4: entry()}}, "grids.dpmpp_2m.4.sigmas must be a list of 5 numbers"),
+    ({"dpmpp_2m": {3: entry(sigmas=[80.0, 0.4, 3.0, 0.0])}}, "sigmas[2] must be below sigmas[1]"),
+    ({"dpmpp_2m": {3: entry(sigmas=[80.0, 3.0, 3.0, 0.0])}}, "sigmas[2] must be below sigmas[1]"),
+    ({"dpmpp_2m": {3: entry(sigmas=[90.0, 3.0, 0.4, 0.0])}}, "sigmas[0] must be a finite number"),
+    ({"dpmpp_2m": {3: entry(sigmas=[80.0, 3.0, 0.0, 0.0])}}, "sigmas[2] must be a finite number"),
+    ({"dpmpp_2m": {3: entry(sigmas=[80.0, 3.0, 0.4, -0.1])}}, "sigmas[3] must be a finite number"),
+    ({"dpmpp_2m": {3: entry(sigmas=[80.0, math.nan, 0.4, 0.0])}}, "sigmas[1] must be a finite"),
+    ({"dpmpp_2m": {3: entry(sigmas=[80.0, math.inf, 0.4, 0.0])}}, "sigmas[1] must be a finite"),
+    ({"dpmpp_2m": {3: entry(sigmas=[80.0, "3", 0.4, 0.0])}}, "sigmas[1] must be a finite"),
+    ({"dpmpp_2m": {3: entry(fd_after=-1)}}, "grids.dpmpp_2m.3.fd_after must be a finite number"),
+    ({"dpmpp_2m": {3: entry(accuracy_after=1.5)}}, "accuracy_after must be a number in 0..1"),
+    ({"dpmpp_2m": {3: entry(n_search=0)}}, "grids.dpmpp_2m.3.n_search must be an integer >= 1"),
+    ({"dpmpp_2m": {3: {**ENTRY, "fd": 1.0}}}, "unknown key grids.dpmpp_2m.3.fd"),
+    ({"dpmpp_2m": {3: {k: v for k, v in ENTRY.items() if k != "sigmas"}}}, "sigmas is missing"),
+]
+
+
+@pytest.mark.parametrize(("grids", "message"), BAD_GRIDS, ids=[m for _, m in BAD_GRIDS])
+def test_a_bad_grid_fails_with_the_file_and_the_key(copy, grids, message):
+    path = with_grids(copy, grids)
+    with pytest.raises(RepositoryError) as err:
+        Repository(copy.parent)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+
+
+def test_a_sampler_the_model_does_not_list_is_refused(copy):
+    path = with_grids(copy, {"cm_multistep": {3: entry()}})
+    with pytest.raises(RepositoryError, match=r"unknown key grids\.cm_multistep; the keys here"):
+        Repository(copy.parent)
+    assert path.is_file()
+
+
+def sigmas_asked(model, sampler: str, steps: int, grid="auto") -> list[float]:
+    """The noise levels a sampler asks the denoiser for, started as the worker starts it."""
+    labels = torch.tensor([0, 1])
+    gen, cond, _ = start_sampler(model, sampler, steps, row_seeds(0, 2), labels, grid=grid)
+    asked = []
+    x, sigma = next(gen)
+    try:
+        while True:
+            asked.append(sigma)
+            x, sigma = gen.send(model.denoiser(x, torch.full((2,), sigma), cond))
+    except StopIteration:
+        return asked
+
+
+@pytest.fixture
+def tuned(copy):
+    with_grids(copy, {"dpmpp_2m": {3: entry()}, "unipc": {3: entry(sigmas=[80.0, 5.0, 0.7, 0.0])}})
+    return Repository(copy.parent).load("fashion-gaussian")
+
+
+def test_the_sampler_is_handed_exactly_the_tuned_sigmas(tuned):
+    assert sigmas_asked(tuned, "dpmpp_2m", 3) == TUNED[:-1]
+    assert sigmas_asked(tuned, "dpmpp_2m", 3, "tuned") == TUNED[:-1]
+    assert sigmas_asked(tuned, "unipc", 3) == [80.0, 5.0, 0.7]
+    assert tuned.spec.grid(3, "dpmpp_2m").tolist() == TUNED
+
+
+def test_karras_on_request_and_for_untuned_steps_or_samplers(tuned):
+    s = tuned.spec.sampling
+    for sampler, steps, grid in (
+        ("dpmpp_2m", 3, "karras"),
+        ("dpmpp_2m", 4, "auto"),
+        ("deis", 3, "auto"),
+    ):
+        plain = karras_sigmas(steps, s.sigma_min, s.sigma_max, s.rho).tolist()
+        assert sigmas_asked(tuned, sampler, steps, grid) == plain[:-1]
+        assert tuned.spec.grid_used(sampler, steps, grid) == "karras"
+    assert tuned.spec.grid_used("dpmpp_2m", 3) == "tuned"
+
+
+def test_tuned_where_none_exists_names_the_tuned_budgets(tuned):
+    with pytest.raises(GridError) as err:
+        tuned.spec.grid(4, "dpmpp_2m", "tuned")
+    assert "no tuned grid for sampler dpmpp_2m with 4 steps" in str(err.value)
+    assert "dpmpp_2m: steps [3], unipc: steps [3]" in str(err.value)
+    with pytest.raises(GridError, match="grid must be one of"):
+        tuned.spec.grid(3, "dpmpp_2m", "bespoke")
+    assert tuned.spec.tuned_budgets() == {"dpmpp_2m": [3], "unipc": [3]}
+
+
+def test_a_tuned_grid_changes_the_samples_and_karras_reproduces_the_plain_ones(tuned, copy):
+    plain = Repository(copy.parent).load("fashion-gaussian")  # same files: grids don't matter
+
+    def sample(model, grid):
+        gen, cond, nfe = start_sampler(
+            model, "dpmpp_2m", 3, row_seeds(7, 2), torch.tensor([0, 1]), grid=grid
+        )
+        return drive(gen, model.denoiser, cond), nfe
+
+    tuned_x, nfe = sample(tuned, "auto")
+    karras_x, _ = sample(tuned, "karras")
+    explicit, _ = sample(plain, torch.tensor(TUNED, dtype=torch.float64))
+    assert nfe == 3 and torch.equal(tuned_x, explicit)
+    assert not torch.allclose(tuned_x, karras_x)
+
+
+@pytest.mark.parametrize("steps", [2, 3, 5])
+def test_grid_space_points_are_valid_grids_and_round_trip(steps):
+    space = GridSpace(steps, 80.0, 0.002)
+    g = torch.Generator().manual_seed(steps)
+    for _ in range(50):
+        z = (torch.randn(space.dims, generator=g) * 3).tolist()
+        sigmas = space.sigmas(z)
+        assert len(sigmas) == steps + 1 and sigmas[0] == 80.0 and sigmas[-1] == 0.0
+        assert bool((sigmas[1:] < sigmas[:-1]).all()) and float(sigmas[-2]) > 0.002
+        moderate = space.sigmas([v / 3 for v in z])  # increments well above MIN_WEIGHT
+        assert space.sigmas(space.point(moderate)).tolist() == pytest.approx(moderate.tolist())
+    karras = karras_sigmas(steps, 0.002, 80.0, 7.0)
+    again = space.sigmas(space.point(karras))
+    assert again[:-2].tolist() == pytest.approx(karras[:-2].tolist(), rel=1e-3)
+    assert float(again[-2]) == pytest.approx(0.002, rel=0.01)
+
+
+def test_pattern_search_finds_a_known_grid_and_never_ends_worse_than_its_start():
+    space = GridSpace(3, 80.0, 0.002)
+    target = torch.tensor([80.0, 4.0, 0.3, 0.0], dtype=torch.float64)
+
+    def objective(sigmas):
+        return float((sigmas[1:-1].log() - target[1:-1].log()).square().sum())
+
+    start = karras_sigmas(3, 0.002, 80.0, 7.0)
+    result = pattern_search(space, objective, [start], max_evals=200, min_step=1e-3, log=str)
+    assert result.best.value <= result.start.value
+    assert result.stopped == "converged" and result.best.value < 1e-4
+    capped = pattern_search(space, objective, [start], max_evals=5, log=str)
+    assert len(capped.trials) == 5 and capped.stopped == "evaluations"
+    assert capped.best.value <= capped.start.value
+
+
+def grid(**changes) -> TunedGrid:
+    values = {**ENTRY, "sigmas": tuple(ENTRY["sigmas"]), **changes}
+    return TunedGrid(**values)
+
+
+def test_write_grids_merges_keeps_every_other_line_and_loads(copy):
+    path = copy / "model.yaml"
+    before = path.read_text()
+    write_grids(path, "fashion-gaussian", {("dpmpp_2m", 3): grid()})
+    write_grids(path, "fashion-gaussian", {("unipc", 2): grid(sigmas=(80.0, 1.0, 0.0))})
+    write_grids(path, "fashion-gaussian", {("dpmpp_2m", 3): grid(fd_after=9.0)})
+    text = path.read_text()
+    assert text.startswith(before) and text.count("grids:") == 1
+    spec = Repository(copy.parent).spec("fashion-gaussian")
+    assert spec.tuned_budgets() == {"dpmpp_2m": [3], "unipc": [2]}
+    assert spec.grids["dpmpp_2m"][3].fd_after == 9.0
+    assert spec.grids["unipc"][2].sigmas == (80.0, 1.0, 0.0)
+
+
+def test_write_grids_refuses_a_grid_that_would_not_load(copy):
+    path = copy / "model.yaml"
+    before = path.read_text()
+    with pytest.raises(RepositoryError, match="sigmas\\[1\\] must be a finite number"):
+        write_grids(path, "fashion-gaussian", {("dpmpp_2m", 2): grid(sigmas=(80.0, 0.0, 0.0))})
+    assert path.read_text() == before and not list(copy.glob("*.tmp"))
+
+
+def test_write_card_adds_then_replaces_its_section(copy):
+    card = copy / "1" / "MODEL_CARD.md"
+    original = card.read_text()
+    args = type(
+        "Args",
+        (),
+        {
+            "model": "fashion-gaussian",
+            "nfe": "3",
+            "samplers": "dpmpp_2m",
+            "objective": "auto",
+            "n_search": 64,
+            "n_eval": 200,
+            "ref_steps": 16,
+            "max_evals": 6,
+            "max_minutes": 3.0,
+            "seed": 0,
+        },
+    )()
+    write_grids(copy / "model.yaml", "fashion-gaussian", {("dpmpp_2m", 3): grid()})
+    write_card(card, {("dpmpp_2m", 3): grid()}, args)
+    write_card(card, {("dpmpp_2m", 3): grid()}, args)
+    text = card.read_text()
+    assert text.startswith(original.rstrip("\n")) and text.count(CARD_START) == 1
+    assert (
+        "| dpmpp_2m | 3 | 11.300 | 9.900 | 0.810 | 0.840 | ref-mse (n=64) | 80, 3, 0.4, 0 |" in text
+    )
+    assert text.count("- `fewstep tune fashion-gaussian --nfe 3 --samplers dpmpp_2m") == 1
+    args.nfe = "4"
+    write_card(card, {("dpmpp_2m", 3): grid()}, args)
+    text = card.read_text()
+    first, second = text.index("--nfe 3 --samplers"), text.index("--nfe 4 --samplers")
+    assert first < second and text.count(CARD_START) == 1
