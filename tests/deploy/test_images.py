@@ -93,6 +93,14 @@ def test_image_holds_no_training_data_or_build_leftovers(image):
         "-o -name 'tests' -path '/app/*' \\) -print 2>/dev/null | head",
     )  # fmt: skip
     assert listing.split() == ["model_repo"]
+    # what serving reads beside the models: best_of / steering's verifier and the vocoders;
+    # not the quality harness's independent judge
+    shared = docker(
+        "run", "--rm", "--entrypoint", "ls", image, "/app/model_repo/_classifiers",
+        "/app/model_repo/_vocoders",
+    )  # fmt: skip
+    assert "fashion-cnn\n" in shared + "\n" and "slt-vocos" in shared
+    assert "fashion-cnn-eval" not in shared
 
 
 def held_by(client: redis.Redis, stream: str, host: str) -> list[str]:
@@ -118,6 +126,8 @@ def test_distributed_stack_completes_60_jobs_through_sigkill_and_docker_stop(sta
     # keep its own claims, so the stopped worker's jobs are never taken over
     tuning = ("-e", "FEWSTEP_CLAIM_TIMEOUT_S=5", "-e", "FEWSTEP_MAX_ACTIVE_SAMPLES=16")
     tuning += ("-e", "OMP_NUM_THREADS=1", "-e", 'FEWSTEP_MODELS=["fashion-edm"]')
+    # a burst of 60 jobs to fault the workers under, not a test of admission: no wait target
+    tuning += ("-e", "FEWSTEP_MAX_PREDICTED_WAIT_S=3600")
     store = stack.run(
         "redis",
         "--network-alias",
