@@ -218,17 +218,22 @@ def test_word_error_rate_counts_substitutions_deletions_and_insertions():
         wer(["..."], ["a"])
 
 
-def test_festival_audio_of_a_sentence_is_recognised(tmp_path):
-    from engines.speech.asr import Recognizer, wer
-
-    text = "She looked at the big black dog in the garden."
-    wav = tmp_path / "s.wav"
+def festival_wav(text: str, wav):
+    """Festival's own audio of `text` (the slt HTS voice, the corpus' teacher voice)."""
     subprocess.run(
         ["text2wave", "-eval", "(voice_cmu_us_slt_arctic_hts)", "-o", str(wav)],
         input=text.encode(),
         check=True,
         capture_output=True,
     )
+    return wav
+
+
+def test_festival_audio_of_a_sentence_is_recognised(tmp_path):
+    from engines.speech.asr import Recognizer, wer
+
+    text = "She looked at the big black dog in the garden."
+    wav = festival_wav(text, tmp_path / "s.wav")
     samples, rate = sf.read(wav, dtype="float32")
     asr = Recognizer()
     heard = asr(torch.from_numpy(samples), rate)
@@ -245,13 +250,7 @@ def test_shipped_vocoder_is_small_documented_and_resynthesises_festival_audio(tm
     assert "fewstep train vocoder" in card and "cmu_us_slt_arctic_hts" in card
     assert "## Quality" in card and "Not measured" not in card
     text = "The old man walked slowly along the quiet road."
-    wav = tmp_path / "s.wav"
-    subprocess.run(
-        ["text2wave", "-eval", "(voice_cmu_us_slt_arctic_hts)", "-o", str(wav)],
-        input=text.encode(),
-        check=True,
-        capture_output=True,
-    )
+    wav = festival_wav(text, tmp_path / "s.wav")
     import soxr
 
     samples, rate = sf.read(wav, dtype="float32")
