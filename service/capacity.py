@@ -126,7 +126,7 @@ async def check(queue: JobQueue, settings: Settings, job: Job, batch_rows: int =
     backlog = await queue.backlog(job.model, job.version)
     now = time.time()
     if job.step_budgets:
-        graded = settings is None or settings.auto_quality == "graded"
+        graded = settings.auto_quality == "graded"
         steps = choose_steps(backlog, job, now, batch_rows, graded)
         job.cost = job.cost // job.steps * steps  # row-steps are linear in steps
         job.steps = steps

@@ -17,6 +17,7 @@ import pytest
 
 from engines.repository import Repository, RepositoryError
 from service import capacity
+from service.config import Settings
 from service.errors import DeadlineUnmeetable
 from service.queue.backlog import Backlog
 
@@ -111,7 +112,7 @@ def test_check_sets_steps_and_cost_of_an_auto_job():
 
     j = auto_job(2, (8, 4, 2, 1), deadline=time.time() + 3.0)  # graded: 4 steps
     j.cost = 2 * 8 * 2  # a two-evaluation sampler would double it; stays linear in steps
-    asyncio.run(capacity.check(Queue(), None, j, 64))
+    asyncio.run(capacity.check(Queue(), Settings(), j, 64))
     assert j.steps == 4 and j.cost == 2 * 4 * 2
 
 
