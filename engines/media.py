@@ -9,6 +9,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# zlib level: on Fashion-MNIST images level 3 takes 32 us and 468 bytes an image, level 6
+# (zlib's default) 53 us and 462 bytes; encoding is a tenth of a served image's CPU
+PNG_LEVEL = 3
+
 
 def _uint8(x: Tensor, data_range: tuple[float, float]) -> np.ndarray:
     # numpy, not torch: on images this small torch's per-op dispatch (and, on a busy
@@ -38,7 +42,7 @@ def _png(pixels: np.ndarray) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n"
         + _chunk(b"IHDR", header)
-        + _chunk(b"IDAT", zlib.compress(raw, 6))
+        + _chunk(b"IDAT", zlib.compress(raw, PNG_LEVEL))
         + _chunk(b"IEND", b"")
     )
 

@@ -30,8 +30,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import random
+import socket
 import sys
 import time
 import uuid
@@ -44,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtest.procs import Processes, fewstep, free_port  # noqa: E402
-from loadtest.run import Outcome, Scenario, client_for, percentile, ping, send  # noqa: E402
+from loadtest.run import Outcome, Scenario, client_for, percentile, send  # noqa: E402
 
 CPU_CURVE = ROOT / "loadtest/curves/cpu-onnx-fashion-edm.yaml"
 OFF = "1e9"  # a predicted-wait target nothing exceeds: the samples bound alone
@@ -143,6 +145,65 @@ async def poisson(urls: list[str], bodies: list[dict], rate: float, seconds: flo
     for c in clients:
         await c.aclose()
     return elapsed, list(outcomes)
+
+
+class RawClient:
+    """One keep-alive HTTP/1.1 connection on a blocking socket, no client library: at
+    concurrency 1 what it measures is the server and the loopback, not the client (httpx
+    alone costs about a millisecond a request on this machine)."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.split("//", 1)[1].rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = self.sock.makefile("rb")
+
+    def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        head = f"{method} {path} HTTP/1.1\r\nhost: fewstep\r\n"
+        if body:
+            head += f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        self.sock.sendall(head.encode() + b"\r\n" + body)
+        status = int(self.reader.readline().split()[1])
+        length = 0
+        while (line := self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        return status, self.reader.read(length)
+
+    def send(self, body: dict) -> Outcome:
+        begin = time.perf_counter()
+        status, data = self.request("POST", "/v1/images/generations", json.dumps(body).encode())
+        latency = time.perf_counter() - begin
+        if status != 200:
+            return Outcome(latency, status, 0)
+        out = json.loads(data)
+        return Outcome(latency, 200, len(out["data"]), out["timings"]["forward_seconds"])
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def raw_sequential(url: str, bodies: list[dict], seconds: float) -> list[Outcome]:
+    """Requests one after another on a RawClient for `seconds`."""
+    client, outcomes = RawClient(url), []
+    stop = time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        outcomes.append(client.send(bodies[len(outcomes) % len(bodies)]))
+    client.close()
+    return outcomes
+
+
+def raw_ping(url: str, count: int = 500) -> list[float]:
+    """GET /healthz round trips on a RawClient: the floor of any request, in ms."""
+    client, out = RawClient(url), []
+    for _ in range(count):
+        begin = time.perf_counter()
+        client.request("GET", "/healthz")
+        out.append((time.perf_counter() - begin) * 1000)
+    client.close()
+    return out
 
 
 def ok_ms(outcomes: list[Outcome]) -> list[float]:
@@ -326,13 +387,15 @@ def latency(args, bodies: list[dict]) -> None:
     ]
     print(
         "\n### Latency added at concurrency 1 (n=1, euler, 1 step), simulated H200 curve: "
-        "client latency minus forward time\n"
+        "client latency minus forward time\n\n"
+        "A raw keep-alive socket client (what the server and loopback add); the httpx "
+        "column is the same with the Python client most load generators use.\n"
     )
     print(
-        "| deployment | requests | p50 ms | p95 ms | p99 ms | server CPU ms / request | "
-        "server wake-ups / request | GET /healthz p50 / p99 ms |"
+        "| deployment | requests | p50 ms | p95 ms | p99 ms | httpx p50 / p99 ms | "
+        "server CPU ms / request | server wake-ups / request | GET /healthz p50 / p99 ms |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     medians: dict[tuple[str, str], list[float]] = {}
     for name, queue in (("embedded", "memory"), ("Redis: 1 API + 1 worker", args.redis)):
         for tree, root in trees(args):
@@ -340,18 +403,21 @@ def latency(args, bodies: list[dict]) -> None:
             try:
                 with Deployment(None, queue=queue, prefix=prefix, root=root) as d:
                     say(f"latency: {label(name, tree)} ...")
-                    asyncio.run(closed(d.urls, single, 1, 1.0))
+                    raw_sequential(d.urls[0], single, 1.0)
                     before, woken = d.cpu_seconds(), d.wakeups()
-                    _, out = asyncio.run(closed(d.urls, single, 1, args.seconds))
+                    out = raw_sequential(d.urls[0], single, args.seconds)
                     used, woken = d.cpu_seconds() - before, d.wakeups() - woken
-                    floor = asyncio.run(ping(d.urls[0]))
+                    _, slow = asyncio.run(closed(d.urls, single, 1, min(args.seconds, 3.0)))
+                    floor = raw_ping(d.urls[0])
             finally:
                 drop(args.redis, prefix)
             added = [(o.latency - o.forward) * 1000 for o in out if o.status == 200]
+            with_httpx = [(o.latency - o.forward) * 1000 for o in slow if o.status == 200]
             medians.setdefault((name, tree), []).append(percentile(added, 50))
             print(
                 f"| {label(name, tree)} | {len(added)} | {percentile(added, 50):.2f} | "
                 f"{percentile(added, 95):.2f} | {percentile(added, 99):.2f} | "
+                f"{percentile(with_httpx, 50):.2f} / {percentile(with_httpx, 99):.2f} | "
                 f"{used * 1000 / max(len(out), 1):.2f} | {woken / max(len(out), 1):.1f} | "
                 f"{percentile(floor, 50):.2f} / {percentile(floor, 99):.2f} |",
                 flush=True,

@@ -79,6 +79,19 @@ class Settings(BaseSettings):
         description="the same for a job alone in the worker: no other work overlaps its pass",
     )
 
+    torch_threads: int = Field(
+        1,
+        ge=0,
+        description="torch's intra-op threads in a serving process: the samplers' arithmetic "
+        "and the torch runtime's network (0: torch's default, one per core). A sampler's "
+        "tensors are too small to gain from threads, and a pool waiting at its barriers "
+        "takes the core the event loop needs: raise it only for a torch-runtime network on "
+        "a machine with cores to spare",
+    )
+    runtime_threads: int = Field(
+        0, ge=0, description="ONNX Runtime's intra-op threads per model (0: one per core)"
+    )
+
     request_timeout_s: float = Field(300.0, gt=0, description="synchronous endpoints give up after")
     max_body_bytes: int = Field(65536, ge=1024)
     retained_jobs: int = Field(10000, ge=1, description="finished jobs kept for GET and results")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from service.jobs import Job, JobResult
 
@@ -40,6 +41,33 @@ LATENCY = (
     *(10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 180.0),
 )
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+CHILDREN_REMEMBERED = 4096  # label sets per metric; the rest go through labels() each time
+
+
+def _remember_children(metric: MetricWrapperBase) -> None:
+    """Give `metric` a labels() that remembers its children by their label values.
+
+    prometheus_client's labels() checks and converts the values and takes a lock on every
+    call, about ten times per request on the hot path; the children it returns never
+    change (fewstep never removes a label set), so one dict lookup serves all later calls.
+    Keyword calls and label sets past CHILDREN_REMEMBERED take the library's path.
+    """
+    children: dict[tuple, object] = {}
+    labels = metric.labels
+
+    def remembered(*values, **named):
+        if named:
+            return labels(*values, **named)
+        child = children.get(values)
+        if child is None:
+            child = labels(*values)
+            if len(children) < CHILDREN_REMEMBERED:
+                children[values] = child
+        return child
+
+    metric.labels = remembered
 
 
 @dataclass
@@ -169,6 +197,9 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        for metric in vars(self).values():
+            if isinstance(metric, MetricWrapperBase) and metric._labelnames:
+                _remember_children(metric)
 
     def set_runtime(self, model: str, runtime: str) -> None:
         self.model_runtime.labels(model, runtime).set(1)

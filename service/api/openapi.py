@@ -34,6 +34,7 @@ OIP_ERROR = {
     "required": ["error"],
     "properties": {"error": {"type": "string", "description": "what to change"}},
 }
+BEARER = {"type": "http", "scheme": "bearer", "description": "an API key of this server"}
 REASONS = {
     400: "the request is malformed or does not fit the model; the message says what to change",
     401: "an API key is needed (Authorization: Bearer KEY) and none, or a wrong one, was sent",
@@ -159,8 +160,8 @@ def describe(app: FastAPI, state: ServiceState) -> dict:
                 operation["security"] = [{"HTTPBearer": []}]
             else:
                 operation.pop("security", None)
-    if not secured:
-        schema["components"].pop("securitySchemes", None)
+    if secured:
+        schema["components"]["securitySchemes"] = {"HTTPBearer": BEARER}
     if len(state.specs) != 1:  # more than one model: a request must name one
         for name in ("GenerationRequest", "SpeechRequest"):
             body = components.get(name)

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -134,11 +135,20 @@ class Outcome:
     info: Info | None = None  # with "done": what the outputs are
 
 
+def all_finite(x: Tensor) -> bool:
+    """Whether every value of x is finite. On the CPU numpy answers without allocating a
+    mask through torch's dispatcher: 7 us instead of 23 us for one 28x28 image, and no
+    thread pool for a large batch."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, torch.float16):
+        return bool(np.isfinite(x.detach().numpy()).all())
+    return bool(torch.isfinite(x).all())
+
+
 def advance(active: Active, x0) -> Outcome:
     """Hand a request its x0, run its sampler to the next call, encode what is due."""
     active.nfe += 1
     values = x0.x0 if isinstance(x0, Guided) else x0
-    if not bool(torch.isfinite(values).all()):
+    if not all_finite(values):
         message = f"the model returned non-finite values at step {active.nfe}"
         return Outcome(active, "failed", code="non_finite", message=message)
     job, modality = active.job, active.modality
@@ -147,7 +157,7 @@ def advance(active: Active, x0) -> Outcome:
         active.pending = active.gen.send(x0)
     except StopIteration as stop:
         active.pending = None
-        if not bool(torch.isfinite(stop.value).all()):
+        if not all_finite(stop.value):
             return Outcome(
                 active,
                 "failed",

@@ -246,3 +246,52 @@ def test_the_worker_announces_each_models_engine_speed_before_serving():
     before, after = asyncio.run(scenario())
     assert before.rate is None
     assert 0.3 * 16 / 0.02 <= after.rate <= 16 / 0.02  # a pass never takes less than 20 ms
+
+
+def test_all_finite_finds_nan_and_inf_in_every_dtype():
+    import torch
+
+    from service.worker.scheduler import all_finite
+
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        clean = torch.zeros(3, 1, 4, 4, dtype=dtype)
+        assert all_finite(clean)
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            x = clean.clone()
+            x[2, 0, 3, 1] = bad
+            assert not all_finite(x), (dtype, bad)
+    with torch.inference_mode():  # what the worker hands it
+        assert not all_finite(torch.full((2, 2), float("nan")) * 1)
+
+
+def test_metric_children_are_remembered_and_exposed_unchanged():
+    from prometheus_client import generate_latest
+
+    metrics = Metrics()
+    first = metrics.requests.labels("m", "euler", "200", "images", "anonymous")
+    assert metrics.requests.labels("m", "euler", "200", "images", "anonymous") is first
+    first.inc()
+    metrics.requests.labels(
+        model="m", sampler="euler", status="200", endpoint="images", principal="anonymous"
+    ).inc()
+    text = generate_latest(metrics.registry).decode()
+    assert (
+        'fewstep_requests_total{endpoint="images",model="m",principal="anonymous",'
+        'sampler="euler",status="200"} 2.0' in text
+    )
+
+
+def test_the_serving_process_runs_torch_on_its_configured_threads():
+    import torch
+
+    from service.bootstrap import set_threads
+    from service.config import Settings
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(Settings(torch_threads=1))
+        assert torch.get_num_threads() == 1
+        set_threads(Settings(torch_threads=0))  # 0 leaves torch as it is
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
