@@ -265,18 +265,22 @@ def overload(args, bodies: list[dict]) -> None:
 def batching(args, bodies: list[dict]) -> None:
     results = {}
     rate = None
+    curve_name = "the H200 curve"
+    if args.batching_curve is not None:
+        curve_name = f"the curve {args.batching_curve.name}"
     for tree, root in trees(args):
         for mode in ("continuous", "static"):
-            with Deployment(None, batching=mode, root=root) as d:
+            with Deployment(args.batching_curve, batching=mode, root=root) as d:
                 if rate is None:
-                    say("batching: capacity of continuous batching on the H200 curve ...")
+                    say(f"batching: capacity of continuous batching on {curve_name} ...")
                     cap = capacity(d.urls, bodies, args.concurrency, args.seconds)
                     rate = args.load * cap
                 say(f"batching: {label(mode, tree)} at {rate:.0f} req/s ...")
                 out = asyncio.run(poisson(d.urls, bodies, rate, args.seconds, args.seed))
                 results.setdefault(tree, []).append((mode, out))
     print(
-        f"\n### Continuous vs static batching, mixed-edm, simulated H200 curve, open loop at "
+        f"\n### Continuous vs static batching, mixed-edm, simulated runtime on {curve_name}, "
+        "open loop at "
         f"{args.load:.0%} of capacity ({cap:.0f} req/s closed-loop) = {rate:.0f} req/s\n"
     )
     print(
@@ -445,6 +449,12 @@ def main() -> int:
     parser.add_argument("--slo-s", type=float, default=2.0, help="goodput latency target")
     parser.add_argument("--load", type=float, default=0.8, help="batching: share of capacity")
     parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
+    parser.add_argument(
+        "--batching-curve",
+        type=Path,
+        default=None,
+        help="batching part: the simulated runtime's latency curve (default: the H200 one)",
+    )
     parser.add_argument("--api-counts", default="1,2,3")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--seed", type=int, default=0)

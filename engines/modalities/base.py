@@ -244,6 +244,21 @@ class Modality(ABC):
         request) and what they are. Long finishing work (vocoding) gives up with an
         exception as soon as should_stop() is true (the job was canceled or is late)."""
 
+    def finish_many(
+        self, model, jobs: list, samples: list[Tensor], states: list, stops: list[StopCheck]
+    ) -> list[tuple[list[bytes], Info] | Exception]:
+        """`finish` for several jobs of one model that finished in the same forward pass:
+        each job's outputs and info, or the exception its own `finish` raised. A modality
+        whose finishing work batches across requests (one vocoder pass) overrides it; the
+        outputs must be exactly what `finish` gives each job alone."""
+        out: list[tuple[list[bytes], Info] | Exception] = []
+        for job, sample, state, stop in zip(jobs, samples, states, stops, strict=True):
+            try:
+                out.append(self.finish(model, job, sample, state, stop))
+            except Exception as exc:  # the caller turns it into that job's failure
+                out.append(exc)
+        return out
+
     # -- Open Inference Protocol -------------------------------------------------------
 
     @abstractmethod

@@ -234,6 +234,21 @@ class SpeechModality(Modality):
         audio, seconds = model.speech.render(sample, state, job.output_format, should_stop)
         return [audio], AudioInfo(model.speech.mel.sample_rate, seconds)
 
+    def finish_many(
+        self, model, jobs: list, samples: list[Tensor], states: list, stops: list[StopCheck]
+    ) -> list[tuple[list[bytes], AudioInfo] | Exception]:
+        """With a batched (neural) vocoder, every sentence of every job in one vocoder pass
+        (Speech.render_many); Griffin-Lim, or a single job, goes job by job."""
+        if len(jobs) < 2 or not getattr(model.speech.vocoder, "batched", False):
+            return super().finish_many(model, jobs, samples, states, stops)
+        rendered = model.speech.render_many(
+            samples, states, [job.output_format for job in jobs], stops
+        )
+        rate = model.speech.mel.sample_rate
+        return [
+            r if isinstance(r, Exception) else ([r[0]], AudioInfo(rate, r[1])) for r in rendered
+        ]
+
     # -- Open Inference Protocol -------------------------------------------------------
 
     def signature(self, spec) -> Signature:

@@ -301,11 +301,46 @@ class Speech:
     ) -> tuple[bytes, float]:
         """Encoded audio of the whole request (sentences joined) and its seconds. Raises
         audio.Stopped as soon as should_stop() is true (a canceled or late job)."""
-        audio = self.audio(x, frames, should_stop)
+        return self._encoded(self.audio(x, frames, should_stop), fmt)
+
+    def _encoded(self, audio: Tensor, fmt: str) -> tuple[bytes, float]:
         seconds = len(audio) / self.mel.sample_rate
         if fmt == "f32":
             return audio.float().numpy().astype("<f4").tobytes(), seconds
         return encode(audio, self.mel.sample_rate, fmt), seconds
+
+    @torch.no_grad()
+    def render_many(
+        self,
+        xs: list[Tensor],
+        frames: list[Tensor],
+        fmts: list[str],
+        stops: list[StopCheck],
+    ) -> list[tuple[bytes, float] | Exception]:
+        """`render` for several requests, their sentences in one pass of the (batched)
+        vocoder: mels zero-padded to the longest, each row trimmed to its own frames, so
+        each request gets the samples it gets alone. A request whose stop check is already
+        true gets audio.Stopped and no rows in the pass."""
+        out: list[tuple[bytes, float] | Exception] = [
+            Stopped("vocoding stopped: the job was canceled or is past its deadline") for _ in stops
+        ]
+        live = [i for i, stop in enumerate(stops) if not stop()]
+        if not live:
+            return out
+        mels = [self.tts.to_log_mel(xs[i].float().cpu()) for i in live]
+        longest = max(m.shape[-1] for m in mels)
+        padded = torch.cat([torch.nn.functional.pad(m, (0, longest - m.shape[-1])) for m in mels])
+        lengths = torch.cat([frames[i].cpu().clamp(min=1) for i in live])
+        waves = self.vocoder(padded, lengths)
+        first = 0
+        for i, m in zip(live, mels, strict=True):
+            audio = self.join(waves[first : first + len(m)])
+            first += len(m)
+            try:
+                out[i] = self._encoded(audio, fmts[i])
+            except Exception as exc:  # that request's encoding alone fails
+                out[i] = exc
+        return out
 
     def warmup(self) -> float:
         """Start the front end and run each stage once (the sampler at its fewest steps)."""

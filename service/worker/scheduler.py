@@ -9,6 +9,7 @@ model's max_batch_size rows. Requests join and leave between ticks.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,8 @@ from engines.denoisers import Guided
 from engines.modalities import Info, Modality
 from engines.samplers import SamplerGen
 from service.jobs import Job
+
+log = logging.getLogger("fewstep.worker")
 
 
 @dataclass
@@ -144,8 +147,19 @@ def all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
-def advance(active: Active, x0) -> Outcome:
-    """Hand a request its x0, run its sampler to the next call, encode what is due."""
+@dataclass
+class Finishing:
+    """A request whose sampler returned its final sample in this pass: its outputs are
+    made together with the others of the pass (`finish_all`)."""
+
+    active: Active
+    sample: Tensor
+    preview: bytes | None
+
+
+def advance(active: Active, x0) -> Outcome | Finishing:
+    """Hand a request its x0 and run its sampler to the next call (encoding a preview if
+    due); a request whose sampler ended comes back as Finishing."""
     active.nfe += 1
     values = x0.x0 if isinstance(x0, Guided) else x0
     if not all_finite(values):
@@ -165,21 +179,62 @@ def advance(active: Active, x0) -> Outcome:
                 code="non_finite",
                 message="the final sample is not finite",
             )
-        try:
-            outputs, info = modality.finish(
-                active.model, job, stop.value, active.state, active.should_stop
-            )
-        except Exception as exc:
-            if active.should_stop():  # vocoding gave up: canceled or late
-                return active.stopped()
-            return Outcome(
-                active, "failed", code="encode_error", message=f"making the output failed: {exc}"
-            )
-        return Outcome(active, "done", preview, outputs, info=info)
+        return Finishing(active, stop.value, preview)
     except Exception as exc:  # a sampler must never take the worker down
         active.pending = None
         return Outcome(active, "failed", code="sampler_error", message=f"the sampler failed: {exc}")
     return Outcome(active, "step", preview)
+
+
+def finish_all(finishing: list[Finishing]) -> list[Outcome]:
+    """The outputs of the requests that finished in one pass: per model, one
+    `finish_many` call (one vocoder pass for speech), each request's failure its own."""
+    groups: dict[int, list[Finishing]] = {}
+    for item in finishing:
+        groups.setdefault(id(item.active.model), []).append(item)
+    outcomes: dict[int, Outcome] = {}
+    for items in groups.values():
+        first = items[0].active
+        try:
+            made = first.modality.finish_many(
+                first.model,
+                [f.active.job for f in items],
+                [f.sample for f in items],
+                [f.active.state for f in items],
+                [f.active.should_stop for f in items],
+            )
+        except Exception as exc:  # the shared pass failed: each request on its own
+            log.warning("finishing %d requests together failed (%s); one by one", len(items), exc)
+            made = [_finish_one(f) for f in items]
+        for item, result in zip(items, made, strict=True):
+            outcomes[id(item)] = _outcome(item, result)
+    return [outcomes[id(item)] for item in finishing]
+
+
+def _finish_one(item: Finishing):
+    active = item.active
+    try:
+        return active.modality.finish(
+            active.model, active.job, item.sample, active.state, active.should_stop
+        )
+    except Exception as exc:
+        return exc
+
+
+def _outcome(item: Finishing, result) -> Outcome:
+    active = item.active
+    if isinstance(result, Exception):
+        if active.should_stop():  # vocoding gave up: canceled or late
+            return active.stopped()
+        return Outcome(
+            active,
+            "failed",
+            item.preview,
+            code="encode_error",
+            message=f"making the output failed: {result}",
+        )
+    outputs, info = result
+    return Outcome(active, "done", item.preview, outputs, info=info)
 
 
 def step_batch(batch: list[Active]) -> tuple[list[Outcome], float]:
@@ -190,4 +245,9 @@ def step_batch(batch: list[Active]) -> tuple[list[Outcome], float]:
     seconds = time.perf_counter() - begin
     for active in batch:
         active.forward_seconds += seconds
-    return [advance(a, x0) for a, x0 in zip(batch, outputs, strict=True)], seconds
+    stepped = [advance(a, x0) for a, x0 in zip(batch, outputs, strict=True)]
+    finishing = [s for s in stepped if isinstance(s, Finishing)]
+    if not finishing:
+        return stepped, seconds
+    finished = iter(finish_all(finishing))
+    return [next(finished) if isinstance(s, Finishing) else s for s in stepped], seconds

@@ -262,3 +262,55 @@ def test_shipped_vocoder_is_small_documented_and_resynthesises_festival_audio(tm
     n = len(out)
     # 0.20 nats measured on a held-out sentence; an untrained network is above 2
     assert float((log_mel(out, cfg) - log_mel(wave[:n], cfg)).abs().mean()) < 0.3
+
+
+def test_requests_finishing_in_one_pass_share_one_vocoder_pass(tmp_path):
+    """Two speech requests of different lengths that finish in the same forward pass are
+    vocoded in one pass (all their sentences), each getting the audio it gets alone; a
+    canceled one among them fails alone and takes no rows."""
+    import numpy as np
+
+    from engines.modalities import SpeechInputs
+    from service.jobs import Job
+    from service.worker.scheduler import start, step_batch
+
+    shutil.copytree(SHIPPED / "speech-prodiff", tmp_path / "speech-prodiff")
+    write_vocoder(tmp_path)
+    path = tmp_path / "speech-prodiff" / "model.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["speech"]["vocoder"] = "tiny-vocos"
+    path.write_text(yaml.safe_dump(data))
+    cache = EngineCache(tmp_path.parent / f"{tmp_path.name}-cache")
+    model = Repository(tmp_path).load("speech-prodiff", cache=cache)
+    texts = (["A much longer sentence than the next one.", "Yes."], ["Short one."], ["Gone."])
+
+    def job(sentences, seed):
+        j = Job("speech-prodiff", 1, SpeechInputs(sentences), len(sentences), "ddpm", 2, seed=seed)
+        j.output_format = "f32"
+        return j
+
+    def run(actives):
+        calls = []
+        inner = model.speech.vocoder.runtime.forward
+        model.speech.vocoder.runtime.forward = lambda i: calls.append(i) or inner(i)
+        try:
+            while True:
+                outcomes, _ = step_batch(actives)
+                if all(o.kind != "step" for o in outcomes):
+                    return outcomes, calls
+        finally:
+            model.speech.vocoder.runtime.forward = inner
+
+    together = [start(job(t, seed), model) for seed, t in enumerate(texts)]
+    together[2].canceled = True
+    outcomes, calls = run(together)
+    assert [o.kind for o in outcomes] == ["done", "done", "failed"]
+    assert outcomes[2].code == "canceled"
+    assert len(calls) == 1 and calls[0]["mel"].shape[0] == 3  # 2 + 1 sentences, one pass
+    for seed, (t, outcome) in enumerate(zip(texts[:2], outcomes, strict=False)):
+        (alone,), alone_calls = run([start(job(t, seed), model)])
+        assert len(alone_calls) == 1
+        a = np.frombuffer(outcome.outputs[0], "<f4")
+        b = np.frombuffer(alone.outputs[0], "<f4")
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
+        assert outcome.info.duration == alone.info.duration

@@ -23,7 +23,7 @@ from engines.modalities import SpeechInputs
 from engines.speech.frontend import Festival
 from service.jobs import Job
 from service.worker import loop as worker_loop
-from service.worker.scheduler import advance, forward, start
+from service.worker.scheduler import start, step_batch
 from tests.engines.speech_fixture import tiny_speech_model
 
 from .conftest import serve
@@ -334,5 +334,5 @@ def test_vocoding_stops_once_a_job_is_canceled_or_late():
                     active.canceled = True
                 else:
                     job.deadline = time.time() - 1
-            outcome = advance(active, forward([active])[0])
+            (outcome,), _ = step_batch([active])
         assert (outcome.kind, outcome.code) == ("failed", code)
