@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import torch
 import uvloop
 import yaml
 
@@ -252,7 +253,10 @@ def main() -> int:
 
     mixed = Scenario.load(args.scenario)
     saturation = Scenario.load(args.saturation)
-    model = Repository(ROOT / "model_repo").load(mixed.model)
+    # the raw engine runs as a serving process does (service.bootstrap.load_models): torch
+    # on one intra-op thread for the samplers' arithmetic, ONNX Runtime on one per core
+    torch.set_num_threads(1)
+    model = Repository(ROOT / "model_repo").load(mixed.model, threads=os.cpu_count())
     model.warmup()
     labels = list(model.spec.labels)
     print(
