@@ -122,8 +122,9 @@ def test_speech_model_yaml_names_its_vocoder_and_it_is_checked(tmp_path):
         Repository(tmp_path)
 
 
-def test_a_speech_model_with_a_neural_vocoder_speaks_a_padded_batch(tmp_path):
-    """Sentences of different lengths share one vocoder pass and come out as each alone."""
+def prodiff_with_tiny_vocoder(tmp_path: Path):
+    """The shipped speech-prodiff, copied under tmp_path, loaded with `speech.vocoder` set
+    to a tiny neural vocoder (ONNX Runtime, its own build cache)."""
     shutil.copytree(SHIPPED / "speech-prodiff", tmp_path / "speech-prodiff")
     write_vocoder(tmp_path)
     path = tmp_path / "speech-prodiff" / "model.yaml"
@@ -132,6 +133,12 @@ def test_a_speech_model_with_a_neural_vocoder_speaks_a_padded_batch(tmp_path):
     path.write_text(yaml.safe_dump(data))
     cache = EngineCache(tmp_path.parent / f"{tmp_path.name}-cache")
     model = Repository(tmp_path).load("speech-prodiff", cache=cache)
+    return model
+
+
+def test_a_speech_model_with_a_neural_vocoder_speaks_a_padded_batch(tmp_path):
+    """Sentences of different lengths share one vocoder pass and come out as each alone."""
+    model = prodiff_with_tiny_vocoder(tmp_path)
     speech = model.speech
     assert isinstance(speech.vocoder, NeuralVocoder)
     # the vocoder's weights are part of the model's fingerprint
@@ -274,14 +281,7 @@ def test_requests_finishing_in_one_pass_share_one_vocoder_pass(tmp_path):
     from service.jobs import Job
     from service.worker.scheduler import start, step_batch
 
-    shutil.copytree(SHIPPED / "speech-prodiff", tmp_path / "speech-prodiff")
-    write_vocoder(tmp_path)
-    path = tmp_path / "speech-prodiff" / "model.yaml"
-    data = yaml.safe_load(path.read_text())
-    data["speech"]["vocoder"] = "tiny-vocos"
-    path.write_text(yaml.safe_dump(data))
-    cache = EngineCache(tmp_path.parent / f"{tmp_path.name}-cache")
-    model = Repository(tmp_path).load("speech-prodiff", cache=cache)
+    model = prodiff_with_tiny_vocoder(tmp_path)
     texts = (["A much longer sentence than the next one.", "Yes."], ["Short one."], ["Gone."])
 
     def job(sentences, seed):
