@@ -68,7 +68,8 @@ def write_grids(path: Path, name: str, grids: Grids) -> None:
 
 def card_table(grids: Grids) -> str:
     rows = [
-        f"| {s} | {st} | {g.fd_before:.3f} | {g.fd_after:.3f} | {g.accuracy_before:.3f} | "
+        f"| {s} | {st} | {g.n_eval} | {g.fd_before:.3f} | {g.fd_after:.3f} | "
+        f"{g.accuracy_before:.3f} | "
         f"{g.accuracy_after:.3f} | {g.objective} (n={g.n_search}) | "
         + ", ".join(f"{v:.4g}" for v in g.sigmas)
         + f" | {', '.join(map(str, g.orders)) if g.orders else 'default'} |"
@@ -76,9 +77,9 @@ def card_table(grids: Grids) -> str:
     ]
     return "\n".join(
         [
-            "| sampler | steps (NFE) | FD plain | FD tuned | acc. plain | acc. tuned | "
+            "| sampler | steps (NFE) | n eval | FD plain | FD tuned | acc. plain | acc. tuned | "
             "search objective | tuned sigmas | orders |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|",
             *rows,
         ]
     )
@@ -102,7 +103,7 @@ Found by `fewstep tune` (engines/tune.py): a compass search over the interior lo
 the solver order of each step ("default": the sampler's own schedule) on fixed noise
 seeds; objective "ref-mse" = feature-space distance to a many-step DPM-Solver++(2M)
 solution from the same noise, "fd" = FD of the search samples. The before/after numbers are
-on other seeds: n = {g.n_eval} samples (seed {g.seed}), FD against the 10,000 Fashion-MNIST
+on other seeds: "n eval" samples (seed {g.seed}), FD against the 10,000 Fashion-MNIST
 test images in the shipped classifier's features, class accuracy of the same classifier.
 "Plain" is the grid the model had (Karras; for `cm` the consistency picks of a 40-point
 Karras grid). The worker uses these grids by default for these samplers and steps (`grid: "karras"`

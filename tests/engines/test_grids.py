@@ -394,7 +394,8 @@ def test_write_card_adds_then_replaces_its_section(copy):
     text = card.read_text()
     assert text.startswith(original.rstrip("\n")) and text.count(CARD_START) == 1
     assert (
-        "| dpmpp_2m | 3 | 11.300 | 9.900 | 0.810 | 0.840 | ref-mse (n=64) | 80, 3, 0.4, 0 |" in text
+        "| dpmpp_2m | 3 | 200 | 11.300 | 9.900 | 0.810 | 0.840 | ref-mse (n=64) | 80, 3, 0.4, 0 "
+        "| default |" in text
     )
     assert text.count("- `fewstep tune fashion-gaussian --nfe 3 --samplers dpmpp_2m") == 1
     args.nfe = "4"
