@@ -47,6 +47,10 @@ def write_grids(path: Path, name: str, grids: Grids) -> None:
     for (sampler, steps), grid in sorted(grids.items()):
         entry = dataclasses.asdict(grid)
         entry["sigmas"] = list(grid.sigmas)
+        if grid.orders is None:  # the sampler's own schedule
+            del entry["orders"]
+        else:
+            entry["orders"] = list(grid.orders)
         merged.setdefault(sampler, {})[steps] = entry
     ordered = {s: dict(sorted(by.items())) for s, by in sorted(merged.items())}
     body = _without_grids(text).rstrip("\n") + "\n"
@@ -64,17 +68,18 @@ def write_grids(path: Path, name: str, grids: Grids) -> None:
 
 def card_table(grids: Grids) -> str:
     rows = [
-        f"| {s} | {st} | {g.fd_before:.3f} | {g.fd_after:.3f} | {g.accuracy_before:.3f} | "
+        f"| {s} | {st} | {g.n_eval} | {g.fd_before:.3f} | {g.fd_after:.3f} | "
+        f"{g.accuracy_before:.3f} | "
         f"{g.accuracy_after:.3f} | {g.objective} (n={g.n_search}) | "
         + ", ".join(f"{v:.4g}" for v in g.sigmas)
-        + " |"
+        + f" | {', '.join(map(str, g.orders)) if g.orders else 'default'} |"
         for (s, st), g in sorted(grids.items())
     ]
     return "\n".join(
         [
-            "| sampler | steps (NFE) | FD plain | FD tuned | acc. plain | acc. tuned | "
-            "search objective | tuned sigmas |",
-            "|---|---|---|---|---|---|---|---|",
+            "| sampler | steps (NFE) | n eval | FD plain | FD tuned | acc. plain | acc. tuned | "
+            "search objective | tuned sigmas | orders |",
+            "|---|---|---|---|---|---|---|---|---|---|",
             *rows,
         ]
     )
@@ -93,10 +98,12 @@ def write_card(path: Path, grids: Grids, args) -> None:
 ## Tuned step grids
 
 Found by `fewstep tune` (engines/tune.py): a compass search over the interior log-sigmas
-(softmax increments between sigma_max and sigma_min; the final 0 fixed) on fixed noise
+(softmax increments between sigma_max and sigma_min; the final 0 fixed, or with
+`--free-end` the last level searched too, the sample ending there) and, with `--orders`,
+the solver order of each step ("default": the sampler's own schedule) on fixed noise
 seeds; objective "ref-mse" = feature-space distance to a many-step DPM-Solver++(2M)
 solution from the same noise, "fd" = FD of the search samples. The before/after numbers are
-on other seeds: n = {g.n_eval} samples (seed {g.seed}), FD against the 10,000 Fashion-MNIST
+on other seeds: "n eval" samples (seed {g.seed}), FD against the 10,000 Fashion-MNIST
 test images in the shipped classifier's features, class accuracy of the same classifier.
 "Plain" is the grid the model had (Karras; for `cm` the consistency picks of a 40-point
 Karras grid). The worker uses these grids by default for these samplers and steps (`grid: "karras"`
@@ -131,6 +138,10 @@ def _command(args) -> str:
         f"--ref-steps {args.ref_steps} --max-evals {args.max_evals} "
         f"--max-minutes {args.max_minutes:g} --seed {args.seed}"
     )
+    if getattr(args, "free_end", False):
+        parts.append(f"--free-end --end-floor {args.end_floor:g}")
+    if getattr(args, "orders", False):
+        parts.append("--orders")
     if getattr(args, "step", 1.0) != 1.0:
         parts.append(f"--step {args.step:g}")
     parts += [f"--start {start}" for start in getattr(args, "start", [])]

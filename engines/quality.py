@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -134,10 +135,12 @@ def generate(
     batch: int = 500,
     device: str = "cpu",
     grid: str | Tensor = "auto",
+    orders: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor, int, float]:
     """n conditional samples (labels i % classes) in data space, labels, NFE, seconds.
 
-    `grid` as engines.sampling.start_sampler takes it: "auto", "tuned", "karras" or sigmas.
+    `grid` and `orders` as engines.sampling.start_sampler takes them: "auto", "tuned",
+    "karras", or sigmas (with an order schedule, or None for the sampler's own).
     """
     classes = max(len(model.spec.labels), 1)
     labels = torch.arange(n) % classes
@@ -154,6 +157,7 @@ def generate(
             guidance,
             device=device,
             grid=grid,
+            orders=orders,
         )
         out.append(model.decode(drive(gen, model.denoiser, cond)).float().cpu())
     seconds = time.perf_counter() - start
@@ -174,9 +178,10 @@ def evaluate(
     device: str = "cpu",
     grid: str | Tensor = "auto",
     batch: int = 500,
+    orders: Sequence[int] | None = None,
 ) -> Cell:
     images, labels, used, seconds = generate(
-        model, sampler, steps, n, teleport, guidance, seed, batch, device, grid
+        model, sampler, steps, n, teleport, guidance, seed, batch, device, grid, orders
     )
     feats, preds = embed(ref.classifier, images)
     fd = frechet_distance(Gaussian.of(feats), ref.test)

@@ -6,6 +6,8 @@ an evaluation with the same seed, sampler and steps draw the same samples.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -30,6 +32,7 @@ def start_sampler(
     verify: Verify | None = None,
     choice: Choice | None = None,
     grid: str | Tensor = "auto",
+    orders: Sequence[int] | None = None,
 ) -> tuple[SamplerGen, Cond, int]:
     """The (not yet started) sampler generator, its conditioning, and the NFE it will use
     per row.
@@ -55,9 +58,11 @@ def start_sampler(
         # tuned, or Karras, or the consistency / LCM picks of its kind
         if isinstance(grid, Tensor):
             sigmas = grid.to(torch.float64)
+            opts = {} if orders is None else {"orders": list(orders)}
         else:
             sigmas = spec.grid(steps, sampler, grid)
-        name, opts = sampler, {}
+            opts = spec.grid_options(steps, sampler, grid)
+        name = sampler
     noise = RowNoise(seeds)
     x = noise.randn((len(seeds), *spec.shape), dtype=dtype, device=device) * float(sigmas[0])
     cond: Cond = None
@@ -79,7 +84,11 @@ def start_sampler(
         return best_of(gen, n, search.candidates, verify, choice), cond, used
 
     def restart(x_from: Tensor, grid: Tensor) -> SamplerGen:
-        return create(name, x_from, grid, noise, **opts)
+        again = dict(opts)
+        if "orders" in opts:  # a restarted multistep sampler has no history: warm up again
+            rest = opts["orders"][len(sigmas) - len(grid) :]
+            again["orders"] = [min(order, j + 1) for j, order in enumerate(rest)]
+        return create(name, x_from, grid, noise, **again)
 
     gen = steered(gen, restart, x, sigmas, name, n, search, verify, seeds[0], choice)
     return gen, cond, used

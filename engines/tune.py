@@ -72,11 +72,18 @@ class Evaluations:
                 row = json.loads(line)
                 self.memo[row["key"]] = row
 
-    def __call__(self, model: LoadedModel, sampler: str, sigmas: Tensor, n: int, seed: int):
+    def __call__(
+        self, model: LoadedModel, sampler: str, sigmas: Tensor, n: int, seed: int, orders=None
+    ):
         grid = [round(float(v), 6) for v in sigmas]
-        key = json.dumps([model.fingerprint, sampler, grid, n, seed])
+        key_parts = [model.fingerprint, sampler, grid, n, seed]
+        if orders is not None:  # keys without a schedule stay those of older caches
+            key_parts.append(list(orders))
+        key = json.dumps(key_parts)
         if key not in self.memo:
-            cell = evaluate(self.ref, model, sampler, len(grid) - 1, n, seed=seed, grid=sigmas)
+            cell = evaluate(
+                self.ref, model, sampler, len(grid) - 1, n, seed=seed, grid=sigmas, orders=orders
+            )
             row = {"key": key, "fd": cell.fd, "accuracy": cell.accuracy, "nfe": cell.nfe}
             self.memo[key] = row
             if self.path:
@@ -85,18 +92,18 @@ class Evaluations:
         return self.memo[key]
 
 
-def _features(ref: Reference, model: LoadedModel, sampler: str, steps: int, n, seed, grid):
-    images, _, _, _ = generate(model, sampler, steps, n, seed=seed, grid=grid)
+def _features(ref, model: LoadedModel, sampler: str, steps: int, n, seed, grid, orders=None):
+    images, _, _, _ = generate(model, sampler, steps, n, seed=seed, grid=grid, orders=orders)
     return embed(ref.classifier, images)[0]
 
 
 def make_objective(ref: Reference, model: LoadedModel, sampler: str, steps: int, args):
-    """(name, objective(sigmas) -> float) for this sampler, on the search seeds."""
+    """(name, objective(sigmas, orders) -> float) for this sampler, on the search seeds."""
     seed = args.seed + SEARCH_SEED_OFFSET
     if args.objective == "fd":
 
-        def fd(sigmas: Tensor) -> float:
-            feats = _features(ref, model, sampler, steps, args.n_search, seed, sigmas)
+        def fd(sigmas: Tensor, orders=None) -> float:
+            feats = _features(ref, model, sampler, steps, args.n_search, seed, sigmas, orders)
             return frechet_distance(Gaussian.of(feats), ref.test)
 
         return "fd", fd
@@ -105,8 +112,8 @@ def make_objective(ref: Reference, model: LoadedModel, sampler: str, steps: int,
     target = _reference(ref, model, args.ref_steps, args.n_search, seed)
     scale = float((target - target.mean(0)).square().sum(1).mean())
 
-    def ref_mse(sigmas: Tensor) -> float:
-        feats = _features(ref, model, sampler, steps, args.n_search, seed, sigmas)
+    def ref_mse(sigmas: Tensor, orders=None) -> float:
+        feats = _features(ref, model, sampler, steps, args.n_search, seed, sigmas, orders)
         return float((feats - target).square().sum(1).mean()) / scale
 
     return "ref-mse", ref_mse
@@ -124,55 +131,75 @@ def _reference(ref: Reference, model: LoadedModel, steps: int, n: int, seed: int
     return _REFERENCES[key]
 
 
-def starts(model: LoadedModel, sampler: str, steps: int, extra=()) -> list[Tensor]:
+def starts(model: LoadedModel, sampler: str, steps: int, extra=(), free_end=False) -> list:
     """The plain grid; a Karras ramp of steps + 1 points whose last (sigma_min, where the
-    denoiser is nearly the identity) is replaced by 0, so no evaluation is spent there; the
-    grid model.yaml already has for this sampler and steps; and the `extra` grids (--start)
-    of this many steps."""
+    denoiser is nearly the identity) is replaced by 0, so no evaluation is spent there (with
+    `free_end`, the ramp itself too, ending at sigma_min); the grid model.yaml already has
+    for this sampler and steps, with its order schedule; and the `extra` grids (--start) of
+    this many steps. Grids, or (grid, orders) pairs where the schedule is given."""
     s = model.spec.sampling
     plain = model.spec.grid(steps, sampler, "karras")
     ramp = karras_sigmas(steps, s.sigma_min, float(plain[0]), s.rho, final_zero=False)
-    out = [plain, torch.cat([ramp[:-1], torch.zeros(1, dtype=torch.float64)])]
+    out: list = [plain, torch.cat([ramp[:-1], torch.zeros(1, dtype=torch.float64)])]
+    if free_end:
+        out.append(ramp)
     if steps in model.spec.grids.get(sampler, {}):
-        out.append(model.spec.grid(steps, sampler, "tuned"))
-    out += [torch.tensor(g, dtype=torch.float64) for g in extra if len(g) == steps + 1]
-    distinct: list[Tensor] = []
-    for grid in out:  # a grid given twice is evaluated once
-        if not any(torch.allclose(grid, seen, rtol=1e-6, atol=0) for seen in distinct):
-            distinct.append(grid)
+        tuned = model.spec.grid(steps, sampler, "tuned")
+        orders = model.spec.grid_options(steps, sampler, "tuned").get("orders")
+        out.append(tuned if orders is None else (tuned, orders))
+    for grid, orders in extra:
+        if len(grid) == steps + 1:
+            grid = torch.tensor(grid, dtype=torch.float64)
+            out.append(grid if orders is None else (grid, orders))
+    distinct: list = []
+    for start in out:  # a grid given twice is evaluated once
+        grid = start[0] if isinstance(start, tuple) else start
+        seen = [d[0] if isinstance(d, tuple) else d for d in distinct]
+        if not any(torch.allclose(grid, g, rtol=1e-6, atol=0) for g in seen):
+            distinct.append(start)
     return distinct
 
 
 def tune_one(ref, evals, model, sampler: str, steps: int, args, deadline: float) -> Outcome:
     s = model.spec.sampling
     name, objective = make_objective(ref, model, sampler, steps, args)
-    space = GridSpace(steps, float(model.spec.grid(steps, sampler, "karras")[0]), s.sigma_min)
+    space = GridSpace(
+        steps,
+        float(model.spec.grid(steps, sampler, "karras")[0]),
+        args.end_floor if args.free_end else s.sigma_min,
+        free_end=args.free_end,
+        max_order=INFO[sampler].max_order if args.orders else 0,
+    )
     print(f"{model.spec.name} {sampler} steps={steps}: search ({name}, n={args.n_search})")
     result = pattern_search(
         space,
         objective,
-        starts(model, sampler, steps, args.starts),
+        starts(model, sampler, steps, args.starts, args.free_end),
         step=args.step,
         max_evals=args.max_evals,
         deadline=deadline,
         log=lambda line: print(line, flush=True),
     )
     best = torch.tensor(result.best.sigmas, dtype=torch.float64)
+    orders = result.best.orders
     plain = model.spec.grid(steps, sampler, "karras")
     print(
         f"  search: {name} {result.start.value:.5f} (best start) -> {result.best.value:.5f} in "
-        f"{len(result.trials)} evaluations, stopped: {result.stopped}; check at n={args.n_eval}, "
+        f"{len(result.trials)} evaluations (orders {orders or 'default'}), stopped: "
+        f"{result.stopped}; check at n={args.n_eval}, "
         f"seed {args.seed}",
         flush=True,
     )
     before = evals(model, sampler, plain, args.n_eval, args.seed)
-    after = evals(model, sampler, best, args.n_eval, args.seed)
+    after = evals(model, sampler, best, args.n_eval, args.seed, orders)
     current = float("inf")
     if steps in model.spec.grids.get(sampler, {}):  # a new grid must beat it too
         now = model.spec.grid(steps, sampler, "tuned")
-        current = round(evals(model, sampler, now, args.n_eval, args.seed)["fd"], 4)
+        now_orders = model.spec.grid_options(steps, sampler, "tuned").get("orders")
+        current = round(evals(model, sampler, now, args.n_eval, args.seed, now_orders)["fd"], 4)
     grid = TunedGrid(
         sigmas=tuple(round(v, 6) for v in result.best.sigmas),
+        orders=None if orders is None else tuple(orders),
         objective=name,
         n_search=args.n_search,
         n_eval=args.n_eval,
@@ -205,9 +232,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--start",
         action="append",
         default=[],
-        help="an extra starting grid, comma-separated sigmas ending in 0 (for the budgets "
+        help="an extra starting grid, comma-separated sigmas ending in 0 (or, with "
+        "--free-end, above it), optionally ':' and its orders, e.g. 80,4,0.5,0.01:1,2,2 (for "
+        "the budgets "
         "with that many steps); repeatable",
     )
+    p.add_argument(
+        "--free-end",
+        action="store_true",
+        help="search the last level too (above --end-floor) instead of ending at 0",
+    )
+    p.add_argument("--end-floor", type=float, default=1e-3, help="--free-end: lowest level")
+    p.add_argument("--orders", action="store_true", help="search the solver order of each step too")
     p.add_argument("--max-minutes", type=float, default=60.0, help="wall-time budget")
     p.add_argument("--seed", type=int, default=0, help="seed of the before/after samples")
     p.add_argument("--write", action="store_true", help="record grids in model.yaml + card")
@@ -241,13 +277,29 @@ def _budgets(model, args) -> list[tuple[str, int]]:
     return out
 
 
+def _start(text: str) -> tuple[list[float], list[int] | None]:
+    """A --start value: sigmas, and the orders after a ':' if given."""
+    sigmas, _, orders = text.partition(":")
+    try:
+        return [float(v) for v in sigmas.split(",")], (
+            [int(v) for v in orders.split(",")] if orders else None
+        )
+    except ValueError:
+        raise ValueError(
+            f"--start {text!r}: give comma-separated sigmas, optionally ':' and comma-separated "
+            "orders (e.g. 80,4,0.5,0.01:1,2,2)"
+        ) from None
+
+
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     try:
         repo = Repository(args.model_repo)
         model = repo.load(args.model, threads=args.threads)
         budgets = _budgets(model, args)
-        args.starts = [[float(v) for v in g.split(",")] for g in args.start]
+        args.starts = [_start(text) for text in args.start]
+        if not args.free_end and any(grid[-1] != 0 for grid, _ in args.starts):
+            raise ValueError("--start: a grid that ends above 0 needs --free-end")
         print(f"{args.model}: loaded ({model.runtime}); reading the test set", flush=True)
         ref = Reference(load_classifier(args.classifier))
     except (OSError, ValueError, LookupError) as err:
@@ -292,7 +344,8 @@ def report(model, evals, budgets, karras_nfe, n: int, seed: int) -> str:
             for which in ("karras", "tuned"):
                 if which == "tuned" and steps not in spec.grids.get(sampler, {}):
                     continue
-                row = evals(model, sampler, spec.grid(steps, sampler, which), n, seed)
+                orders = spec.grid_options(steps, sampler, which).get("orders")
+                row = evals(model, sampler, spec.grid(steps, sampler, which), n, seed, orders)
                 lines.append(
                     f"| {sampler} | {row['nfe']} | {which} | {row['fd']:.3f} | "
                     f"{row['accuracy']:.3f} |"

@@ -24,7 +24,7 @@ from engines.repository.spec import (
 from engines.repository.vocoders import check_fits, read_vocoder
 from engines.runtimes.base import PRECISIONS
 from engines.runtimes.select import DEFAULT_PREFERENCE, RUNTIMES
-from engines.samplers import INFO, SAMPLERS
+from engines.samplers import INFO, SAMPLERS, SamplerError, check_orders
 from engines.speech.spec import GRIFFIN_LIM, parse_speech
 from engines.verifiers import VERIFIERS, VerifierConfig
 
@@ -353,7 +353,8 @@ def _parse_networks(f: _Fields, kind: str, labels: tuple[str, ...]) -> dict[str,
 def _parse_grids(f: _Fields, sampling: SamplingSpec) -> dict[str, dict[int, TunedGrid]]:
     """grids (written by `fewstep tune`): sampler -> steps -> a TunedGrid mapping whose
     sigmas are steps + 1 finite levels in [0, sampling.sigma_max], strictly decreasing,
-    positive but for the last."""
+    positive but for the last (0, or a positive level the sample ends at), and whose
+    optional `orders` is a schedule the sampler can run (samplers.check_orders)."""
     raw = f.get("grids", "a mapping of sampler -> steps -> grid", lambda v: True, {})
     outer = _Fields(f.path, raw, "grids.", list(sampling.samplers))
     grids: dict[str, dict[int, TunedGrid]] = {}
@@ -368,7 +369,13 @@ def _parse_grids(f: _Fields, sampling: SamplingSpec) -> dict[str, dict[int, Tune
             if not _is_int(steps) or not need <= steps <= sampling.max_steps:
                 expected = f"a step count in {need}..{sampling.max_steps} (sampling.max_steps)"
                 raise RepositoryError(f"{f.path}: {where}: the key must be {expected}")
-            grids[sampler][steps] = _parse_grid(f.path, entry, f"{where}.", steps, sampling)
+            grid = _parse_grid(f.path, entry, f"{where}.", steps, sampling)
+            if grid.orders is not None:
+                try:
+                    check_orders(sampler, grid.orders, steps, grid.sigmas[-1] == 0)
+                except SamplerError as err:
+                    raise RepositoryError(f"{f.path}: {where}.orders: {err}") from None
+            grids[sampler][steps] = grid
     return grids
 
 
@@ -396,8 +403,15 @@ def _parse_grid(path: Path, data: object, prefix: str, steps: int, s: SamplingSp
         k: g.number(k, "a number in 0..1", lambda v: 0 <= v <= 1)
         for k in ("accuracy_before", "accuracy_after")
     }
+    orders = g.get(
+        "orders",
+        f"a list of {steps} solver orders (one per step, integers from 1)",
+        lambda v: isinstance(v, list) and len(v) == steps and all(_is_int(o) for o in v),
+        None,
+    )
     return TunedGrid(
         sigmas=tuple(float(v) for v in sigmas),
+        orders=None if orders is None else tuple(orders),
         objective=g.text("objective"),
         seed=g.integer("seed", 0),
         **counts,

@@ -51,7 +51,9 @@ class TunedGrid:
     """A sigma grid found by `fewstep tune` for one sampler and step count, with how it was
     found and what it measured (FD and class accuracy, Karras grid before, tuned after)."""
 
-    sigmas: tuple[float, ...]  # steps + 1 levels, strictly decreasing, noisiest first
+    # steps + 1 levels, strictly decreasing, noisiest first; a last level above 0 ends the
+    # sample there (as EDM's grids end at sigma_min: the noise left is below a pixel's step)
+    sigmas: tuple[float, ...]
     objective: str  # what the search minimised, e.g. "fd" or "ref-mse"
     n_search: int  # samples per objective evaluation (fixed seeds)
     n_eval: int  # samples of the FD / accuracy numbers below
@@ -60,6 +62,7 @@ class TunedGrid:
     fd_after: float
     accuracy_before: float
     accuracy_after: float
+    orders: tuple[int, ...] | None = None  # solver order per step; None: the sampler's own
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,14 @@ class ModelSpec:
         if self.kind == "speech":
             return self.speech.grid(steps, s.sigma_min, s.sigma_max, s.rho)
         return karras_sigmas(steps, s.sigma_min, s.sigma_max, s.rho)
+
+    def grid_options(self, steps: int, sampler: str | None = None, grid: str = "auto") -> dict:
+        """Sampler options that belong to the grid `grid(steps, sampler, grid)` returns:
+        a tuned grid's order schedule ({"orders": [...]}) where it has one, else none."""
+        if self.grid_used(sampler, steps, grid) != "tuned":
+            return {}
+        orders = self.grids[sampler][steps].orders
+        return {"orders": list(orders)} if orders is not None else {}
 
     def grid_used(self, sampler: str | None, steps: int, grid: str = "auto") -> str:
         """Which grid `grid` ("auto", "tuned" or "karras") means for this sampler and step

@@ -40,6 +40,7 @@ class SamplerInfo:
     family: str  # "ode", "sde" or "consistency"; "teleport" wraps another sampler
     evals_per_step: int  # 2 for two-stage methods (one fewer when the last step reaches 0)
     guided: bool = False  # needs a CFG++ denoiser (a Guided pair per call)
+    max_order: int = 0  # > 0: takes an `orders` schedule (one order per step) up to this
 
 
 SAMPLERS: dict[str, SamplerFn] = {}
@@ -53,13 +54,14 @@ def register(
     min_steps: int | Callable[[dict], int] = 1,
     evals_per_step: int = 1,
     guided: bool = False,
+    max_order: int = 0,
 ) -> Callable[[SamplerFn], SamplerFn]:
     """Add a sampler to SAMPLERS under its function name."""
 
     def add(fn: SamplerFn) -> SamplerFn:
         rule = min_steps if callable(min_steps) else (lambda _opts, n=min_steps: n)
         INFO[fn.__name__] = SamplerInfo(
-            fn.__name__, fn, rule, stochastic, family, evals_per_step, guided
+            fn.__name__, fn, rule, stochastic, family, evals_per_step, guided, max_order
         )
         SAMPLERS[fn.__name__] = fn
         return fn
@@ -102,6 +104,36 @@ def check_grid(sigmas: Tensor) -> None:
         raise SamplerError("sigmas must be positive, except the last, which may be 0")
 
 
+def check_orders(name: str, orders: Sequence[int], steps: int, final_zero: bool) -> None:
+    """Reject an order schedule (one solver order per step) that sampler `name` cannot run.
+
+    A multistep method has no history at its first step (order 1 there) and at most i
+    earlier points at step i (order <= i + 1); a step into sigma = 0 has an infinite
+    log-SNR step, so only the first-order update is defined there.
+    """
+    top = INFO[name].max_order if name in INFO else 0
+    if top == 0:
+        takes = sorted(n for n, info in INFO.items() if info.max_order)
+        raise SamplerError(f"sampler {name!r} takes no order schedule; those that do: {takes}")
+    values = list(orders)
+    if len(values) != steps:
+        raise SamplerError(f"orders must give one order per step ({steps}), got {values}")
+    for i, order in enumerate(values):
+        if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= top:
+            raise SamplerError(
+                f"orders[{i}] must be an integer in 1..{top} for {name}, got {order!r}"
+            )
+        if order > i + 1:
+            raise SamplerError(
+                f"orders[{i}] is {order}, but step {i} has only {i} earlier points: at most {i + 1}"
+            )
+    if final_zero and values[-1] != 1:
+        raise SamplerError(
+            f"orders[{steps - 1}] must be 1: the last step ends at sigma = 0, where only the "
+            "first-order update is defined (end the grid at a small positive sigma instead)"
+        )
+
+
 def create(name: str, x: Tensor, sigmas: Tensor, noise: RowNoise, **opts) -> SamplerGen:
     """Check name, grid and options of a sampler and return its generator (not started)."""
     if name not in SAMPLERS:
@@ -120,6 +152,8 @@ def create(name: str, x: Tensor, sigmas: Tensor, noise: RowNoise, **opts) -> Sam
             f"sampler {name!r} with these options needs at least {need} steps, got {steps}; "
             "ask for more steps or a lower-order sampler"
         )
+    if opts.get("orders") is not None:
+        check_orders(name, opts["orders"], steps, float(sigmas[-1]) == 0)
     if len(x) != len(noise):
         raise SamplerError(f"x has {len(x)} rows but noise has seeds for {len(noise)}")
     return SAMPLERS[name](x, sigmas, noise, **opts)

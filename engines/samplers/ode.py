@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -114,7 +115,7 @@ def _dpmpp_update(
     return x_next + phi2 * d1 - d2_weight * phi3 * d2
 
 
-def _dpmpp_multistep(x, sigmas, order, lower_order_final, d2_weight=2.0) -> SamplerGen:
+def _dpmpp_multistep(x, sigmas, order, lower_order_final, d2_weight=2.0, orders=None):
     steps = len(sigmas) - 1
     shorten = lower_order_final and steps < 15
     ms: list[Tensor] = []
@@ -123,17 +124,24 @@ def _dpmpp_multistep(x, sigmas, order, lower_order_final, d2_weight=2.0) -> Samp
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = yield x, sigma
         ms, lams = [denoised, *ms][:order], [lambda_of(sigma), *lams][:order]
-        this_order = _order(i, steps, order, sigma_next, shorten)
+        this_order = orders[i] if orders else _order(i, steps, order, sigma_next, shorten)
         x = _dpmpp_update(x, sigma, sigma_next, ms, lams, this_order, d2_weight)
     return x
 
 
-@register(family="ode", min_steps=2)
+@register(family="ode", min_steps=2, max_order=2)
 def dpmpp_2m(
-    x: Tensor, sigmas: Tensor, noise: RowNoise, lower_order_final: bool = True
+    x: Tensor,
+    sigmas: Tensor,
+    noise: RowNoise,
+    lower_order_final: bool = True,
+    orders: Sequence[int] | None = None,
 ) -> SamplerGen:
-    """DPM-Solver++(2M), Lu et al. 2022 (diffusers' lower_order_final below 15 steps)."""
-    return (yield from _dpmpp_multistep(x, sigmas, 2, lower_order_final))
+    """DPM-Solver++(2M), Lu et al. 2022 (diffusers' lower_order_final below 15 steps).
+
+    orders: the order of each step (base.check_orders), in place of the default schedule.
+    """
+    return (yield from _dpmpp_multistep(x, sigmas, 2, lower_order_final, orders=orders))
 
 
 @register(family="ode", min_steps=3)
@@ -197,7 +205,7 @@ def _unipc_update(x, sigma, sigma_next, m0, past, lam0, order, variant, m_next=N
     return x_base - b_h * (res + rhos[-1] * (m_next - m0))
 
 
-@register(family="ode", min_steps=lambda opts: opts.get("order", 2))
+@register(family="ode", min_steps=lambda opts: opts.get("order", 2), max_order=3)
 def unipc(
     x: Tensor,
     sigmas: Tensor,
@@ -206,12 +214,18 @@ def unipc(
     variant: str = "bh2",
     corrector: bool = True,
     lower_order_final: bool = True,
+    orders: Sequence[int] | None = None,
 ) -> SamplerGen:
-    """UniPC, Zhao et al. 2023: UniP-p predictor plus the UniC corrector at no extra NFE."""
+    """UniPC, Zhao et al. 2023: UniP-p predictor plus the UniC corrector at no extra NFE.
+
+    orders: the predictor order of each step (base.check_orders), in place of `order` and
+    lower_order_final; the corrector of a step has the order of the step it corrects.
+    """
     _check_order("unipc", order, (1, 2, 3))
     if variant not in ("bh1", "bh2"):
         raise SamplerError(f"unipc variant must be 'bh1' or 'bh2', got {variant!r}")
     steps = len(sigmas) - 1
+    keep = max(orders) if orders else order
     history: list[tuple[float, Tensor]] = []  # (lambda, x0), newest first
     x_last, last_order = None, 0
     for i in range(steps):
@@ -230,8 +244,8 @@ def unipc(
                 variant,
                 denoised,
             )
-        history = [(lambda_of(sigma), denoised), *history][:order]
-        this_order = _order(i, steps, order, sigma_next, lower_order_final)
+        history = [(lambda_of(sigma), denoised), *history][:keep]
+        this_order = orders[i] if orders else _order(i, steps, order, sigma_next, lower_order_final)
         x_last, last_order = x, this_order
         x = _unipc_update(
             x, sigma, sigma_next, denoised, history[1:], history[0][0], this_order, variant

@@ -71,6 +71,21 @@ BAD_GRIDS = [
     ({"dpmpp_2m": {3: entry(n_search=0)}}, "grids.dpmpp_2m.3.n_search must be an integer >= 1"),
     ({"dpmpp_2m": {3: {**ENTRY, "fd": 1.0}}}, "unknown key grids.dpmpp_2m.3.fd"),
     ({"dpmpp_2m": {3: {k: v for k, v in ENTRY.items() if k != "sigmas"}}}, "sigmas is missing"),
+    ({"dpmpp_2m": {3: entry(orders=[1, 2])}}, "grids.dpmpp_2m.3.orders must be a list of 3 solver"),
+    ({"dpmpp_2m": {3: entry(orders=[1, "2", 1])}}, "orders must be a list of 3 solver orders"),
+    ({"dpmpp_2m": {3: entry(orders=[1, 2.5, 1])}}, "orders must be a list of 3 solver orders"),
+    (
+        {"dpmpp_2m": {3: entry(orders=[1, 3, 1])}},
+        "orders[1] must be an integer in 1..2 for dpmpp_2m",
+    ),
+    ({"dpmpp_2m": {3: entry(orders=[1, 0, 1])}}, "orders[1] must be an integer in 1..2"),
+    ({"dpmpp_2m": {3: entry(orders=[2, 2, 1])}}, "orders[0] is 2, but step 0 has only 0 earlier"),
+    ({"unipc": {3: entry(orders=[1, 3, 1])}}, "orders[1] is 3, but step 1 has only 1 earlier"),
+    (
+        {"dpmpp_2m": {3: entry(orders=[1, 2, 2])}},
+        "dpmpp_2m.3.orders: orders[2] must be 1: the last",
+    ),
+    ({"deis": {3: entry(orders=[1, 2, 1])}}, "grids.deis.3.orders: sampler 'deis' takes no order"),
 ]
 
 
@@ -107,6 +122,97 @@ def sigmas_asked(model, sampler: str, steps: int, grid="auto") -> list[float]:
 def tuned(copy):
     with_grids(copy, {"dpmpp_2m": {3: entry()}, "unipc": {3: entry(sigmas=[80.0, 5.0, 0.7, 0.0])}})
     return Repository(copy.parent).load("fashion-gaussian")
+
+
+ENDS_ABOVE_0 = [80.0, 3.0, 0.4, 0.02]  # 3 steps, the sample is x at sigma 0.02
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "unipc"])
+def test_a_tuned_grid_with_orders_and_a_positive_end_is_run_exactly_as_written(copy, sampler):
+    with_grids(copy, {sampler: {3: entry(sigmas=ENDS_ABOVE_0, orders=[1, 2, 2])}})
+    model = Repository(copy.parent).load("fashion-gaussian")
+    grid = model.spec.grids[sampler][3]
+    assert grid.orders == (1, 2, 2) and grid.sigmas == tuple(ENDS_ABOVE_0)
+    assert sigmas_asked(model, sampler, 3) == ENDS_ABOVE_0[:-1]
+
+    def sample(grid, orders=None):
+        gen, cond, nfe = start_sampler(
+            model, sampler, 3, row_seeds(7, 2), torch.tensor([0, 1]), grid=grid, orders=orders
+        )
+        return drive(gen, model.denoiser, cond), nfe
+
+    tensor = torch.tensor(ENDS_ABOVE_0, dtype=torch.float64)
+    tuned_x, nfe = sample("auto")
+    assert nfe == 3 and torch.equal(tuned_x, sample(tensor, [1, 2, 2])[0])
+    assert not torch.allclose(tuned_x, sample(tensor)[0])  # its own schedule: 1, 2, 1
+    assert not torch.allclose(tuned_x, sample("karras")[0])
+
+
+def trajectory(sampler: str, sigmas, orders=None) -> list[torch.Tensor]:
+    """Every x a sampler asks the denoiser about, and its result, on a closed-form model."""
+    model = Repository(PACKAGE.parent).load("fashion-gaussian")
+    noise_seeds = row_seeds(3, 2)
+    labels = torch.tensor([2, 5])
+    grid = torch.tensor(sigmas, dtype=torch.float64)
+    gen, cond, _ = start_sampler(
+        model, sampler, len(sigmas) - 1, noise_seeds, labels, grid=grid, orders=orders
+    )
+    xs = []
+    x, sigma = next(gen)
+    try:
+        while True:
+            xs.append(x)
+            x, sigma = gen.send(model.denoiser(x, torch.full((2,), sigma), cond))
+    except StopIteration as stop:
+        return [*xs, stop.value]
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "unipc"])
+def test_the_order_schedule_decides_each_step_and_only_from_that_step_on(sampler):
+    sigmas = [80.0, 9.0, 1.5, 0.3, 0.03]
+    # the sampler's own schedule at few steps is warm-up, 2, ..., and first order at the end
+    own = trajectory(sampler, sigmas)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(own, trajectory(sampler, sigmas, [1, 2, 2, 1]), strict=True)
+    )
+    base = trajectory(sampler, sigmas, [1, 2, 2, 2])
+    for step in (1, 2, 3):
+        changed = [1, 2, 2, 2]
+        changed[step] = 1
+        other = trajectory(sampler, sigmas, changed)
+        # x_i is the state before step i: equal up to the changed step, different after it
+        assert all(torch.equal(base[i], other[i]) for i in range(step + 1))
+        assert not torch.allclose(base[step + 1], other[step + 1])
+
+
+def test_first_order_everywhere_is_ddim():
+    sigmas = [80.0, 9.0, 1.5, 0.3, 0.0]
+    first = trajectory("dpmpp_2m", sigmas, [1, 1, 1, 1])
+    euler = trajectory("euler", sigmas)
+    assert all(
+        torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(first, euler, strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    ("sampler", "orders", "sigmas", "message"),
+    [
+        ("dpmpp_2m", [1, 2], [80.0, 1.0, 0.1, 0.0], "one order per step (3)"),
+        ("dpmpp_2m", [1, 2, 2], [80.0, 1.0, 0.1, 0.0], "orders[2] must be 1: the last step"),
+        ("unipc", [1, 2, 4], [80.0, 1.0, 0.1, 0.01], "orders[2] must be an integer in 1..3"),
+        ("euler", [1, 1, 1], [80.0, 1.0, 0.1, 0.0], "has no option 'orders'"),
+    ],
+)
+def test_create_refuses_a_schedule_the_sampler_cannot_run(sampler, orders, sigmas, message):
+    from engines.noise import RowNoise
+    from engines.samplers import SamplerError, create
+
+    x = torch.zeros(1, 1, 2, 2)
+    grid = torch.tensor(sigmas, dtype=torch.float64)
+    with pytest.raises(SamplerError) as err:
+        create(sampler, x, grid, RowNoise([0]), orders=orders)
+    assert message in str(err.value)
 
 
 def test_the_sampler_is_handed_exactly_the_tuned_sigmas(tuned):
@@ -172,11 +278,55 @@ def test_grid_space_points_are_valid_grids_and_round_trip(steps):
     assert float(again[-2]) == pytest.approx(0.002, rel=0.01)
 
 
+@pytest.mark.parametrize("steps", [2, 4])
+def test_a_free_end_space_ends_above_its_floor_and_round_trips(steps):
+    space = GridSpace(steps, 80.0, 0.001, free_end=True, max_order=2)
+    assert space.dims == steps
+    g = torch.Generator().manual_seed(steps)
+    for _ in range(50):
+        z = (torch.randn(space.dims, generator=g) * 3).tolist()
+        sigmas = space.sigmas(z)
+        assert len(sigmas) == steps + 1 and sigmas[0] == 80.0 and float(sigmas[-1]) > 0.001
+        assert bool((sigmas[1:] < sigmas[:-1]).all())
+        moderate = space.sigmas([v / 3 for v in z])
+        assert space.sigmas(space.point(moderate)).tolist() == pytest.approx(moderate.tolist())
+    assert space.plain_orders() == [1, *[2] * (steps - 1)]
+    # a grid ending at 0 is taken as one ending at the floor
+    assert float(space.sigmas(space.point(karras_sigmas(steps, 0.002, 80.0, 7.0)))[-1]) == (
+        pytest.approx(0.001, rel=0.01)
+    )
+
+
+def test_order_moves_keep_the_first_step_first_order_and_the_step_into_0_too():
+    free = GridSpace(3, 80.0, 0.001, free_end=True, max_order=3)
+    assert free.order_moves([1, 2, 2]) == [[1, 1, 2], [1, 2, 1], [1, 2, 3]]
+    zero = GridSpace(3, 80.0, 0.002, max_order=2)
+    assert zero.plain_orders() == [1, 2, 1]
+    assert zero.order_moves([1, 2, 1]) == [[1, 1, 1]]
+    assert GridSpace(3, 80.0, 0.002).plain_orders() is None
+
+
+def test_pattern_search_over_orders_finds_the_best_schedule_with_the_grid():
+    space = GridSpace(3, 80.0, 0.001, free_end=True, max_order=2)
+    target = torch.tensor([80.0, 4.0, 0.3, 0.01], dtype=torch.float64).log()
+
+    def objective(sigmas, orders):
+        wrong = sum(a != b for a, b in zip(orders, [1, 1, 2], strict=True))
+        return float((sigmas.log() - target).square().sum()) + wrong
+
+    start = karras_sigmas(3, 0.002, 80.0, 7.0)
+    result = pattern_search(space, objective, [start], max_evals=400, min_step=1e-3, log=str)
+    assert result.best.orders == [1, 1, 2] and result.best.value < 1e-4
+    assert result.start.orders == [1, 2, 1]  # a plain start ending at 0: first order into 0
+    assert result.stopped == "converged"
+
+
 def test_pattern_search_finds_a_known_grid_and_never_ends_worse_than_its_start():
     space = GridSpace(3, 80.0, 0.002)
     target = torch.tensor([80.0, 4.0, 0.3, 0.0], dtype=torch.float64)
 
-    def objective(sigmas):
+    def objective(sigmas, orders):
+        assert orders is None  # a space without orders leaves the sampler its own
         return float((sigmas[1:-1].log() - target[1:-1].log()).square().sum())
 
     start = karras_sigmas(3, 0.002, 80.0, 7.0)
@@ -205,6 +355,10 @@ def test_write_grids_merges_keeps_every_other_line_and_loads(copy):
     assert spec.tuned_budgets() == {"dpmpp_2m": [3], "unipc": [2]}
     assert spec.grids["dpmpp_2m"][3].fd_after == 9.0
     assert spec.grids["unipc"][2].sigmas == (80.0, 1.0, 0.0)
+    assert spec.grids["unipc"][2].orders is None and "orders" not in text
+    with_orders = grid(sigmas=(80.0, 3.0, 0.4, 0.01), orders=(1, 2, 2))
+    write_grids(path, "fashion-gaussian", {("dpmpp_2m", 3): with_orders})
+    assert Repository(copy.parent).spec("fashion-gaussian").grids["dpmpp_2m"][3] == with_orders
 
 
 def test_write_grids_refuses_a_grid_that_would_not_load(copy):
@@ -240,7 +394,8 @@ def test_write_card_adds_then_replaces_its_section(copy):
     text = card.read_text()
     assert text.startswith(original.rstrip("\n")) and text.count(CARD_START) == 1
     assert (
-        "| dpmpp_2m | 3 | 11.300 | 9.900 | 0.810 | 0.840 | ref-mse (n=64) | 80, 3, 0.4, 0 |" in text
+        "| dpmpp_2m | 3 | 200 | 11.300 | 9.900 | 0.810 | 0.840 | ref-mse (n=64) | 80, 3, 0.4, 0 "
+        "| default |" in text
     )
     assert text.count("- `fewstep tune fashion-gaussian --nfe 3 --samplers dpmpp_2m") == 1
     args.nfe = "4"

@@ -183,7 +183,12 @@ def test_float32_rows_are_batch_invariant_too():
 BAD = [
     ("nope", karras_sigmas(4), {}, "unknown sampler 'nope'"),
     ("euler", karras_sigmas(4), {"eta": 1.0}, "has no option 'eta'; its options are none"),
-    ("dpmpp_2m", karras_sigmas(4), {"order": 3}, "its options are \\['lower_order_final'\\]"),
+    (
+        "dpmpp_2m",
+        karras_sigmas(4),
+        {"order": 3},
+        "its options are \\['lower_order_final', 'orders'\\]",
+    ),
     ("dpmpp_3m", karras_sigmas(2), {}, "needs at least 3 steps, got 2"),
     ("dpmpp_2m", karras_sigmas(1), {}, "needs at least 2 steps"),
     ("unipc", karras_sigmas(2), {"order": 3}, "needs at least 3 steps"),

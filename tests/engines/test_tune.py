@@ -51,12 +51,33 @@ def test_tune_improves_its_objective_and_writes_a_grid_that_loads(repo, capsys):
     assert f"| dpmpp_2m | 2 | tuned | {tuned.fd_after:.3f} | {tuned.accuracy_after:.3f} |" in report
 
 
+def test_tune_searches_the_end_level_and_the_orders_and_writes_them(repo, capsys):
+    start = "80,1.5,0.05:1,2"  # an extra start, its second-order last step ending above 0
+    argv = ["--nfe", "2", "--free-end", "--orders", "--max-evals", "10", "--start", start]
+    assert tune(repo, *argv, "--write") == 0
+    out = capsys.readouterr().out
+    evals = re.findall(r"eval +\d+: [\d.]+  sigmas \[([^]]*)\]  orders \[([\d, ]*)\]", out)
+    assert len(evals) == 10
+    assert ("80, 1.5, 0.05", "1, 2") in evals
+    assert {o for _, o in evals} == {"1, 1", "1, 2"}  # plain starts end at 0: first order
+    assert any(float(s.split(", ")[-1]) > 0 for s, _ in evals)
+    spec = Repository(repo).spec("fashion-gaussian")
+    tuned = spec.grids["dpmpp_2m"][2]
+    assert tuned.orders is not None and len(tuned.orders) == 2 and tuned.orders[0] == 1
+    assert tuned.fd_after < tuned.fd_before
+    card = (repo / "fashion-gaussian" / "1" / "MODEL_CARD.md").read_text()
+    assert "--free-end --end-floor 0.001 --orders" in card
+    assert ", ".join(map(str, tuned.orders)) + " |" in card
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--samplers", "lcm"], "sampler 'lcm' is not one of fashion-gaussian's"),
         (["--samplers", "heun"], "one-evaluation-per-step samplers; heun is not"),
         (["--nfe", "1"], "--nfe 1: dpmpp_2m grids with an interior to tune need 2..50 steps"),
+        (["--start", "80,3,0.4,0.05"], "--start: a grid that ends above 0 needs --free-end"),
+        (["--start", "80,3,x:1"], "--start '80,3,x:1': give comma-separated sigmas"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(repo, capsys, extra, message):

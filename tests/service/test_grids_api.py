@@ -3,12 +3,20 @@ reports, /v1/models' tuned budgets, the Job's JSON round trip and the OIP `grid`
 
 from __future__ import annotations
 
+import base64
+from dataclasses import replace
+
 import httpx
 import numpy as np
 import pytest
+import torch
 
+from engines.media import ENCODINGS
 from engines.modalities.image import ImageInputs
+from engines.noise import row_seeds
 from engines.repository import TunedGrid
+from engines.samplers import drive
+from engines.sampling import start_sampler
 from service.jobs import Job
 
 from .conftest import fixture_models, serve, toy_model
@@ -24,12 +32,17 @@ TUNED = TunedGrid(
     accuracy_before=0.8,
     accuracy_after=0.9,
 )
+# a 4-step grid whose sample ends at sigma 0.01, its last step second order
+ORDERED = replace(TUNED, sigmas=(80.0, 6.0, 0.8, 0.08, 0.01), orders=(1, 2, 2, 2))
+ORDERED_MODEL = toy_model("ordered", grids={"dpmpp_2m": {4: ORDERED}})
 
 
 @pytest.fixture(scope="module")
 def server():
     tuned = toy_model("tuned", grids={"dpmpp_2m": {3: TUNED}})
-    with serve({**fixture_models(), ("tuned", 1): tuned}) as s:
+    own = toy_model("own-orders", grids={"dpmpp_2m": {4: replace(ORDERED, orders=None)}})
+    models = {**fixture_models(), ("tuned", 1): tuned, ("ordered", 1): ORDERED_MODEL}
+    with serve({**models, ("own-orders", 1): own}) as s:
         yield s
 
 
@@ -55,6 +68,22 @@ def test_the_tuned_grid_is_the_default_where_one_exists(client):
     assert generate(client, steps=4).json()["grid"] == "karras"
     assert generate(client, steps=3, sampler="unipc").json()["grid"] == "karras"
     assert generate(client, steps=3, teleport=True).json()["grid"] == "teleport"
+
+
+def test_a_tuned_grid_with_orders_is_served_exactly_as_written(client):
+    made = {m: generate(client, model=m, steps=4).json() for m in ("ordered", "own-orders")}
+    assert made["ordered"]["grid"] == made["own-orders"]["grid"] == "tuned"
+    assert made["ordered"]["nfe"] == 4
+    model = ORDERED_MODEL
+    label = torch.tensor([model.spec.label_id("dark")])
+    grid = torch.tensor(ORDERED.sigmas, dtype=torch.float64)
+    gen, cond, _ = start_sampler(
+        model, "dpmpp_2m", 4, row_seeds(5, 1), label, grid=grid, orders=ORDERED.orders
+    )
+    png = ENCODINGS["png"][0](model.decode(drive(gen, model.denoiser, cond)), (-1.0, 1.0))[0]
+    assert made["ordered"]["data"][0]["b64_json"] == base64.b64encode(png).decode()
+    # the same sigmas with the sampler's own schedule (last step first order) differ
+    assert made["own-orders"]["data"] != made["ordered"]["data"]
 
 
 def test_a_model_without_tuned_grids_serves_karras(client):
