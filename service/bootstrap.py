@@ -119,7 +119,7 @@ def load_models(settings: Settings, metrics: Metrics) -> Models:
     repo, names = _repository(settings)
     device = resolve_device(settings.device)
     set_threads(settings)
-    runtime_threads = settings.runtime_threads or os.cpu_count() or 1
+    runtime_threads = settings.runtime_threads or len(os.sched_getaffinity(0)) or 1
     models = Models()
     for spec in repo.specs():
         if spec.name not in names:

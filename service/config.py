@@ -89,7 +89,10 @@ class Settings(BaseSettings):
         "a machine with cores to spare",
     )
     runtime_threads: int = Field(
-        0, ge=0, description="ONNX Runtime's intra-op threads per model (0: one per core)"
+        0,
+        ge=0,
+        description="ONNX Runtime's intra-op threads per model (0: one per CPU this process "
+        "may run on; the Kubernetes manifests set the container's CPU limit)",
     )
 
     request_timeout_s: float = Field(300.0, gt=0, description="synchronous endpoints give up after")

@@ -88,10 +88,25 @@ def container_env(docs, container: dict) -> dict[str, str]:
             if not secrets and ref.get("optional"):
                 continue  # the kubelet leaves an optional variable unset
             env[var["name"]] = base64.b64decode(secrets[0]["data"][ref["key"]]).decode()
+        elif "resourceFieldRef" in var["valueFrom"]:
+            env[var["name"]] = _resource_field(container, var["valueFrom"]["resourceFieldRef"])
         else:
             ref = var["valueFrom"]["configMapKeyRef"]
             env[var["name"]] = find(docs, "ConfigMap", ref["name"])["data"][ref["key"]]
     return env
+
+
+def _resource_field(container: dict, ref: dict) -> str:
+    """What the Downward API gives for a CPU resourceFieldRef: the container's request or
+    limit in units of the divisor, rounded up (the kubelet's rule)."""
+    kind, _, resource = ref["resource"].partition(".")
+    if resource != "cpu":
+        raise ValueError(f"only cpu resourceFieldRefs are modelled here, got {ref['resource']}")
+    value = str(container["resources"][kind][resource])
+    millis = int(value[:-1]) if value.endswith("m") else int(float(value) * 1000)
+    divisor = str(ref.get("divisor", "1"))
+    per = int(divisor[:-1]) if divisor.endswith("m") else int(float(divisor) * 1000)
+    return str(-(-millis // per))
 
 
 def expand(args: list[str], env: dict[str, str]) -> list[str]:

@@ -191,6 +191,18 @@ def test_distributed_workers_get_a_gpu_and_a_memory_backed_shm():
     assert pdb["minAvailable"] == 1
 
 
+@pytest.mark.parametrize(
+    ("overlay", "deployment"), [("embedded", "fewstep"), ("distributed", "fewstep-worker")]
+)
+def test_runtime_threads_follow_the_containers_cpu_limit(overlay, deployment):
+    """ONNX Runtime's pool is sized by the container's CPU limit (Downward API), not by the
+    node's cores, which the CFS quota would throttle."""
+    docs = render(overlay)
+    container = find(docs, "Deployment", deployment)["spec"]["template"]["spec"]["containers"][0]
+    limit = str(container["resources"]["limits"]["cpu"])
+    assert container_env(docs, container)["FEWSTEP_RUNTIME_THREADS"] == limit
+
+
 def test_model_cache_option_puts_the_cache_on_a_claim():
     docs = render("embedded-model-cache")
     spec = find(docs, "Deployment", "fewstep")["spec"]["template"]["spec"]
