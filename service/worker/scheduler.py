@@ -195,30 +195,21 @@ def finish_all(finishing: list[Finishing]) -> list[Outcome]:
     outcomes: dict[int, Outcome] = {}
     for items in groups.values():
         first = items[0].active
+        args = (
+            first.model,
+            [f.active.job for f in items],
+            [f.sample for f in items],
+            [f.active.state for f in items],
+            [f.active.should_stop for f in items],
+        )
         try:
-            made = first.modality.finish_many(
-                first.model,
-                [f.active.job for f in items],
-                [f.sample for f in items],
-                [f.active.state for f in items],
-                [f.active.should_stop for f in items],
-            )
+            made = first.modality.finish_many(*args)
         except Exception as exc:  # the shared pass failed: each request on its own
             log.warning("finishing %d requests together failed (%s); one by one", len(items), exc)
-            made = [_finish_one(f) for f in items]
+            made = Modality.finish_many(first.modality, *args)
         for item, result in zip(items, made, strict=True):
             outcomes[id(item)] = _outcome(item, result)
     return [outcomes[id(item)] for item in finishing]
-
-
-def _finish_one(item: Finishing):
-    active = item.active
-    try:
-        return active.modality.finish(
-            active.model, active.job, item.sample, active.state, active.should_stop
-        )
-    except Exception as exc:
-        return exc
 
 
 def _outcome(item: Finishing, result) -> Outcome:

@@ -314,3 +314,10 @@ def test_requests_finishing_in_one_pass_share_one_vocoder_pass(tmp_path):
         b = np.frombuffer(alone.outputs[0], "<f4")
         assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
         assert outcome.info.duration == alone.info.duration
+
+    def shared_pass_fails(*args, **kwargs):
+        raise RuntimeError("the shared vocoder pass failed")
+
+    model.speech.render_many = shared_pass_fails  # then each request is finished alone
+    outcomes, calls = run([start(job(t, seed), model) for seed, t in enumerate(texts[:2])])
+    assert [o.kind for o in outcomes] == ["done", "done"] and len(calls) == 2
