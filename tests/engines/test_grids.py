@@ -104,18 +104,24 @@ def test_a_sampler_the_model_does_not_list_is_refused(copy):
     assert path.is_file()
 
 
-def sigmas_asked(model, sampler: str, steps: int, grid="auto") -> list[float]:
-    """The noise levels a sampler asks the denoiser for, started as the worker starts it."""
-    labels = torch.tensor([0, 1])
-    gen, cond, _ = start_sampler(model, sampler, steps, row_seeds(0, 2), labels, grid=grid)
+def recorded(model, sampler: str, steps: int, seeds, labels, grid="auto", orders=None):
+    """Started as the worker starts it, run on `model`: every (x, sigma) the sampler asks
+    the denoiser about, and its final sample."""
+    gen, cond, _ = start_sampler(model, sampler, steps, seeds, labels, grid=grid, orders=orders)
     asked = []
     x, sigma = next(gen)
     try:
         while True:
-            asked.append(sigma)
-            x, sigma = gen.send(model.denoiser(x, torch.full((2,), sigma), cond))
-    except StopIteration:
-        return asked
+            asked.append((x, sigma))
+            x, sigma = gen.send(model.denoiser(x, torch.full((len(seeds),), sigma), cond))
+    except StopIteration as stop:
+        return asked, stop.value
+
+
+def sigmas_asked(model, sampler: str, steps: int, grid="auto") -> list[float]:
+    """The noise levels a sampler asks the denoiser for."""
+    asked, _ = recorded(model, sampler, steps, row_seeds(0, 2), torch.tensor([0, 1]), grid)
+    return [sigma for _, sigma in asked]
 
 
 @pytest.fixture
@@ -151,20 +157,11 @@ def test_a_tuned_grid_with_orders_and_a_positive_end_is_run_exactly_as_written(c
 def trajectory(sampler: str, sigmas, orders=None) -> list[torch.Tensor]:
     """Every x a sampler asks the denoiser about, and its result, on a closed-form model."""
     model = Repository(PACKAGE.parent).load("fashion-gaussian")
-    noise_seeds = row_seeds(3, 2)
-    labels = torch.tensor([2, 5])
     grid = torch.tensor(sigmas, dtype=torch.float64)
-    gen, cond, _ = start_sampler(
-        model, sampler, len(sigmas) - 1, noise_seeds, labels, grid=grid, orders=orders
+    asked, final = recorded(
+        model, sampler, len(sigmas) - 1, row_seeds(3, 2), torch.tensor([2, 5]), grid, orders
     )
-    xs = []
-    x, sigma = next(gen)
-    try:
-        while True:
-            xs.append(x)
-            x, sigma = gen.send(model.denoiser(x, torch.full((2,), sigma), cond))
-    except StopIteration as stop:
-        return [*xs, stop.value]
+    return [*(x for x, _ in asked), final]
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "unipc"])
