@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import torch
 import uvloop
 import yaml
 
@@ -37,6 +36,8 @@ sys.path.insert(0, str(ROOT))
 from engines.modalities import ImageInputs  # noqa: E402
 from engines.repository import Repository  # noqa: E402
 from loadtest.procs import Processes, fewstep, free_port  # noqa: E402
+from service.bootstrap import runtime_threads, set_threads  # noqa: E402
+from service.config import Settings  # noqa: E402
 from service.jobs import Job  # noqa: E402
 from service.worker.scheduler import forward, pick_batch, start  # noqa: E402
 
@@ -253,10 +254,10 @@ def main() -> int:
 
     mixed = Scenario.load(args.scenario)
     saturation = Scenario.load(args.saturation)
-    # the raw engine runs as a serving process does (service.bootstrap.load_models): torch
-    # on one intra-op thread for the samplers' arithmetic, ONNX Runtime on one per core
-    torch.set_num_threads(1)
-    model = Repository(ROOT / "model_repo").load(mixed.model, threads=os.cpu_count())
+    # the raw engine runs on the threads a serving process with default settings uses
+    settings = Settings()
+    set_threads(settings)
+    model = Repository(ROOT / "model_repo").load(mixed.model, threads=runtime_threads(settings))
     model.warmup()
     labels = list(model.spec.labels)
     print(

@@ -119,7 +119,6 @@ def load_models(settings: Settings, metrics: Metrics) -> Models:
     repo, names = _repository(settings)
     device = resolve_device(settings.device)
     set_threads(settings)
-    runtime_threads = settings.runtime_threads or len(os.sched_getaffinity(0)) or 1
     models = Models()
     for spec in repo.specs():
         if spec.name not in names:
@@ -132,7 +131,7 @@ def load_models(settings: Settings, metrics: Metrics) -> Models:
             device=device,
             runtimes=[settings.runtime] if settings.runtime else None,
             latency_curve=settings.latency_curve,
-            threads=runtime_threads,
+            threads=runtime_threads(settings),
         )
         if settings.warmup:
             model.warmup()
@@ -156,6 +155,12 @@ def set_threads(settings: Settings) -> None:
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+
+
+def runtime_threads(settings: Settings) -> int:
+    """ONNX Runtime's intra-op threads per model: `runtime_threads`, else the CPUs this
+    process may run on (its affinity mask, which a container's cpuset narrows)."""
+    return settings.runtime_threads or len(os.sched_getaffinity(0)) or 1
 
 
 def mark_ready(models: Models, metrics: Metrics) -> None:

@@ -317,8 +317,8 @@ class Speech:
         fmts: list[str],
         stops: list[StopCheck],
     ) -> list[tuple[bytes, float] | Exception]:
-        """`render` for several requests, their sentences in one pass of the (batched)
-        vocoder: mels zero-padded to the longest, each row trimmed to its own frames, so
+        """`render` for several requests, their sentences in one `waves` call, so one pass of
+        the (batched) vocoder: zero-padded to the longest, each row trimmed to its frames, so
         each request gets the samples it gets alone. A request whose stop check is already
         true gets audio.Stopped and no rows in the pass."""
         out: list[tuple[bytes, float] | Exception] = [
@@ -327,15 +327,15 @@ class Speech:
         live = [i for i, stop in enumerate(stops) if not stop()]
         if not live:
             return out
-        mels = [self.tts.to_log_mel(xs[i].float().cpu()) for i in live]
-        longest = max(m.shape[-1] for m in mels)
-        padded = torch.cat([torch.nn.functional.pad(m, (0, longest - m.shape[-1])) for m in mels])
-        lengths = torch.cat([frames[i].cpu().clamp(min=1) for i in live])
-        waves = self.vocoder(padded, lengths)
+        longest = max(xs[i].shape[-1] for i in live)
+        padded = torch.cat(
+            [torch.nn.functional.pad(xs[i], (0, longest - xs[i].shape[-1])) for i in live]
+        )
+        waves = self.waves(padded, torch.cat([frames[i] for i in live]))
         first = 0
-        for i, m in zip(live, mels, strict=True):
-            audio = self.join(waves[first : first + len(m)])
-            first += len(m)
+        for i in live:
+            audio = self.join(waves[first : first + len(xs[i])])
+            first += len(xs[i])
             try:
                 out[i] = self._encoded(audio, fmts[i])
             except Exception as exc:  # that request's encoding alone fails
