@@ -17,6 +17,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from service import bootstrap
 from service.api import health, images, jobs, models, openapi, speech, v2
 from service.api.errors import BodyLimit, install_error_handlers
+from service.api.fastpath import FastPath
 from service.config import Settings
 from service.metrics import Metrics
 from service.queue.factory import make_queue
@@ -155,6 +156,8 @@ def create_app(settings: Settings | None = None, loaded: dict | None = None) -> 
         app.include_router(module.router)
     install_error_handlers(app)
     openapi.install(app, state)
+    # FastPath inside BodyLimit: it gets the body whole and size-checked
+    app.add_middleware(FastPath)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     if settings.cors_origins:  # off unless configured: no page may read the responses
         app.add_middleware(
