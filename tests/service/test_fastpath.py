@@ -29,9 +29,12 @@ def _without_fast_path(server):
 
 @pytest.fixture(scope="module")
 def servers():
-    with serve(api_key=[KEY], max_body_bytes=4096) as fast:
-        with _without_fast_path(serve(api_key=[KEY], max_body_bytes=4096)) as routed:
-            yield fast.url, routed.url
+    fast, routed = (
+        serve(api_key=[KEY], max_body_bytes=4096),
+        serve(api_key=[KEY], max_body_bytes=4096),
+    )
+    with fast, _without_fast_path(routed):
+        yield fast.url, routed.url
 
 
 def _both(servers, body: bytes, headers: dict, method: str = "POST"):
