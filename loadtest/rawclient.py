@@ -19,6 +19,7 @@ class Outcome:
     status: int
     samples: int
     forward: float = 0.0
+    retry_after: float = 0.0  # seconds, from a refusal's Retry-After header
 
 
 class RawClient:

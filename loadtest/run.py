@@ -136,7 +136,8 @@ async def send(client: httpx.AsyncClient, body: dict) -> Outcome:
         return Outcome(time.perf_counter() - begin, 0, 0)
     latency = time.perf_counter() - begin
     if r.status_code != 200:
-        return Outcome(latency, r.status_code, 0)
+        wait = r.headers.get("retry-after", "")
+        return Outcome(latency, r.status_code, 0, retry_after=float(wait) if wait.isdigit() else 0)
     data = r.json()
     return Outcome(latency, 200, len(data["data"]), data["timings"]["forward_seconds"])
 
@@ -160,14 +161,20 @@ async def ping(url: str, count: int = 500) -> list[float]:
 async def closed_loop(
     url: str, bodies: list[dict], concurrency: int, seconds: float
 ) -> tuple[float, list]:
-    """`concurrency` clients back to back for `seconds`: completed samples per second."""
+    """`concurrency` clients back to back for `seconds`: completed samples per second. A
+    client told to come back later (429 or 503 with Retry-After) waits that long first, as
+    the openai SDK and other well-behaved clients do; without the wait, a closed loop past
+    capacity measures how fast the server refuses (a retry storm), not what it serves."""
     outcomes: list[Outcome] = []
     stop = time.perf_counter() + seconds
     counter = iter(range(10**9))
 
     async def client_loop(client):
         while time.perf_counter() < stop:
-            outcomes.append(await send(client, bodies[next(counter) % len(bodies)]))
+            outcome = await send(client, bodies[next(counter) % len(bodies)])
+            outcomes.append(outcome)
+            if outcome.retry_after:
+                await asyncio.sleep(min(outcome.retry_after, max(stop - time.perf_counter(), 0)))
 
     async with client_for(url) as client:
         begin = time.perf_counter()
