@@ -136,6 +136,45 @@ def fd_and_accuracy(ref: quality.Reference, images: torch.Tensor, labels: torch.
     return fd, float((preds == labels).float().mean())
 
 
+def quantized(images: torch.Tensor) -> torch.Tensor:
+    """Float samples in [-1, 1] as the server's 8-bit PNGs decode (to_tensor)."""
+    return torch.round((images.clamp(-1, 1) + 1) / 2 * 255) / 255 * 2 - 1
+
+
+def mix_table(ref, folder: Path, spec, mixes: dict[str, dict[int, int]], seed: int) -> list[str]:
+    """FD and class accuracy of each policy's served step mix at the pools' n: the first
+    share of the largest budget's pool, the next share of the next budget's, and so on, so
+    no two images share a seed (labels cycle over the classes as offline). A few hundred
+    served images give FD a large positive bias; this is the same mix at n = 10,000."""
+    pools = {}
+    for steps in {b for mix in mixes.values() for b in mix}:
+        found = sorted(folder.glob(f"{spec.name}-*-plain-1x{steps}-1-n*-seed{seed}.pt"))
+        if not found:
+            raise SystemExit(f"--pools: no plain:{steps} samples of {spec.name} in {folder}")
+        data = torch.load(found[-1])
+        pools[steps] = (quantized(data["images"]), data["labels"])
+    n = min(len(images) for images, _ in pools.values())
+    lines = [
+        f"\nThe served step mix at n = {n} (offline samples from the same seeds' pools, "
+        f"{folder}):\n",
+        "| policy | share of images at each budget | FD | class accuracy |",
+        "|---|---|---|---|",
+    ]
+    for name, mix in mixes.items():
+        total = max(sum(mix.values()), 1)
+        counts = {b: round(n * c / total) for b, c in mix.items()}
+        counts[max(counts, key=counts.get)] += n - sum(counts.values())
+        parts, labels, at = [], [], 0
+        for steps, count in counts.items():
+            parts.append(pools[steps][0][at : at + count])
+            labels.append(pools[steps][1][at : at + count])
+            at += count
+        fd, acc = fd_and_accuracy(ref, torch.cat(parts), torch.cat(labels))
+        shares = ", ".join(f"{b} steps {c / n:.0%}" for b, c in counts.items())
+        lines.append(f"| {name} | {shares} | {fd:.3f} | {acc:.3f} |")
+    return lines
+
+
 def main() -> int:
     uvloop.install()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -146,6 +185,13 @@ def main() -> int:
     p.add_argument("--n", type=int, default=4, help="images per request (4)")
     p.add_argument("--concurrency", type=int, default=16, help="clients for capacity (16)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--pools",
+        type=Path,
+        default=None,
+        help="samples of `fewstep bench scaling MODEL --cells plain:S,... --n N --samples-dir "
+        "DIR` for every budget S: also the FD of each policy's served step mix at n = N",
+    )
     args = p.parse_args()
 
     spec = Repository(ROOT / "model_repo").spec(args.model)
@@ -191,7 +237,7 @@ def main() -> int:
         "served | p50 / p99 ms (served) | images/s | FD of served (n) | class accuracy |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    served_n = []
+    served_n, mixes = [], {}
     for name, (elapsed, served) in results.items():
         ok = [s for s in served if s.status == 200]
         in_time = sum(s.latency * 1000 <= args.deadline_ms for s in ok)
@@ -200,6 +246,7 @@ def main() -> int:
         fd, acc = fd_and_accuracy(ref, to_tensor(images), labels) if images else (float("nan"),) * 2
         served_n.append(len(images))
         steps = sum(s.steps for s in ok) / max(len(ok), 1)
+        mixes[name] = {b: sum(len(s.images) for s in ok if s.steps == b) for b in ladder}
         ms = [s.latency * 1000 for s in ok]
         lines.append(
             f"| {name} | {len(served)} | {in_time / len(served):.1%} | "
@@ -220,6 +267,8 @@ def main() -> int:
         cell = quality.evaluate(ref, model, spec.sampling.default_sampler, steps, n, seed=args.seed)
         lines.append(f"| {steps} | {cell.fd:.2f} | {cell.accuracy:.3f} |")
     lines.append(f"| real training images (floor) | {ref.floor(n):.2f} | - |")
+    if args.pools is not None:
+        lines += mix_table(ref, args.pools, spec, mixes, args.seed)
     print("\n".join(lines))
     return 0
 
