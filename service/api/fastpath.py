@@ -17,7 +17,9 @@ so a request gets the same response either way:
 
 It sits inside BodyLimit (the body arrives whole, its size checked) and inside CORS and
 TrustedHost, so those apply to it as to every route. The route itself stays registered:
-OpenAPI documents it, and tests/service/test_fastpath.py checks both answer alike.
+OpenAPI documents it, and tests/service/test_fastpath.py checks both answer alike. Where
+FastAPI's OpenTelemetry instrumentation is on for a request (a tracer or meter provider
+configured), the router answers it, so its span keeps the route.
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ class FastPath:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
+        if (
+            scope["type"] != "http"
+            or scope["path"] != PATH
+            or scope["method"] != "POST"
+            or scope.get("fastapi.telemetry") is not None  # traced: the router names the route
+        ):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         kind = headers.get(b"content-type", b"").decode("latin-1").strip().lower()

@@ -4,6 +4,7 @@ longer runs for a request the fast path takes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -115,3 +116,22 @@ def test_the_route_does_not_run_for_what_the_fast_path_takes(servers, monkeypatc
     assert [d["b64_json"] for d in fast.json()["data"]] == [
         d["b64_json"] for d in routed.json()["data"]
     ]
+
+
+def test_a_traced_request_goes_to_the_router():
+    """With FastAPI's OpenTelemetry on, the request carries its telemetry record in the
+    scope; the router must answer it so the span gets its http.route."""
+    reached = []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": images.PATH,
+        "headers": [(b"content-type", b"application/json")],
+        "fastapi.telemetry": object(),
+    }
+    asyncio.run(FastPath(app)(scope, None, None))
+    assert reached == [images.PATH]
