@@ -148,7 +148,7 @@ def mix_table(ref, folder: Path, spec, mixes: dict[str, dict[int, int]], seed: i
     served images give FD a large positive bias; this is the same mix at n = 10,000."""
     pools = {}
     for steps in {b for mix in mixes.values() for b in mix}:
-        found = sorted(folder.glob(f"{spec.name}-*-plain-1x{steps}-1-n*-seed{seed}.pt"))
+        found = sorted(folder.glob(f"{spec.name}-*-plain-1x{steps}-*-n*-seed{seed}.pt"))
         if not found:
             raise SystemExit(f"--pools: no plain:{steps} samples of {spec.name} in {folder}")
         data = torch.load(found[-1])
@@ -267,9 +267,9 @@ def main() -> int:
         cell = quality.evaluate(ref, model, spec.sampling.default_sampler, steps, n, seed=args.seed)
         lines.append(f"| {steps} | {cell.fd:.2f} | {cell.accuracy:.3f} |")
     lines.append(f"| real training images (floor) | {ref.floor(n):.2f} | - |")
+    print("\n".join(lines), flush=True)
     if args.pools is not None:
-        lines += mix_table(ref, args.pools, spec, mixes, args.seed)
-    print("\n".join(lines))
+        print("\n".join(mix_table(ref, args.pools, spec, mixes, args.seed)))
     return 0
 
 
