@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 
-from pydantic import ValidationError
 from starlette.requests import Request
 
 from service.api.images import PATH, images_body
@@ -65,8 +64,8 @@ class FastPath:
 
         try:
             req = GenerationRequest.model_validate(json.loads(body))
-        except (ValueError, ValidationError):  # JSONDecodeError is a ValueError
-            return await self.app(scope, replay, send)
+        except Exception:  # bad JSON, a RecursionError from deep nesting, an invalid request:
+            return await self.app(scope, replay, send)  # the route answers it, as before
         app = scope["app"]
         state = app.state.fewstep
         try:

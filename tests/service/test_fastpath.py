@@ -73,6 +73,7 @@ CASES = {
     "not json": (b'{"model": "toy", ', {**JSON, **AUTH}),
     "empty body": (b"", {**JSON, **AUTH}),
     "json, not an object": (b"[1, 2]", {**JSON, **AUTH}),
+    "nested too deep": (b"[" * 1500 + b"]" * 1500, {**JSON, **AUTH}),
     "unknown field": (_body(colour="red"), {**JSON, **AUTH}),
     "n too large": (_body(n=10_000), {**JSON, **AUTH}),
     "wrong type": (_body(steps="many"), {**JSON, **AUTH}),
@@ -135,3 +136,10 @@ def test_a_traced_request_goes_to_the_router():
     }
     asyncio.run(FastPath(app)(scope, None, None))
     assert reached == [images.PATH]
+
+
+def test_deep_nesting_is_a_400_on_both(servers):
+    """json.loads raises RecursionError, not ValueError, on deep nesting: the fast path
+    must hand it to the route (a 400), not let it become a 500."""
+    fast, routed = _both(servers, *CASES["nested too deep"])
+    assert fast.status_code == routed.status_code == 400
