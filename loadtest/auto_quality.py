@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engines import quality  # noqa: E402
+from engines.media import to_uint8  # noqa: E402
 from engines.repository import Repository  # noqa: E402
 from loadtest.procs import Processes, fewstep, free_port  # noqa: E402
 from loadtest.run import client_for, percentile  # noqa: E402
@@ -137,8 +138,9 @@ def fd_and_accuracy(ref: quality.Reference, images: torch.Tensor, labels: torch.
 
 
 def quantized(images: torch.Tensor) -> torch.Tensor:
-    """Float samples in [-1, 1] as the server's 8-bit PNGs decode (to_tensor)."""
-    return torch.round((images.clamp(-1, 1) + 1) / 2 * 255) / 255 * 2 - 1
+    """Float samples in [-1, 1] as the server's 8-bit PNGs decode (to_tensor): the server's
+    own quantiser, engines.media.to_uint8."""
+    return to_uint8(images, (-1.0, 1.0)).float() / 255.0 * 2 - 1
 
 
 def mix_table(ref, folder: Path, spec, mixes: dict[str, dict[int, int]], seed: int) -> list[str]:
@@ -148,10 +150,13 @@ def mix_table(ref, folder: Path, spec, mixes: dict[str, dict[int, int]], seed: i
     served images give FD a large positive bias; this is the same mix at n = 10,000."""
     pools = {}
     for steps in {b for mix in mixes.values() for b in mix}:
-        found = sorted(folder.glob(f"{spec.name}-*-plain-1x{steps}-*-n*-seed{seed}.pt"))
-        if not found:
+        found = folder.glob(f"{spec.name}-*-plain-1x{steps}-*-n*-seed{seed}.pt")
+        largest = max(
+            found, key=lambda p: int(p.stem.rsplit("-n", 1)[1].split("-")[0]), default=None
+        )
+        if largest is None:
             raise SystemExit(f"--pools: no plain:{steps} samples of {spec.name} in {folder}")
-        data = torch.load(found[-1])
+        data = torch.load(largest)
         pools[steps] = (quantized(data["images"]), data["labels"])
     n = min(len(images) for images, _ in pools.values())
     lines = [
