@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engines.media import encode_images, raw_pixels, to_uint8
+from engines.media import encode_images, encode_png, raw_pixels, to_uint8
 
 
 def torch_uint8(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -34,3 +34,16 @@ def test_pngs_decode_to_the_same_pixels():
             image = image[..., None] if image.ndim == 2 else image
             assert np.array_equal(image, pixels.transpose(1, 2, 0))
             assert raw == pixels.transpose(1, 2, 0).tobytes()
+
+
+def test_every_chunk_checks_out_and_the_bytes_are_deterministic():
+    """PIL's verify() checks each chunk's CRC; RGBA and a single image via encode_png too."""
+    rgba = (torch.rand(4, 7, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    png = encode_png(rgba)
+    assert png == encode_png(rgba.clone())
+    Image.open(io.BytesIO(png)).verify()
+    image = np.asarray(Image.open(io.BytesIO(png)))
+    assert image.shape == (7, 3, 4) and np.array_equal(image, rgba.permute(1, 2, 0).numpy())
+    batch = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    for one in encode_images(batch, (-1.0, 1.0)):
+        Image.open(io.BytesIO(one)).verify()
