@@ -6,6 +6,7 @@ model_yaml.py fills; LoadedModel is what kinds.py's loaders and Repository.load 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -195,12 +196,20 @@ class ModelSpec:
         """The step counts with a tuned grid, per sampler (for /v1/models and messages)."""
         return {name: sorted(by_steps) for name, by_steps in sorted(self.grids.items())}
 
+    @functools.cached_property
+    def _label_ids(self) -> dict[str, int]:
+        """Each label's compared form -> its first class id (label_id runs per request)."""
+        ids: dict[str, int] = {}
+        for i, label in enumerate(self.labels):
+            ids.setdefault(normal_text(label), i)
+        return ids
+
     def label_id(self, prompt: str) -> int | None:
         """Class id of a label or synonym (case and surrounding space ignored), else None."""
         key = normal_text(prompt)
-        names = [normal_text(label) for label in self.labels]
-        if key in names:
-            return names.index(key)
+        found = self._label_ids.get(key)
+        if found is not None:
+            return found
         canonical = self.synonyms.get(key)
         return None if canonical is None else self.labels.index(canonical)
 

@@ -27,13 +27,22 @@ class _Entry:
     step: int = 0
     steps: int = 0
     left: int = 0  # row-steps still to run (the job's cost until its steps are reported)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)  # any event (SSE)
+    # any event (SSE): made when a reader first waits, so the steps of jobs nobody streams
+    # (every synchronous request) arm no asyncio.Event
+    changed: asyncio.Event | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)  # the result is stored
 
     def touch(self) -> None:
-        """Wake everyone waiting on this entry, then re-arm."""
-        self.changed.set()
-        self.changed = asyncio.Event()
+        """Wake everyone waiting on this entry; the next waiter arms a new event."""
+        if self.changed is not None:
+            self.changed.set()
+            self.changed = None
+
+    def waiter(self) -> asyncio.Event:
+        """The event the next touch() sets (take it before reading the events)."""
+        if self.changed is None:
+            self.changed = asyncio.Event()
+        return self.changed
 
 
 def _size(result: JobResult) -> int:
@@ -271,7 +280,7 @@ class MemoryQueue:
             return
         seen = after
         while True:
-            waiter = entry.changed
+            waiter = entry.waiter()
             for event in entry.events[seen:]:
                 seen = event.seq
                 yield event
@@ -287,8 +296,10 @@ class MemoryQueue:
             return None
         if entry.result is None and timeout > 0:
             # waits on `done` alone, so step events do not wake every waiting request
+            # asyncio.timeout, not wait_for: no Task per request
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(entry.done.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await entry.done.wait()
         return entry.result
 
     def _ahead(self, entry: _Entry) -> tuple[int, int]:
