@@ -29,8 +29,9 @@ def _check_order(name: str, order: int, allowed: tuple[int, ...]) -> None:
 @register(family="ode")
 def euler(x: Tensor, sigmas: Tensor, noise: RowNoise) -> SamplerGen:
     """Euler on the PF-ODE = DDIM with eta 0 (Song et al. 2021; Karras et al. 2022)."""
+    levels = sigmas.tolist()  # floats: a tensor index costs ~1 us
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma, sigma_next = levels[i], levels[i + 1]
         denoised = yield x, sigma
         x = (sigma_next / sigma) * x + (1 - sigma_next / sigma) * denoised
     return x
@@ -39,8 +40,9 @@ def euler(x: Tensor, sigmas: Tensor, noise: RowNoise) -> SamplerGen:
 @register(family="ode", guided=True)
 def euler_cfgpp(x: Tensor, sigmas: Tensor, noise: RowNoise) -> SamplerGen:
     """DDIM with CFG++ (Chung et al. 2024): guided x0, re-noised along the unconditional eps."""
+    levels = sigmas.tolist()  # floats: a tensor index costs ~1 us
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma, sigma_next = levels[i], levels[i + 1]
         out = yield x, sigma
         if not isinstance(out, Guided):
             raise SamplerError("euler_cfgpp needs a CFGDenoiser(..., cfg_pp=True) denoiser")
@@ -62,8 +64,9 @@ def heun(
     if s_churn < 0:
         raise SamplerError(f"heun s_churn must be >= 0, got {s_churn}")
     steps = len(sigmas) - 1
+    levels = sigmas.tolist()  # floats: a tensor index costs ~1 us
     for i in range(steps):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma, sigma_next = levels[i], levels[i + 1]
         gamma = min(s_churn / steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (1 + gamma)
         if gamma > 0:
@@ -99,13 +102,15 @@ def _dpmpp_update(
     """
     h = lambda_of(sigma_next) - lams[0]
     phi1 = -math.expm1(-h)  # 1 when sigma_next = 0 (h = inf)
-    x_next = (sigma_next / sigma) * x + phi1 * ms[0]
+    # scalar coefficients folded into fused adds: each op on a request's few rows costs
+    # its dispatch more than its arithmetic, and a step runs for every request
+    x_next = torch.mul(x, sigma_next / sigma).add_(ms[0], alpha=phi1)
     if order == 1:
         return x_next
     r0 = (lams[0] - lams[1]) / h
-    d1_0 = (ms[0] - ms[1]) / r0
     if order == 2:
-        return x_next + 0.5 * phi1 * d1_0
+        return x_next.add_(ms[0] - ms[1], alpha=0.5 * phi1 / r0)
+    d1_0 = (ms[0] - ms[1]) / r0
     r1 = (lams[1] - lams[2]) / h
     d1_1 = (ms[1] - ms[2]) / r1
     d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
@@ -120,8 +125,9 @@ def _dpmpp_multistep(x, sigmas, order, lower_order_final, d2_weight=2.0, orders=
     shorten = lower_order_final and steps < 15
     ms: list[Tensor] = []
     lams: list[float] = []
+    levels = sigmas.tolist()  # floats: a tensor index costs ~1 us
     for i in range(steps):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma, sigma_next = levels[i], levels[i + 1]
         denoised = yield x, sigma
         ms, lams = [denoised, *ms][:order], [lambda_of(sigma), *lams][:order]
         this_order = orders[i] if orders else _order(i, steps, order, sigma_next, shorten)
@@ -162,8 +168,9 @@ def dpmpp_3m(
 @register(family="ode", evals_per_step=2)
 def dpmpp_2s(x: Tensor, sigmas: Tensor, noise: RowNoise) -> SamplerGen:
     """DPM-Solver++(2S), singlestep with the midpoint in lambda, Lu et al. 2022."""
+    levels = sigmas.tolist()  # floats: a tensor index costs ~1 us
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma, sigma_next = levels[i], levels[i + 1]
         denoised = yield x, sigma
         if sigma_next == 0:
             x = denoised
@@ -228,14 +235,15 @@ def unipc(
     keep = max(orders) if orders else order
     history: list[tuple[float, Tensor]] = []  # (lambda, x0), newest first
     x_last, last_order = None, 0
+    levels = sigmas.tolist()  # floats: a tensor index costs ~1 us
     for i in range(steps):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma, sigma_next = levels[i], levels[i + 1]
         denoised = yield x, sigma
         if corrector and x_last is not None:
             lam0, m0 = history[0]
             x = _unipc_update(
                 x_last,
-                float(sigmas[i - 1]),
+                levels[i - 1],
                 sigma,
                 m0,
                 history[1:],
@@ -267,8 +275,9 @@ def deis(
     steps = len(sigmas) - 1
     shorten = lower_order_final and steps < 15
     eps_last, sigma_last = None, None
+    levels = sigmas.tolist()  # floats: a tensor index costs ~1 us
     for i in range(steps):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma, sigma_next = levels[i], levels[i + 1]
         denoised = yield x, sigma
         eps = (x - denoised) / sigma
         if _order(i, steps, order, sigma_next, shorten) == 1:

@@ -17,8 +17,9 @@ def dpmpp_sde(
     """SDE-DPM-Solver++(1), Lu et al. 2022; eta 0 is DDIM, eta 1 the DDPM posterior."""
     if not 0 <= eta <= 1:
         raise SamplerError(f"dpmpp_sde eta must be in [0, 1], got {eta}")
+    levels = sigmas.tolist()  # floats: a tensor index costs ~1 us
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma, sigma_next = levels[i], levels[i + 1]
         denoised = yield x, sigma
         if sigma_next == 0:
             x = denoised
@@ -47,8 +48,9 @@ def euler_ancestral(
     """Euler ancestral (k-diffusion): Euler down to sigma_down, then noise up by sigma_up."""
     if not 0 <= eta <= 1:
         raise SamplerError(f"euler_ancestral eta must be in [0, 1], got {eta}")
+    levels = sigmas.tolist()  # floats: a tensor index costs ~1 us
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma, sigma_next = levels[i], levels[i + 1]
         denoised = yield x, sigma
         sigma_up = min(
             sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
