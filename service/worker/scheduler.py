@@ -121,7 +121,7 @@ def _forward(batch: list[Active]) -> tuple[list[Tensor], bool]:
     xs = [a.pending[0] for a in batch]
     # one column of sigmas for every row, built in numpy (one op, not one per request)
     sigmas = np.repeat(
-        np.array([a.pending[1] for a in batch], np.float64), [x.shape[0] for x in xs]
+        np.array([float(a.pending[1]) for a in batch], np.float64), [x.shape[0] for x in xs]
     )
     first = xs[0]
     sigma = torch.from_numpy(sigmas).to(dtype=first.dtype, device=first.device)
