@@ -192,8 +192,9 @@ class MemoryQueue:
             if remaining <= 0:
                 return []
             self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            try:  # asyncio.timeout, not wait_for: a submit wakes the worker in one hop
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
             except TimeoutError:
                 return []
         claimed, skipped, budget = [], [], max_samples
