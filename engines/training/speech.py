@@ -42,6 +42,7 @@ class TeacherSettings:
     sigma_mix: float = 0.5  # share of noise levels drawn log-uniformly over the whole range
     crop: int = 128  # denoiser frames per row (the encoder sees whole utterances)
     ema: float = 0.999
+    init: str | None = None  # an earlier teacher package to continue from (else fresh)
 
 
 @dataclasses.dataclass
@@ -154,11 +155,36 @@ class Data:
         return sum(u["mel"].shape[1] for u in self.utts) * 256 / 22050 / 3600
 
 
+def init_teacher(model: TTS, package_dir: str | None, log=print) -> str:
+    """Start the teacher from an earlier teacher package's (EMA) weights, loaded as float32,
+    when asked; returns a line for the model card ('' when not asked)."""
+    if not package_dir:
+        return ""
+    earlier = Repository.of_folder(package_dir).load(Path(package_dir).name, runtimes=("torch",))
+    if earlier.spec.kind != "speech" or earlier.spec.speech.parameterisation != "edm":
+        raise common.RecipeError(f"--init {package_dir} is not a speech teacher package")
+    net = earlier.spec.speech.network
+    if net != model.cfg:
+        raise common.RecipeError(
+            f"--init {package_dir}: its network {net} differs from this run's {model.cfg}; "
+            "give the network flags of its model card"
+        )
+    model.load_state_dict(earlier.modules[0].float().state_dict())
+    log(f"teacher starts from {package_dir} v{earlier.spec.version} ({earlier.fingerprint})")
+    return (
+        f"Continued from the teacher `{package_dir}` v{earlier.spec.version} (fingerprint "
+        f"`{earlier.fingerprint}`; see its card for its own steps): its weights as float32 "
+        "(EMA starting equal to them), a fresh optimiser; the steps below come on top of "
+        "those.\n"
+    )
+
+
 def run_teacher(run: common.RunConfig, net: TTSConfig, s: TeacherSettings, log=print) -> Path:
     data = Data(run.data, run.limit)
     torch.manual_seed(run.seed)
     model = TTS(net).to(run.device)
     model.set_stats(data.mean, data.std)
+    notes = init_teacher(model, s.init, log)
     ema = common.frozen_copy(model)
     opt = torch.optim.Adam(model.parameters(), lr=run.lr)
     denoiser = EDMDenoiser(model.denoiser, 1.0)
@@ -183,7 +209,9 @@ def run_teacher(run: common.RunConfig, net: TTSConfig, s: TeacherSettings, log=p
 
     seconds = common.train_loop(run, step, {"model": model, "ema": ema, "opt": opt}, log)
     return package_speech.write(
-        package_speech.SpeechPackage("teacher", run, net, ema, (s,), seconds, data, run.steps),
+        package_speech.SpeechPackage(
+            "teacher", run, net, ema, (s,), seconds, data, run.steps, notes
+        ),
         log,
     )
 

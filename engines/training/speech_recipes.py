@@ -4,11 +4,13 @@ recipes' arguments and dispatch (registered by engines.training.recipes)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from engines.nets.tts import TTSConfig
 from engines.nets.vocoder import VocoderConfig
+from engines.training import common
 from engines.training.package_speech import VOCODER
 from engines.training.registry import Recipe, run_config
 
@@ -76,23 +78,29 @@ def _arguments(name: str) -> Callable[[argparse.ArgumentParser], None]:
         p.add_argument("--log-every", type=int, default=50)
         p.add_argument("--resume", action="store_true")
         p.add_argument("--data", default=CORPUS, help=f"corpus.pt ({CORPUS})")
+        p.add_argument(
+            "--threads",
+            type=int,
+            default=0,
+            help="torch CPU threads (0: torch's default; 1 is fastest on a busy machine)",
+        )
         if name == "speech-teacher":
             p.add_argument("--width", type=int, default=192)
             p.add_argument("--dec-width", type=int, default=192)
             p.add_argument("--dec-blocks", type=int, default=8)
             p.add_argument("--sigma-mix", type=float, default=0.5)
+            p.add_argument(
+                "--init",
+                default=None,
+                help="continue from this teacher package's weights (same network flags; "
+                "fresh optimiser)",
+            )
         elif name == "vocoder":
             p.add_argument("--name", default=VOCODER, help=f"vocoder name ({VOCODER})")
             p.add_argument("--width", type=int, default=VocoderConfig.width)
             p.add_argument("--blocks", type=int, default=VocoderConfig.blocks)
             p.add_argument("--segment", type=int, default=64, help="frames per segment (64)")
             p.add_argument("--mel-weight", type=float, default=1.0)
-            p.add_argument(
-                "--threads",
-                type=int,
-                default=0,
-                help="torch CPU threads (0: torch's default; 1 is fastest on a busy machine)",
-            )
         else:
             p.add_argument("--teacher", default=TEACHER, help=f"teacher package ({TEACHER})")
 
@@ -107,20 +115,38 @@ def data_main(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run a recipe; input problems (a missing corpus, a wrong package, a diverging loss)
+    are reported as one line and exit status 2."""
+    from engines.repository import ModelNotFoundError, RepositoryError
+
+    try:
+        return _run(args)
+    except (
+        OSError,
+        RepositoryError,
+        ModelNotFoundError,
+        common.RecipeError,
+        FloatingPointError,
+    ) as err:
+        print(f"fewstep train {args.recipe}: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
     from engines.training import speech
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     run = run_config(args)
     if args.recipe == "speech-teacher":
         net = TTSConfig(width=args.width, dec_width=args.dec_width, dec_blocks=args.dec_blocks)
-        settings = speech.TeacherSettings(sigma_mix=args.sigma_mix)
+        settings = speech.TeacherSettings(sigma_mix=args.sigma_mix, init=args.init)
         speech.run_teacher(run, net, settings)
     elif args.recipe == "vocoder":
-        import torch
-
         from engines.training import vocoder
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
         net = VocoderConfig(width=args.width, blocks=args.blocks)
         settings = vocoder.VocoderSettings(segment=args.segment, mel_weight=args.mel_weight)
         vocoder.run(run, args.name, net, settings)

@@ -226,6 +226,33 @@ def test_teacher_learns_the_prior_and_durations(speech_recipes):
     assert prior1 < 0.8 * prior0 and dur1 < 0.8 * dur0
 
 
+def test_teacher_continues_from_its_package_and_refuses_another_network(speech_recipes, capsys):
+    """--init: the package's float16 weights as float32, EMA equal to them (0 steps give the
+    same weights back), a card that says so; a different network is one clear line."""
+    from safetensors.torch import load_file
+
+    teacher = speech_recipes / "repo" / "speech-teacher"
+    data = speech_recipes / "data" / "corpus.pt"
+    args = ["train", "speech-teacher", "--init", str(teacher), "--data", str(data)]
+    args += ["--batch", "8", "--max-minutes", "0", "--dec-width", "32", "--dec-blocks", "2"]
+    out = speech_recipes / "continued"
+    run = [*args, "--out", str(out), "--work", str(speech_recipes / "wc"), "--threads", "1"]
+    assert main([*run, "--width", "32", "--steps", "0"]) == 0
+    before = load_file(str(teacher / "1" / "weights.safetensors"))
+    after = load_file(str(out / "1" / "weights.safetensors"))
+    assert before.keys() == after.keys() and before["mel_mean"].dtype == torch.float16
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    card = (out / "1" / "MODEL_CARD.md").read_text()
+    assert f"Continued from the teacher `{teacher}` v1" in card and "| init |" in card
+    assert main([*run, "--width", "32", "--steps", "2", "--version", "2"]) == 0
+    assert Repository.of_folder(out).load("continued", 2).spec.speech.network.width == 32
+    capsys.readouterr()
+    assert main([*run, "--width", "48", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"fewstep train speech-teacher: --init {teacher}: its network" in err
+    assert "give the network flags of its model card" in err
+
+
 @pytest.mark.parametrize("name", SPEECH)
 def test_shipped_speech_models_load_speak_and_fit_the_size_limit(name):
     folder = SHIPPED / name
