@@ -27,6 +27,25 @@ class RecipeError(ValueError):
     prints the message, not a traceback."""
 
 
+def one_line_errors(recipe: str, run: Callable[[], int], *more: type[Exception]) -> int:
+    """run() a recipe; input problems (missing data, a wrong package, a diverging loss, and
+    `more`) are reported as one line and exit status 2, not a traceback."""
+    from engines.repository import ModelNotFoundError, RepositoryError
+
+    try:
+        return run()
+    except (
+        OSError,
+        RepositoryError,
+        ModelNotFoundError,
+        RecipeError,
+        FloatingPointError,
+        *more,
+    ) as err:
+        print(f"fewstep train {recipe}: {err}", file=sys.stderr)
+        return 2
+
+
 @dataclasses.dataclass
 class RunConfig:
     """Settings every recipe has: seed, length, device, where to checkpoint and write."""

@@ -4,7 +4,6 @@ recipes' arguments and dispatch (registered by engines.training.recipes)."""
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 
 from engines.nets import ClassifierConfig, UNetConfig
@@ -113,23 +112,10 @@ def unet_config(args: argparse.Namespace, **extra) -> UNetConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run a recipe; input problems (missing data, a wrong package, a diverging loss) are
-    reported as one line and exit status 2."""
+    """Run a recipe; input problems (unreadable data too) are one line and exit status 2."""
     from engines.data import DataFormatError
-    from engines.repository import ModelNotFoundError, RepositoryError
 
-    try:
-        return _run(args)
-    except (
-        OSError,
-        DataFormatError,
-        RepositoryError,
-        ModelNotFoundError,
-        common.RecipeError,
-        FloatingPointError,
-    ) as err:
-        print(f"fewstep train {args.recipe}: {err}", file=sys.stderr)
-        return 2
+    return common.one_line_errors(args.recipe, lambda: _run(args), DataFormatError)
 
 
 def _run(args: argparse.Namespace) -> int:

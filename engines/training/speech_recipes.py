@@ -4,7 +4,6 @@ recipes' arguments and dispatch (registered by engines.training.recipes)."""
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,21 +114,8 @@ def data_main(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run a recipe; input problems (a missing corpus, a wrong package, a diverging loss)
-    are reported as one line and exit status 2."""
-    from engines.repository import ModelNotFoundError, RepositoryError
-
-    try:
-        return _run(args)
-    except (
-        OSError,
-        RepositoryError,
-        ModelNotFoundError,
-        common.RecipeError,
-        FloatingPointError,
-    ) as err:
-        print(f"fewstep train {args.recipe}: {err}", file=sys.stderr)
-        return 2
+    """Run a recipe; input problems are one line and exit status 2."""
+    return common.one_line_errors(args.recipe, lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:
