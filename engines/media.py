@@ -76,7 +76,7 @@ def encode_png(pixels: Tensor) -> bytes:
 
 def encode_images(x: Tensor, data_range: tuple[float, float]) -> list[bytes]:
     """One PNG per row of a batch [B, C, H, W]."""
-    if x.ndim != 4 or x.shape[1] not in (1, 3, 4):
+    if x.ndim != 4 or x.shape[1] not in COLOR_TYPES:
         raise ValueError(f"expected images [B, C, H, W] with C in 1, 3, 4, got {tuple(x.shape)}")
     channels, width = x.shape[1], x.shape[3]
     return [_png(lines, width, channels) for lines in _scanlines(_uint8(x, data_range))]

@@ -115,9 +115,8 @@ def forward(batch: list[Active]) -> list[Tensor]:
     return _forward(batch)[0]
 
 
-def _forward(batch: list[Active]) -> tuple[list[Tensor], bool]:
-    """forward, and whether every value of the whole pass is finite (one check over the
-    batch instead of one per request: False leaves the per-request checks to find who)."""
+def _forward(batch: list[Active]) -> tuple[list[Tensor], Tensor | Guided]:
+    """forward, and the pass's whole output (for one finiteness check over the batch)."""
     xs = [a.pending[0] for a in batch]
     # one column of sigmas for every row, built in numpy (one op, not one per request)
     sigmas = np.repeat(
@@ -128,7 +127,7 @@ def _forward(batch: list[Active]) -> tuple[list[Tensor], bool]:
     x, cond, split = batch[0].modality.collate(xs, [a.cond for a in batch])
     with torch.inference_mode():
         out = batch[0].model.denoiser(x, sigma, cond)
-    return split(out), isinstance(out, Tensor) and all_finite(out)
+    return split(out), out
 
 
 @dataclass
@@ -239,8 +238,11 @@ def step_batch(batch: list[Active]) -> tuple[list[Outcome], float]:
     """One tick's compute, run off the event loop: the forward pass, then every request's
     sampler step and encoding. Raises only if the forward pass itself fails."""
     begin = time.perf_counter()
-    outputs, finite = _forward(batch)
+    outputs, out = _forward(batch)
     seconds = time.perf_counter() - begin
+    # one check over the whole pass (outside the forward's time); only when it fails do
+    # the per-request checks run, to find whose values are not finite
+    finite = isinstance(out, Tensor) and all_finite(out)
     for active in batch:
         active.forward_seconds += seconds
     stepped = [advance(a, x0, finite) for a, x0 in zip(batch, outputs, strict=True)]
