@@ -38,6 +38,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import redis
 import uvloop
 
@@ -45,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtest.procs import Processes, fewstep, free_port  # noqa: E402
-from loadtest.rawclient import raw_ping, raw_sequential  # noqa: E402
+from loadtest.rawclient import raw_closed, raw_ping, raw_sequential  # noqa: E402
 from loadtest.run import Outcome, Scenario, client_for, percentile, send  # noqa: E402
 
 CPU_CURVE = ROOT / "loadtest/curves/cpu-onnx-fashion-edm.yaml"
@@ -269,11 +270,11 @@ def label(name: str, tree: str) -> str:
 def cpu(args, heavy: list[dict]) -> None:
     print(
         "\n### Service CPU per sample at saturation, simulated H200 curve (n=8, dpmpp_2m, "
-        f"4 steps, {args.concurrency} clients closed loop)\n"
+        f"4 steps, {args.concurrency} clients closed loop, {args.client} client)\n"
     )
     print(
         "| deployment | samples/s | service CPU ms / sample | samples/s per core | "
-        "load generator cores |\n|---|---|---|---|---|"
+        "requests per forward pass | load generator cores |\n|---|---|---|---|---|---|"
     )
     per_core: dict[tuple[str, str], list[float]] = {}
     for name, queue in (("embedded", "memory"), ("Redis: 1 API + 1 worker", args.redis)):
@@ -283,22 +284,36 @@ def cpu(args, heavy: list[dict]) -> None:
                 with Deployment(None, queue=queue, prefix=prefix, root=root) as d:
                     say(f"cpu: {label(name, tree)} ...")
                     asyncio.run(closed(d.urls, heavy, 4, 1.0))  # warm
+                    passes = batch_requests(d.urls[0])
                     before, client = d.cpu_seconds(), time.process_time()
-                    elapsed, out = asyncio.run(
-                        closed(d.urls, heavy, args.concurrency, args.seconds)
-                    )
+                    load = raw_closed if args.client == "raw" else closed
+                    elapsed, out = asyncio.run(load(d.urls, heavy, args.concurrency, args.seconds))
                     used, client = d.cpu_seconds() - before, time.process_time() - client
+                    passes = [b - a for a, b in zip(passes, batch_requests(d.urls[0]), strict=True)]
             finally:
                 drop(args.redis, prefix)
             samples = sum(o.samples for o in out)
             per = used / max(samples, 1)
             per_core.setdefault((name, tree), []).append(1 / per)
+            # the worker's passes are counted where it runs: not in a Redis API process
+            shared = f"{passes[1] / passes[0]:.1f}" if passes[0] else "-"
             print(
                 f"| {label(name, tree)} | {samples / elapsed:.0f} | {per * 1000:.3f} | "
-                f"{1 / per:.0f} | {client / elapsed:.2f} |",
+                f"{1 / per:.0f} | {shared} | {client / elapsed:.2f} |",
                 flush=True,
             )
     _ratios(per_core, "samples/s per core")
+
+
+def batch_requests(url: str) -> tuple[float, float]:
+    """(forward passes, requests summed over them) from the server's /metrics so far."""
+    count = total = 0.0
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("fewstep_batch_requests_count"):
+            count += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("fewstep_batch_requests_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+    return count, total
 
 
 def _ratios(values: dict[tuple[str, str], list[float]], what: str) -> None:
@@ -401,6 +416,13 @@ def main() -> int:
         type=Path,
         default=None,
         help="batching part: the simulated runtime's latency curve (default: the H200 one)",
+    )
+    parser.add_argument(
+        "--client",
+        choices=["raw", "httpx"],
+        default="raw",
+        help="cpu part's load generator: asyncio sockets (default; little CPU of its own) or "
+        "httpx (about a core for 32 clients here, so the server's batches stay small)",
     )
     parser.add_argument("--api-counts", default="1,2,3")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
