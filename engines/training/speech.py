@@ -60,6 +60,10 @@ class CMSettings:
     sigma_max: float = 20.0
     rho: float = 7.0
     crop: int = 128
+    loss: str = "l2"  # or "pseudo-huber" (Song & Dhariwal 2023, improved consistency training)
+
+
+CM_LOSSES = ("l2", "pseudo-huber")
 
 
 @dataclasses.dataclass
@@ -119,6 +123,18 @@ def masked_mse(a: Tensor, b: Tensor, mask: Tensor, weight: Tensor | None = None)
     if weight is not None:
         err = err * expand(weight, err)
     return err.sum() / (mask.sum() * a.shape[1]).clamp(min=1)
+
+
+def masked_pseudo_huber(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
+    """Improved consistency training's distance (Song & Dhariwal 2023), per row:
+    sqrt(||a - b||^2 + c^2) - c over the row's unmasked values, c = 0.00054 sqrt(d) with d
+    their count; the mean over rows, divided by sqrt(d) so its scale does not grow with the
+    crop. Unlike the squared error it grows linearly for large errors, so a few badly
+    matched rows do not pull the student towards blurring all of them."""
+    err = ((a - b).square() * mask).flatten(1).sum(1)
+    d = (mask.flatten(1).sum(1) * a.shape[1]).clamp(min=1)
+    c = 0.00054 * d.sqrt()
+    return ((err + c.square()).sqrt() - c).div(d.sqrt()).mean()
 
 
 def encode_batch(model: TTS, b: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -290,6 +306,9 @@ def run_prodiff(run: common.RunConfig, teacher_dir: str, s: ProDiffSettings, log
 
 
 def run_comospeech(run: common.RunConfig, teacher_dir: str, s: CMSettings, log=print) -> Path:
+    if s.loss not in CM_LOSSES:
+        raise common.RecipeError(f"loss must be one of {list(CM_LOSSES)}, got {s.loss!r}")
+    distance = masked_mse if s.loss == "l2" else masked_pseudo_huber
     teacher_model, teacher, data, student = student_of(run, teacher_dir)
     net = teacher_model.spec.speech.network
     target, served = common.frozen_copy(student), common.frozen_copy(student)
@@ -299,7 +318,10 @@ def run_comospeech(run: common.RunConfig, teacher_dir: str, s: CMSettings, log=p
     opt = torch.optim.Adam(student.denoiser.parameters(), lr=run.lr)
     ts = karras_sigmas(s.grid - 1, s.sigma_min, s.sigma_max, s.rho, final_zero=False).flip(0)
     ts = ts.float().to(run.device)
-    log(f"CoMoSpeech consistency distillation on a {s.grid}-point grid from {teacher_dir}")
+    log(
+        f"CoMoSpeech consistency distillation on a {s.grid}-point grid, {s.loss} loss, "
+        f"from {teacher_dir}"
+    )
 
     def step(i: int) -> float:
         x, cond, gen = student_batch(data, run, teacher, opt, i, s.crop)
@@ -310,7 +332,7 @@ def run_comospeech(run: common.RunConfig, teacher_dir: str, s: CMSettings, log=p
             x_t = x + expand(t, x) * common.randn(x.shape, gen, run.device)
             x_hat = heun_step(f_teacher, x_t, t, t_next, cond)
             goal = f_target(x_hat, t_next, cond)
-        loss = masked_mse(f_student(x_t, t, cond), goal, m_c)
+        loss = distance(f_student(x_t, t, cond), goal, m_c)
         return student_update(loss, opt, (student, target, served), s.ema, s.serve_ema, i)
 
     state = {"student": student, "target": target, "served": served, "opt": opt}
@@ -318,7 +340,8 @@ def run_comospeech(run: common.RunConfig, teacher_dir: str, s: CMSettings, log=p
     notes = (
         f"Distilled from the teacher package `{teacher_dir}` (fingerprint "
         f"`{teacher_model.fingerprint}`): consistency distillation with the teacher's Heun "
-        f"steps on an {s.grid}-point Karras grid, EMA target {s.ema}, {run.steps} steps."
+        f"steps on an {s.grid}-point Karras grid, {s.loss} loss, EMA target {s.ema}, "
+        f"{run.steps} steps."
     )
     pkg = package_speech.SpeechPackage(
         "comospeech", run, net, served, (s,), seconds, data, run.steps, notes

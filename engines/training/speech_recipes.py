@@ -102,6 +102,14 @@ def _arguments(name: str) -> Callable[[argparse.ArgumentParser], None]:
             p.add_argument("--mel-weight", type=float, default=1.0)
         else:
             p.add_argument("--teacher", default=TEACHER, help=f"teacher package ({TEACHER})")
+        if name == "comospeech":
+            p.add_argument(
+                "--loss",
+                default="l2",
+                choices=["l2", "pseudo-huber"],
+                help="consistency distance: squared error (default) or improved consistency "
+                "training's pseudo-Huber",
+            )
 
     return add_arguments
 
@@ -139,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.recipe == "prodiff":
         speech.run_prodiff(run, args.teacher, speech.ProDiffSettings())
     else:
-        speech.run_comospeech(run, args.teacher, speech.CMSettings())
+        speech.run_comospeech(run, args.teacher, speech.CMSettings(loss=args.loss))
     return 0
 
 

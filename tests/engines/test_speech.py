@@ -253,6 +253,38 @@ def test_teacher_continues_from_its_package_and_refuses_another_network(speech_r
     assert "give the network flags of its model card" in err
 
 
+def test_pseudo_huber_distance_ignores_padding_and_grows_linearly():
+    from engines.training.speech import masked_pseudo_huber
+
+    a = torch.zeros(2, 4, 10)
+    mask = torch.ones(2, 1, 10)
+    mask[1, :, 6:] = 0
+    assert masked_pseudo_huber(a, a.clone(), mask) == 0
+    b = a.clone()
+    b[1, :, 6:] = 100.0  # padding: not counted
+    assert masked_pseudo_huber(a, b, mask) == 0
+    # large errors: about the root mean square error, so twice the error costs twice
+    one, two = a + 1.0, a + 2.0
+    d1, d2 = masked_pseudo_huber(a, one, mask), masked_pseudo_huber(a, two, mask)
+    assert abs(float(d1) - 1.0) < 0.01 and abs(float(d2 / d1) - 2.0) < 0.01
+
+
+def test_comospeech_recipe_takes_the_pseudo_huber_loss(speech_recipes, capsys):
+    data = speech_recipes / "data" / "corpus.pt"
+    teacher = speech_recipes / "repo" / "speech-teacher"
+    out = speech_recipes / "cm-huber"
+    args = ["train", "comospeech", "--teacher", str(teacher), "--data", str(data)]
+    args += ["--out", str(out), "--work", str(speech_recipes / "w-huber"), "--batch", "8"]
+    args += ["--max-minutes", "0", "--steps", "2", "--threads", "1", "--loss", "pseudo-huber"]
+    assert main(args) == 0
+    card = (out / "1" / "MODEL_CARD.md").read_text()
+    assert "pseudo-huber loss" in card
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([*args[:-1], "l1"])
+    assert exc.value.code == 2 and "invalid choice: 'l1'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", SPEECH)
 def test_shipped_speech_models_load_speak_and_fit_the_size_limit(name):
     folder = SHIPPED / name
