@@ -92,6 +92,12 @@ def heun_step(teacher: Denoiser, x: Tensor, t: Tensor, t_next: Tensor, cond: dic
     return x + expand(t_next - t, x) * (d + d_next) / 2
 
 
+def euler_step(teacher: Denoiser, x: Tensor, t: Tensor, t_next: Tensor, cond: dict) -> Tensor:
+    """One Euler (DDIM) step of the PF-ODE from t to t_next (per row), in x0 form."""
+    x0 = teacher(x, t, cond)
+    return x0 + expand(t_next / t, x) * (x - x0)
+
+
 def guided(denoiser: Denoiser, w: float, null: int) -> Denoiser:
     """Classifier-free guidance at a fixed scale w (1: the conditional denoiser itself)."""
     if w == 1.0:

@@ -30,7 +30,7 @@ from engines.schedules import karras_sigmas
 from engines.speech import corpus
 from engines.speech.model import SpeechConsistencyDenoiser
 from engines.training import common, package_speech
-from engines.training.cd import heun_step, student_update
+from engines.training.cd import euler_step, heun_step, student_update
 
 
 @dataclasses.dataclass
@@ -61,9 +61,11 @@ class CMSettings:
     rho: float = 7.0
     crop: int = 128
     loss: str = "l2"  # or "pseudo-huber" (Song & Dhariwal 2023, improved consistency training)
+    solver: str = "heun"  # the teacher's ODE step between grid points, or "euler" (DDIM)
 
 
 CM_LOSSES = ("l2", "pseudo-huber")
+CM_SOLVERS = ("heun", "euler")
 
 
 @dataclasses.dataclass
@@ -308,7 +310,12 @@ def run_prodiff(run: common.RunConfig, teacher_dir: str, s: ProDiffSettings, log
 def run_comospeech(run: common.RunConfig, teacher_dir: str, s: CMSettings, log=print) -> Path:
     if s.loss not in CM_LOSSES:
         raise common.RecipeError(f"loss must be one of {list(CM_LOSSES)}, got {s.loss!r}")
+    if s.solver not in CM_SOLVERS:
+        raise common.RecipeError(f"solver must be one of {list(CM_SOLVERS)}, got {s.solver!r}")
+    if s.grid < 2:
+        raise common.RecipeError(f"the grid needs at least 2 points, got {s.grid}")
     distance = masked_mse if s.loss == "l2" else masked_pseudo_huber
+    solve = heun_step if s.solver == "heun" else euler_step
     teacher_model, teacher, data, student = student_of(run, teacher_dir)
     net = teacher_model.spec.speech.network
     target, served = common.frozen_copy(student), common.frozen_copy(student)
@@ -319,7 +326,8 @@ def run_comospeech(run: common.RunConfig, teacher_dir: str, s: CMSettings, log=p
     ts = karras_sigmas(s.grid - 1, s.sigma_min, s.sigma_max, s.rho, final_zero=False).flip(0)
     ts = ts.float().to(run.device)
     log(
-        f"CoMoSpeech consistency distillation on a {s.grid}-point grid, {s.loss} loss, "
+        f"CoMoSpeech consistency distillation, teacher {s.solver} steps on a Karras grid of "
+        f"{s.grid} points, {s.loss} loss, "
         f"from {teacher_dir}"
     )
 
@@ -330,7 +338,7 @@ def run_comospeech(run: common.RunConfig, teacher_dir: str, s: CMSettings, log=p
             n = torch.randint(0, s.grid - 1, (len(x),), generator=gen).to(run.device)
             t, t_next = ts[n + 1], ts[n]
             x_t = x + expand(t, x) * common.randn(x.shape, gen, run.device)
-            x_hat = heun_step(f_teacher, x_t, t, t_next, cond)
+            x_hat = solve(f_teacher, x_t, t, t_next, cond)
             goal = f_target(x_hat, t_next, cond)
         loss = distance(f_student(x_t, t, cond), goal, m_c)
         return student_update(loss, opt, (student, target, served), s.ema, s.serve_ema, i)
@@ -339,9 +347,9 @@ def run_comospeech(run: common.RunConfig, teacher_dir: str, s: CMSettings, log=p
     seconds = common.train_loop(run, step, state, log)
     notes = (
         f"Distilled from the teacher package `{teacher_dir}` (fingerprint "
-        f"`{teacher_model.fingerprint}`): consistency distillation with the teacher's Heun "
-        f"steps on an {s.grid}-point Karras grid, {s.loss} loss, EMA target {s.ema}, "
-        f"{run.steps} steps."
+        f"`{teacher_model.fingerprint}`): consistency distillation with the teacher's "
+        f"{s.solver.capitalize()} steps on a Karras grid of {s.grid} points, {s.loss} loss, "
+        f"EMA target {s.ema}, {run.steps} steps."
     )
     pkg = package_speech.SpeechPackage(
         "comospeech", run, net, served, (s,), seconds, data, run.steps, notes

@@ -110,6 +110,19 @@ def _arguments(name: str) -> Callable[[argparse.ArgumentParser], None]:
                 help="consistency distance: squared error (default) or improved consistency "
                 "training's pseudo-Huber",
             )
+            p.add_argument(
+                "--solver",
+                default="heun",
+                choices=["heun", "euler"],
+                help="the teacher's ODE step between grid points (default heun; euler is DDIM, "
+                "as latent consistency models distil)",
+            )
+            p.add_argument(
+                "--grid",
+                type=int,
+                default=18,
+                help="Karras grid points from sigma_min to sigma_max (default 18)",
+            )
 
     return add_arguments
 
@@ -147,7 +160,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.recipe == "prodiff":
         speech.run_prodiff(run, args.teacher, speech.ProDiffSettings())
     else:
-        speech.run_comospeech(run, args.teacher, speech.CMSettings(loss=args.loss))
+        speech.run_comospeech(
+            run, args.teacher, speech.CMSettings(grid=args.grid, loss=args.loss, solver=args.solver)
+        )
     return 0
 
 

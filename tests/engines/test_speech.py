@@ -269,20 +269,24 @@ def test_pseudo_huber_distance_ignores_padding_and_grows_linearly():
     assert abs(float(d1) - 1.0) < 0.01 and abs(float(d2 / d1) - 2.0) < 0.01
 
 
-def test_comospeech_recipe_takes_the_pseudo_huber_loss(speech_recipes, capsys):
+def test_comospeech_recipe_takes_its_solver_grid_and_loss(speech_recipes, capsys):
     data = speech_recipes / "data" / "corpus.pt"
     teacher = speech_recipes / "repo" / "speech-teacher"
     out = speech_recipes / "cm-huber"
     args = ["train", "comospeech", "--teacher", str(teacher), "--data", str(data)]
     args += ["--out", str(out), "--work", str(speech_recipes / "w-huber"), "--batch", "8"]
-    args += ["--max-minutes", "0", "--steps", "2", "--threads", "1", "--loss", "pseudo-huber"]
+    args += ["--max-minutes", "0", "--steps", "2", "--threads", "1", "--solver", "euler"]
+    args += ["--grid", "4", "--loss", "pseudo-huber"]
     assert main(args) == 0
     card = (out / "1" / "MODEL_CARD.md").read_text()
-    assert "pseudo-huber loss" in card
+    assert "Euler steps on a Karras grid of 4 points, pseudo-huber loss" in card
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         main([*args[:-1], "l1"])
     assert exc.value.code == 2 and "invalid choice: 'l1'" in capsys.readouterr().err
+    grid = args.index("--grid") + 1
+    assert main([*args[:grid], "1", *args[grid + 1 :]]) == 2
+    assert "the grid needs at least 2 points, got 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", SPEECH)
