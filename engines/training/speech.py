@@ -53,7 +53,11 @@ class ProDiffSettings:
 
 @dataclasses.dataclass
 class CMSettings:
-    grid: int = 18
+    # The teacher's 4-step Euler (DDIM) path on a 4-point Karras grid, as latent consistency
+    # models distil with DDIM steps: that path's end is intelligible (WER 0.19 on the 15
+    # held-out sentences), while the exact ODE end an 18-point Heun grid converges to is
+    # not, for this teacher (0.30; the student learned that: 0.46).
+    grid: int = 4
     ema: float = 0.95
     serve_ema: float = 0.999
     sigma_min: float = 0.002
@@ -61,7 +65,7 @@ class CMSettings:
     rho: float = 7.0
     crop: int = 128
     loss: str = "l2"  # or "pseudo-huber" (Song & Dhariwal 2023, improved consistency training)
-    solver: str = "heun"  # the teacher's ODE step between grid points, or "euler" (DDIM)
+    solver: str = "euler"  # the teacher's ODE step between grid points, or "heun"
 
 
 CM_LOSSES = ("l2", "pseudo-huber")
