@@ -332,8 +332,7 @@ async def run(
                 f"no result within {wait:.1f} s; {dialect.on_timeout}",
                 param=dialect.deadline_param,
             )
-        with contextlib.suppress(QueueUnavailable):
-            await state.queue.forget(job.id)
+        state.queue.forget_soon(job.id)  # its cleanup does not hold up the response
         if result.state is not JobState.SUCCEEDED:
             raise failure(result, dialect)
     except FewstepError as exc:

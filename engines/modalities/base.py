@@ -55,6 +55,9 @@ def never() -> bool:
     return False
 
 
+_FLAT = (int, float, str, bool)
+
+
 class Payload:
     """Base of the typed records a modality puts on a Job or JobResult. Subclasses are
     dataclasses with a class-level `kind` (the modality's name)."""
@@ -62,7 +65,19 @@ class Payload:
     kind: ClassVar[str]
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, **dataclasses.asdict(self)}
+        """{"kind": ..., field: value, ...}, as `dataclasses.asdict` gives it. Payloads are
+        flat (numbers, strings, lists of them), so the fields are copied one level deep,
+        lists copied: asdict's recursive deep copy cost a job crossing the Redis queue more
+        than its Lua script. Anything nested goes through asdict."""
+        data = {"kind": self.kind}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list) and all(type(v) in _FLAT for v in value):
+                value = list(value)
+            elif type(value) not in _FLAT and value is not None:
+                return {"kind": self.kind, **dataclasses.asdict(self)}
+            data[f.name] = value
+        return data
 
 
 class Inputs(Payload):

@@ -48,6 +48,11 @@ class JobQueue(Protocol):
         a second result for the same job is ignored. The job leaves the queue only now."""
         ...
 
+    async def complete_many(self, results: list[JobResult]) -> None:
+        """complete() for each result, in order; a shared backend stores them in one round
+        trip (the worker hands over every request a forward pass finished at once)."""
+        ...
+
     async def cancel(self, job_id: str) -> JobState | None:
         """Cancel a queued or running job; returns its state after, None if unknown."""
         ...
@@ -74,6 +79,13 @@ class JobQueue(Protocol):
         """Drop a finished job's record, events, result and idempotency key at once (a
         synchronous request calls it once it has delivered the result, so results are
         not kept for nobody); False if the job is unknown or not finished (kept)."""
+        ...
+
+    def forget_soon(self, job_id: str) -> None:
+        """forget() without waiting for its answer: a shared backend sends the forgets of
+        many requests together, moments later, so a synchronous request's response does
+        not wait a round trip for its cleanup (one not sent, as when the process dies
+        first, expires with the result TTL like any finished job)."""
         ...
 
     async def status(self, job_id: str) -> JobStatus | None: ...

@@ -177,6 +177,11 @@ class MemoryQueue:
         self._drop(job_id)
         return True
 
+    def forget_soon(self, job_id: str) -> None:
+        entry = self._entries.get(job_id)
+        if entry is not None and entry.result is not None:
+            self._drop(job_id)
+
     def _take_queued(self, entry: _Entry) -> None:
         self._queued_samples -= entry.job.samples
         self._queued_jobs -= 1
@@ -216,6 +221,10 @@ class MemoryQueue:
         for item in skipped:
             heapq.heappush(self._heap, item)
         return claimed
+
+    async def complete_many(self, results: list[JobResult]) -> None:
+        for result in results:
+            await self.complete(result)
 
     async def complete(self, result: JobResult) -> None:
         entry = self._entries.get(result.job_id)

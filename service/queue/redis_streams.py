@@ -98,6 +98,7 @@ class RedisStreamsQueue(WorkerSide):
         self._unclaimed_done: OrderedDict[str, None] = OrderedDict()
         self._done_epoch = 0  # counts subscriptions of the done channel; odd: subscribed
         self._outbox: list[JobEvent] = []
+        self._forgets: list[str] = []  # forget_soon's job ids, sent with the next flush
         self._takes: list[str] = []  # stream, entry, ... read by XREADGROUP, not yet marked
         self._flusher: asyncio.Task | None = None
         self._write_lock = asyncio.Lock()
@@ -243,6 +244,11 @@ class RedisStreamsQueue(WorkerSide):
     async def forget(self, job_id: str) -> bool:
         self._unclaimed_done.pop(job_id, None)
         return bool(await self._script("forget", job_id))
+
+    def forget_soon(self, job_id: str) -> None:
+        self._unclaimed_done.pop(job_id, None)
+        self._forgets.append(job_id)
+        self._flush_soon()  # with whatever else is buffered, in one pipeline
 
     @_guarded
     async def depth(self) -> tuple[int, int]:

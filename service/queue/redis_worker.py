@@ -162,11 +162,13 @@ class WorkerSide:
         self._queue_script(pipe, "publish", *args)
 
     async def _flush(self, then=None):
-        """Send buffered events, then `then(pipe)`'s commands, in one pipeline, in order."""
+        """Send buffered events, then `then(pipe)`'s commands, then buffered forgets, in one
+        pipeline, in order."""
         async with self._write_lock:
             events, self._outbox = self._outbox, []
             takes, self._takes = self._takes, []
-            if not events and not takes and then is None:
+            forgets, self._forgets = self._forgets, []
+            if not events and not takes and not forgets and then is None:
                 return None
             try:
                 for attempt in (1, 2):
@@ -177,6 +179,8 @@ class WorkerSide:
                             self._queue_events(pipe, events)
                         if then is not None:
                             then(pipe)
+                        for job_id in forgets:  # last: the replies above keep their places
+                            self._queue_script(pipe, "forget", job_id)
                         try:
                             replies = await pipe.execute()
                         except NoScriptError:
@@ -190,23 +194,42 @@ class WorkerSide:
             except BaseException:
                 self._outbox[:0] = events
                 self._takes[:0] = takes
+                self._forgets[:0] = forgets
                 raise
 
     @_guarded
     async def complete(self, result: JobResult) -> None:
-        data = (
-            {"nfe": result.nfe} if result.state is JobState.SUCCEEDED else {"error": result.error}
-        )
-        args = (
-            result.job_id,
-            json.dumps(result.to_dict()),
-            result.state.value,
-            result.error or "",
-            json.dumps(data),
-            self.result_ttl,
-            time.time(),
-            INLINE_RESULT_BYTES,
-        )
-        await self._flush(lambda pipe: self._queue_script(pipe, "complete", *args))
-        self._held.pop(result.job_id, None)
-        self._canceled.discard(result.job_id)
+        await self.complete_many([result])
+
+    @_guarded
+    async def complete_many(self, results: list[JobResult]) -> None:
+        """The results' COMPLETE scripts in one pipeline, after the buffered events."""
+        now = time.time()
+        calls = []
+        for result in results:
+            data = (
+                {"nfe": result.nfe}
+                if result.state is JobState.SUCCEEDED
+                else {"error": result.error}
+            )
+            calls.append(
+                (
+                    result.job_id,
+                    json.dumps(result.to_dict()),
+                    result.state.value,
+                    result.error or "",
+                    json.dumps(data),
+                    self.result_ttl,
+                    now,
+                    INLINE_RESULT_BYTES,
+                )
+            )
+
+        def then(pipe) -> None:
+            for args in calls:
+                self._queue_script(pipe, "complete", *args)
+
+        await self._flush(then)
+        for result in results:
+            self._held.pop(result.job_id, None)
+            self._canceled.discard(result.job_id)

@@ -280,8 +280,13 @@ class Worker:
         self.metrics.observe_batch(
             BatchStats(model.spec.name, model.runtime, rows, len(batch), seconds)
         )
+        # the requests this pass finished are stored together: one round trip to a shared
+        # queue per pass, not one per request
+        finished: list[JobResult] = []
         for outcome in outcomes:
-            await self._report(outcome)
+            await self._report(outcome, finished)
+        if finished:
+            await self._store(*finished)
 
     async def _isolate(self, batch: list[Active]) -> None:
         """After a failed pass, run each request alone so only the culprit fails."""
@@ -295,7 +300,9 @@ class Worker:
                 continue
             await self._report(outcome)
 
-    async def _report(self, outcome: Outcome) -> None:
+    async def _report(self, outcome: Outcome, finished: list | None = None) -> None:
+        """Publish a request's step; a finished one's result is stored now, or appended
+        to `finished` for the caller to store with the others of its pass."""
         active = outcome.active
         if outcome.kind == "failed":
             state = JobState.CANCELED if outcome.code == "canceled" else JobState.FAILED
@@ -306,8 +313,22 @@ class Worker:
             data["preview"] = base64.b64encode(outcome.preview).decode()
         await self.queue.publish(JobEvent(active.job.id, "step", data))
         if outcome.kind == "done":
-            await self._finish(
-                active, JobState.SUCCEEDED, None, None, outcome.outputs, outcome.info
+            if finished is None:
+                await self._finish(
+                    active, JobState.SUCCEEDED, None, None, outcome.outputs, outcome.info
+                )
+                return
+            self._drop(active)
+            finished.append(
+                self._result(
+                    active.job,
+                    JobState.SUCCEEDED,
+                    None,
+                    None,
+                    outcome.outputs,
+                    active,
+                    outcome.info,
+                )
             )
 
     def _drop(self, active: Active) -> None:
@@ -324,6 +345,12 @@ class Worker:
     async def _finish_job(
         self, job: Job, state, code, message, outputs=(), active: Active | None = None, info=None
     ):
+        await self._store(self._result(job, state, code, message, outputs, active, info))
+
+    def _result(
+        self, job: Job, state, code, message, outputs=(), active: Active | None = None, info=None
+    ) -> JobResult:
+        """The job's result, counted in the metrics."""
         now = time.time()
         started = active.first_forward_at if active and active.first_forward_at else now
         model = self.models.get((job.model, job.version))
@@ -345,18 +372,23 @@ class Worker:
             info=info,
         )
         self.metrics.observe_result(job, result)
-        await self._store(result)
+        return result
 
-    async def _store(self, result: JobResult) -> None:
-        """Hand the result to the queue, retrying while the queue is unavailable: the job
-        is acknowledged only once its result is stored, so it is never lost."""
+    async def _store(self, *results: JobResult) -> None:
+        """Hand the results to the queue, retrying while the queue is unavailable: a job
+        is acknowledged only once its result is stored, so it is never lost (a result
+        stored twice counts once)."""
         delay = 0.05
         while True:
             try:
-                await self.queue.complete(result)
+                if len(results) == 1:
+                    await self.queue.complete(results[0])
+                else:
+                    await self.queue.complete_many(list(results))
                 return
             except QueueUnavailable as exc:
-                log.warning("storing the result of %s: %s", result.job_id, exc.message)
+                names = ", ".join(r.job_id for r in results)
+                log.warning("storing the result of %s: %s", names, exc.message)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 

@@ -177,6 +177,30 @@ async def _all(aiter) -> list:
     return [item async for item in aiter]
 
 
+def test_forget_soon_drops_finished_jobs_together_and_keeps_unfinished_ones(make):
+    """What a synchronous request does after its response: the forgets go out moments
+    later (Redis: in one pipeline), finished jobs and their keys are gone, a running job
+    is kept."""
+
+    async def scenario(queue):
+        done = [job(key=f"k{i}", t=i) for i in range(3)]
+        running = job(t=9)
+        for j in [*done, running]:
+            await queue.submit(j)
+        await queue.claim(10, 0)
+        await queue.complete_many([JobResult(j.id, JobState.SUCCEEDED) for j in done])
+        for j in [*done, running]:
+            queue.forget_soon(j.id)
+        await asyncio.sleep(0.1)
+        gone = [await queue.status(j.id) for j in done]
+        again, created = await queue.submit(job(key="k0"))  # the key is free again
+        return gone, await queue.status(running.id), again.id != done[0].id and created
+
+    gone, running, fresh = run(scenario, make())
+    assert gone == [None, None, None] and fresh
+    assert running is not None and running.state is JobState.RUNNING
+
+
 def test_forget_drops_a_delivered_result_and_keeps_unfinished_jobs(make):
     async def scenario(queue):
         done, running = job(key="sync", t=1), job(t=2)
@@ -250,6 +274,38 @@ def test_cancel_queued_and_running(make):
         return await queue.depth()
 
     assert run(scenario, make()) == (0, 0)
+
+
+def test_complete_many_stores_each_result_once_after_its_steps(make):
+    """The worker hands over every result of a forward pass at once: each is stored as
+    complete() would (after the step events published before it), a job already done
+    keeps its first result, and the jobs leave the queue."""
+
+    async def scenario(queue):
+        jobs = [job(seed=i) for i in range(3)]
+        for j in jobs:
+            await queue.submit(j)
+        await queue.claim(3, 0)
+        await queue.complete(JobResult(jobs[2].id, JobState.FAILED, error="first"))
+        for j in jobs:
+            await queue.publish(JobEvent(j.id, "step", {"step": 1, "steps": 1}))
+        await queue.complete_many(
+            [
+                JobResult(j.id, JobState.SUCCEEDED, outputs=[b"png%d" % i], nfe=1)
+                for i, j in enumerate(jobs)
+            ]
+        )
+        results = [await queue.result(j.id, 1) for j in jobs]
+        events = []
+        for j in jobs[:2]:
+            events.append([e.type async for e in queue.events(j.id)])
+        return results, events, await queue.depth()
+
+    results, events, depth = run(scenario, make())
+    assert [r.outputs for r in results[:2]] == [[b"png0"], [b"png1"]]
+    assert results[2].state is JobState.FAILED and results[2].error == "first"
+    assert events == [["queued", "step", "succeeded"]] * 2
+    assert depth == (0, 0)
 
 
 def test_one_result_per_job_and_events_replay(make):
