@@ -355,15 +355,17 @@ end
 return state
 """
 
-# ARGV: prefix, group, then per event: id, type, data json, time, step or "", steps or ""
+# ARGV: prefix, group, then one JSON array of events, each [id, type, data json, time, step
+# or "", steps or ""] (all strings): one argument for a whole tick's events, since a client
+# library packs each argument on its own (six per event cost the worker more than the script)
 PUBLISH = r"""
-for i = 3, #ARGV, 6 do
-  local id = ARGV[i]
+for _, e in ipairs(cjson.decode(ARGV[3])) do
+  local id = e[1]
   if redis.call('EXISTS', k_result(id)) == 0 and redis.call('EXISTS', k_job(id)) == 1 then
-    add_event(id, ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
-    if ARGV[i + 4] ~= '' then
-      redis.call('HSET', k_job(id), 'step', ARGV[i + 4], 'steps', ARGV[i + 5])
-      progress(k_job(id), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]))
+    add_event(id, e[2], e[3], e[4])
+    if e[5] ~= '' then
+      redis.call('HSET', k_job(id), 'step', e[5], 'steps', e[6])
+      progress(k_job(id), tonumber(e[5]), tonumber(e[6]))
     end
   end
 end

@@ -154,12 +154,12 @@ class WorkerSide:
             await self._flush()
 
     def _queue_events(self, pipe, events: list[JobEvent]) -> None:
-        args = []
+        rows = []
         for e in events:
-            step = e.data.get("step", "") if e.type == "step" else ""
-            steps = e.data.get("steps", "") if e.type == "step" else ""
-            args += [e.job_id, e.type, json.dumps(e.data), e.time, step, steps]
-        self._queue_script(pipe, "publish", *args)
+            step = str(e.data.get("step", "")) if e.type == "step" else ""
+            steps = str(e.data.get("steps", "")) if e.type == "step" else ""
+            rows.append([e.job_id, e.type, json.dumps(e.data), repr(e.time), step, steps])
+        self._queue_script(pipe, "publish", json.dumps(rows))
 
     async def _flush(self, then=None):
         """Send buffered events, then `then(pipe)`'s commands, then buffered forgets, in one
