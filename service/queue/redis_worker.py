@@ -152,6 +152,10 @@ class WorkerSide:
     async def _flush_quietly(self) -> None:
         with contextlib.suppress(*DOWN):  # kept in the outbox, sent with the next flush
             await self._flush()
+            # what was buffered while that pipeline was out goes now, not with whatever
+            # happens to flush next (an API's forgets may have no next)
+            while self._outbox or self._takes or self._forgets:
+                await self._flush()
 
     def _queue_events(self, pipe, events: list[JobEvent]) -> None:
         rows = []
