@@ -27,6 +27,7 @@ from engines.data import fashion_root, load_fashion_mnist
 from engines.hardware import describe_host
 from engines.nets import Classifier, ClassifierConfig, config_from_dict
 from engines.noise import row_seeds
+from engines.reports import out_file
 from engines.repository import LoadedModel, Repository
 from engines.samplers import drive
 from engines.sampling import start_sampler
@@ -276,6 +277,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
+        out = out_file(args.out)
         ref = Reference(load_classifier(args.classifier).to(args.device))
         repo = Repository(args.model_repo)
     except (OSError, ValueError) as err:
@@ -301,8 +303,8 @@ def main(args: argparse.Namespace) -> int:
             cells.append(cell)
         text = markdown(cells, ref.floor(args.n), args.n, ref, time.perf_counter() - start)
         print(text)
-        if args.out:
-            Path(args.out).write_text(text)
+        if out is not None:
+            out.write_text(text)
         return 0
     if not args.model:
         print("fewstep: name a MODEL, or pass --table", file=sys.stderr)

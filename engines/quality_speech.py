@@ -26,6 +26,7 @@ from torch import Tensor
 
 from engines.hardware import describe_host
 from engines.noise import row_seeds
+from engines.reports import out_file
 from engines.repository import Repository
 from engines.samplers import drive
 from engines.speech import corpus, frontend
@@ -268,6 +269,7 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        out = out_file(args.out)
         repo = Repository(args.model_repo)
         utts = held_out(args.data, args.n)
         names = [v.strip() for v in args.vocoders.split(",") if v.strip()]
@@ -313,8 +315,8 @@ def main(args: argparse.Namespace) -> int:
         rows.append(festival_row(utts, Path(args.data).parent / "wav", cfg, asr))
     text = table(rows, duration_error(teacher, utts), len(utts), describe_host())
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    if out is not None:
+        out.write_text(text)
     if args.cards:
         write_cards(repo, list(models), text)
     return 0

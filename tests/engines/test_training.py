@@ -137,3 +137,16 @@ def test_eval_reports_fd_accuracy_and_the_floor(trained, capsys, monkeypatch):
     assert main([*args, "--classifier", str(repo / "_classifiers" / "cnn")]) == 0
     out = capsys.readouterr().out
     assert "fashion-cd cm_multistep steps=1 nfe=1" in out and "FD" in out and "floor" in out
+
+
+@pytest.mark.parametrize("command", ["eval", "eval-speech"])
+def test_an_evaluation_out_path_is_checked_before_any_work(command, tmp_path, capsys):
+    """--out's folder is made up front; a path that cannot be written is one line, exit 2,
+    before minutes of evaluation (not a traceback after them)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    head = ["eval", "fashion-edm"] if command == "eval" else ["eval-speech", "--no-wer"]
+    assert main([*head, "--out", str(blocker / "table.md")]) == 2
+    assert "its folder" in capsys.readouterr().err
+    assert main([*head, "--out", str(tmp_path)]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
