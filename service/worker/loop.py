@@ -313,23 +313,15 @@ class Worker:
             data["preview"] = base64.b64encode(outcome.preview).decode()
         await self.queue.publish(JobEvent(active.job.id, "step", data))
         if outcome.kind == "done":
-            if finished is None:
-                await self._finish(
-                    active, JobState.SUCCEEDED, None, None, outcome.outputs, outcome.info
-                )
-                return
             self._drop(active)
-            finished.append(
-                self._result(
-                    active.job,
-                    JobState.SUCCEEDED,
-                    None,
-                    None,
-                    outcome.outputs,
-                    active,
-                    outcome.info,
-                )
+            job, info = active.job, outcome.info
+            result = self._result(
+                job, JobState.SUCCEEDED, None, None, outcome.outputs, active, info
             )
+            if finished is None:
+                await self._store(result)
+            else:
+                finished.append(result)
 
     def _drop(self, active: Active) -> None:
         self.actives.remove(active)
@@ -381,10 +373,7 @@ class Worker:
         delay = 0.05
         while True:
             try:
-                if len(results) == 1:
-                    await self.queue.complete(results[0])
-                else:
-                    await self.queue.complete_many(list(results))
+                await self.queue.complete_many(list(results))
                 return
             except QueueUnavailable as exc:
                 names = ", ".join(r.job_id for r in results)
