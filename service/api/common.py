@@ -3,7 +3,6 @@ of the OpenAI-style request bodies into admission's protocol-neutral Request."""
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Annotated
 
@@ -85,8 +84,8 @@ def image_items(result: JobResult, label: str | None) -> list[dict]:
     """The `data` items of an images response; best_of / steering add verifier_score."""
     scores = getattr(result.info, "scores", None) or [None] * len(result.outputs)
     items = []
-    for out, seed, score in zip(result.outputs, result.seeds, scores, strict=True):
-        item = {"b64_json": base64.b64encode(out).decode(), "revised_prompt": label, "seed": seed}
+    for text, seed, score in zip(result.base64_outputs(), result.seeds, scores, strict=True):
+        item = {"b64_json": text, "revised_prompt": label, "seed": seed}
         if score is not None:
             item["verifier_score"] = score
         items.append(item)

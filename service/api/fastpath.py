@@ -28,6 +28,7 @@ import json
 
 from starlette.requests import Request
 
+from service import wire
 from service.api.images import PATH, images_body
 from service.schemas import GenerationRequest
 
@@ -78,9 +79,7 @@ class FastPath:
                 raise
             response = await handler(Request(scope, replay), exc)
             return await response(scope, replay, send)
-        data = json.dumps(
-            content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
-        ).encode("utf-8")
+        data = wire.dumps(content)
         await send(
             {
                 "type": "http.response.start",

@@ -42,9 +42,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.retry import Retry
 
+from service import wire
 from service.errors import Conflict, QueueFull
 from service.jobs import Job, JobEvent, JobResult, JobState, JobStatus
-from service.queue.backlog import Backlog, WorkRate
+from service.queue.backlog import Backlog, WorkAhead, WorkRate
 from service.queue.keys import GROUP, Keys, model_version
 from service.queue.memory import DrainRate
 from service.queue.redis_common import (
@@ -169,12 +170,14 @@ class RedisStreamsQueue(WorkerSide):
     # -- submit, status, cancel (API side) -------------------------------------------------
 
     @_guarded
-    async def submit(self, job: Job, fingerprint: str = "") -> tuple[Job, bool]:
+    async def submit(
+        self, job: Job, fingerprint: str = "", max_ahead: float | None = None
+    ) -> tuple[Job, bool]:
         self._listen("done")  # completions feed the drain rate behind Retry-After and ETAs
         reply = await self._script(
             "submit",
             job.id,
-            json.dumps(job.to_dict()),
+            wire.dumps(job.to_dict()),
             job.samples,
             fingerprint,
             self.max_queued_samples,
@@ -184,7 +187,10 @@ class RedisStreamsQueue(WorkerSide):
             time.time(),
             job.owner,
             job.cost,
+            "" if max_ahead is None else repr(float(max_ahead)),
         )
+        if reply[0] == "ahead":
+            raise WorkAhead(int(reply[1]))
         if reply[0] == "conflict":
             raise Conflict(
                 "this Idempotency-Key was used with a different request; "
@@ -192,7 +198,7 @@ class RedisStreamsQueue(WorkerSide):
                 param="Idempotency-Key",
             )
         if reply[0] == "existing":
-            return Job.from_dict(json.loads(reply[1])), False
+            return Job.from_dict(wire.loads(reply[1])), False
         if reply[0] == "created" and self._done_epoch % 2:
             self._fresh[job.id] = self._done_epoch
             if len(self._fresh) > 10000:
@@ -218,7 +224,7 @@ class RedisStreamsQueue(WorkerSide):
         if int(jobs_ahead) >= 0:
             position = int(jobs_ahead)
             eta = self.drain.seconds_for(int(samples_ahead)) if int(samples_ahead) else 0.0
-        job = Job.from_dict(json.loads(data))
+        job = Job.from_dict(wire.loads(data))
         return JobStatus(job, JobState(state), position, eta, int(step), int(steps), error or None)
 
     @_guarded
@@ -227,7 +233,7 @@ class RedisStreamsQueue(WorkerSide):
         state = await self._script(
             "cancel",
             job_id,
-            json.dumps(result.to_dict()),
+            wire.dumps(result.to_dict()),
             result.error,
             json.dumps({"error": result.error}),
             self.result_ttl,
@@ -267,6 +273,13 @@ class RedisStreamsQueue(WorkerSide):
         by_priority = {int(p): int(w) for p, w in work.items() if int(w) > 0}
         return Backlog(by_priority, measured if measured is not None else _float(seed))
 
+    def drain_rate(self, model: str, version: int) -> float | None:
+        """The drain rate this process measured from the done channel (the seed a worker
+        announced is in Redis: None until measured)."""
+        self._listen("done")
+        rate = self._rates.get(model_version(model, version))
+        return rate.rate if rate is not None else None
+
     @_guarded
     async def seed_rate(self, model: str, version: int, row_steps_per_s: float) -> None:
         mv = model_version(model, version)
@@ -282,7 +295,7 @@ class RedisStreamsQueue(WorkerSide):
                 raw = await self.redis.get(self.keys.result(job_id))
             except DOWN as exc:
                 raise _unavailable(exc) from exc
-            return None if raw is None else JobResult.from_dict(json.loads(raw))
+            return None if raw is None else JobResult.from_dict(wire.loads(raw))
         self._listen("done")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -300,7 +313,7 @@ class RedisStreamsQueue(WorkerSide):
                             pipe.get(self.keys.result(job_id)).exists(self.keys.job(job_id))
                             raw, known = await pipe.execute()
                         if raw is not None:
-                            return JobResult.from_dict(json.loads(raw))
+                            return JobResult.from_dict(wire.loads(raw))
                         if not known:
                             return None
                 fresh = False
@@ -312,7 +325,7 @@ class RedisStreamsQueue(WorkerSide):
                 except TimeoutError:
                     return None
                 if payload:
-                    return JobResult.from_dict(json.loads(payload))
+                    return JobResult.from_dict(wire.loads(payload))
             finally:
                 waiters = self._waiters.get(job_id, [])
                 if waiter in waiters:

@@ -14,6 +14,7 @@ from collections.abc import Collection
 
 from redis.exceptions import NoScriptError
 
+from service import wire
 from service.jobs import Job, JobEvent, JobResult, JobState
 from service.queue.keys import GROUP, model_version
 from service.queue.redis_common import DOWN, INLINE_RESULT_BYTES, _guarded, _unavailable
@@ -101,7 +102,7 @@ class WorkerSide:
         return rows
 
     def _hold(self, data: str, state: str, delivery: int, stream: str, entry: str) -> Job:
-        job = Job.from_dict(json.loads(data))
+        job = Job.from_dict(wire.loads(data))
         job.delivery = int(delivery)
         job.alone = job.delivery > 1 and job.delivery >= self.max_deliveries
         self._held[job.id] = (stream, entry)
@@ -162,8 +163,8 @@ class WorkerSide:
         for e in events:
             step = str(e.data.get("step", "")) if e.type == "step" else ""
             steps = str(e.data.get("steps", "")) if e.type == "step" else ""
-            rows.append([e.job_id, e.type, json.dumps(e.data), repr(e.time), step, steps])
-        self._queue_script(pipe, "publish", json.dumps(rows))
+            rows.append([e.job_id, e.type, wire.dumps(e.data).decode(), repr(e.time), step, steps])
+        self._queue_script(pipe, "publish", wire.dumps(rows))
 
     async def _flush(self, then=None):
         """Send buffered events, then `then(pipe)`'s commands, then buffered forgets, in one
@@ -219,7 +220,7 @@ class WorkerSide:
             calls.append(
                 (
                     result.job_id,
-                    json.dumps(result.to_dict()),
+                    wire.dumps(result.to_dict()),
                     result.state.value,
                     result.error or "",
                     json.dumps(data),

@@ -592,3 +592,25 @@ def test_redis_unreachable_answers_queue_unavailable_fast():
     err, took = run(scenario, queue)
     assert err.status == 503 and err.retry_after and "unavailable" in err.message
     assert took < 2
+
+
+def test_a_result_record_keeps_its_base64_text_and_decodes_on_first_read():
+    """A result read back from its record answers base64 with the text it came with (the
+    images route never decodes it), reads like the list of bytes it was made from, and
+    survives a second round trip unchanged; its JSON is the wire format the stdlib reads."""
+    import json
+
+    from service import wire
+    from service.jobs import EncodedOutputs
+
+    made = JobResult("j", JobState.SUCCEEDED, outputs=[b"\x89PNG a", b"\x00\xff b"], seeds=[1, 2])
+    record = wire.dumps(made.to_dict())
+    assert json.loads(record) == wire.loads(record)
+    back = JobResult.from_dict(wire.loads(record))
+    assert isinstance(back.outputs, EncodedOutputs) and back.outputs._bytes is None
+    assert back.base64_outputs() is back.outputs.text  # no decode, no second encode
+    assert back.outputs._bytes is None
+    assert len(back.outputs) == 2 and back.outputs[1] == b"\x00\xff b"
+    assert list(back.outputs) == made.outputs and back == made and made == back
+    assert JobResult.from_dict(wire.loads(wire.dumps(back.to_dict()))) == made
+    assert back.outputs != [b"other", b"\x00\xff b"]
