@@ -250,10 +250,12 @@ async def submit(state: ServiceState, job: Job, fingerprint: str = "") -> tuple[
     Refuses (429) a job whose predicted wait is too long (service.capacity)."""
     try:
         spec = state.specs[job.model][job.version]
-        await capacity.check(state.queue, state.settings, job, spec.max_batch_size)
+        queued = await capacity.submit_within(
+            state.queue, state.settings, job, fingerprint, spec.max_batch_size
+        )
         if job.step_budgets:
             state.metrics.auto_steps.labels(job.model).observe(job.steps)
-        return await state.queue.submit(job, fingerprint)
+        return queued
     except QueueFull as exc:
         state.metrics.rejected.labels(exc.reason, job.owner or ANONYMOUS.name).inc()
         raise

@@ -16,13 +16,14 @@ nothing is refused here and the queued-samples bound is the guard.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from engines.modalities import Modality
 from engines.samplers import INFO
 from service.config import Settings
 from service.errors import DeadlineUnmeetable, Overloaded
 from service.jobs import Job
-from service.queue.backlog import Backlog
+from service.queue.backlog import Backlog, WorkAhead
 from service.queue.base import JobQueue
 
 
@@ -132,3 +133,51 @@ async def check(queue: JobQueue, settings: Settings, job: Job, batch_rows: int =
         job.steps = steps
         return predicted_wait(backlog, job.priority)
     return judge(backlog, job, target(settings, job.model, job.priority), now)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """What a plain job may have ahead of it, for the queue to check as it queues the job."""
+
+    rate: float  # the drain rate the bound was made from, row-steps per second
+    target_s: float  # the model's target wait for the job's priority
+    now: float
+    work: float  # row-steps ahead allowed: rate x (the target, or the time to the deadline)
+
+
+def limit(queue: JobQueue, settings: Settings, job: Job) -> Limit | None:
+    """The bound `judge` would apply to a plain job, as row-steps ahead (`submit_within`).
+
+    None for a quality "auto" job (its steps depend on the backlog: `check` reads it) and
+    while this process does not know the model's drain rate without asking the backend."""
+    if job.step_budgets:
+        return None
+    rate = queue.drain_rate(job.model, job.version)
+    if rate is None:
+        return None
+    now = time.time()
+    target_s = target(settings, job.model, job.priority)
+    allowed = target_s if job.deadline is None else min(target_s, job.deadline - now)
+    return Limit(rate, target_s, now, rate * allowed)
+
+
+async def submit_within(
+    queue: JobQueue, settings: Settings, job: Job, fingerprint: str = "", batch_rows: int = 1
+) -> tuple[Job, bool]:
+    """Queue the job if its predicted wait is within bounds, else refuse it (`judge`).
+
+    Where the drain rate is known here (`limit`), the queue compares the work ahead with
+    the bound in the same step as it queues the job: on Redis one round trip instead of a
+    backlog read and then the submit, and no other API's job slips in between the two.
+    Otherwise `check` reads the backlog first. Raises what `judge`, `choose_steps` and
+    JobQueue.submit raise."""
+    bound = limit(queue, settings, job)
+    if bound is None:
+        await check(queue, settings, job, batch_rows)
+        return await queue.submit(job, fingerprint)
+    try:
+        return await queue.submit(job, fingerprint, max_ahead=bound.work)
+    except WorkAhead as busy:
+        judge(Backlog({job.priority: busy.ahead}, bound.rate), job, bound.target_s, bound.now)
+    # within a rounding error of the bound: judge admits it
+    return await queue.submit(job, fingerprint)

@@ -14,6 +14,15 @@ import time
 from dataclasses import dataclass
 
 
+class WorkAhead(Exception):
+    """JobQueue.submit's refusal of a job with more work ahead of it than its `max_ahead`:
+    nothing was queued; `ahead` is the row-steps at its priority and above."""
+
+    def __init__(self, ahead: int) -> None:
+        super().__init__(f"{ahead} row-steps ahead")
+        self.ahead = ahead
+
+
 @dataclass(frozen=True)
 class Backlog:
     """One model version's unfinished work in row-steps by priority, and its drain rate."""

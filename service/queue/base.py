@@ -19,9 +19,14 @@ class JobQueue(Protocol):
 
     async def close(self) -> None: ...
 
-    async def submit(self, job: Job, fingerprint: str = "") -> tuple[Job, bool]:
+    async def submit(
+        self, job: Job, fingerprint: str = "", max_ahead: float | None = None
+    ) -> tuple[Job, bool]:
         """Enqueue a job; returns (job, created). A repeated idempotency key returns the
         first job (created False), or raises Conflict if the request behind it differs.
+        With `max_ahead`, raises WorkAhead and queues nothing when more row-steps than that
+        are queued or running at the job's priority and above (the backlog admission
+        reads, checked in the same step as the job is queued: service/capacity.py).
         Raises QueueFull (with retry_after) when the queue holds too many samples."""
         ...
 
@@ -98,6 +103,11 @@ class JobQueue(Protocol):
         """The model version's queued row-steps by priority and their measured drain rate
         (what admission predicts a new job's wait from); until the rate has been measured,
         the rate a worker announced with `seed_rate`."""
+        ...
+
+    def drain_rate(self, model: str, version: int) -> float | None:
+        """The drain rate `backlog` would report, where this process knows it without
+        asking the backend (row-steps per second); None otherwise."""
         ...
 
     async def seed_rate(self, model: str, version: int, row_steps_per_s: float) -> None:

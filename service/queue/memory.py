@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from service.errors import Conflict, QueueFull
 from service.jobs import Job, JobEvent, JobResult, JobState, JobStatus
-from service.queue.backlog import Backlog, WorkRate
+from service.queue.backlog import Backlog, WorkAhead, WorkRate
 
 
 @dataclass
@@ -106,7 +106,9 @@ class MemoryQueue:
         eta = self.drain.seconds_for(samples)
         return 1.0 if eta is None else min(max(eta, 1.0), 60.0)
 
-    async def submit(self, job: Job, fingerprint: str = "") -> tuple[Job, bool]:
+    async def submit(
+        self, job: Job, fingerprint: str = "", max_ahead: float | None = None
+    ) -> tuple[Job, bool]:
         scoped = (job.owner, job.idempotency_key)  # one principal's key is not another's
         if job.idempotency_key is not None and scoped in self._keys:
             first = self._entries.get(self._keys[scoped])
@@ -118,6 +120,11 @@ class MemoryQueue:
                         param="Idempotency-Key",
                     )
                 return first.job, False
+        if max_ahead is not None:
+            work = self._work.get((job.model, job.version), {})
+            ahead = sum(w for p, w in work.items() if p >= job.priority and w > 0)
+            if ahead > max_ahead:
+                raise WorkAhead(ahead)
         excess = self._queued_samples + job.samples - self.max_queued_samples
         if excess > 0:
             raise QueueFull(
@@ -338,10 +345,12 @@ class MemoryQueue:
 
     async def backlog(self, model: str, version: int) -> Backlog:
         work = self._work.get((model, version), {})
+        return Backlog({p: w for p, w in work.items() if w > 0}, self.drain_rate(model, version))
+
+    def drain_rate(self, model: str, version: int) -> float | None:
         rate = self._rates.get((model, version))
         measured = rate.rate if rate is not None else None
-        rate = measured if measured is not None else self._seeds.get((model, version))
-        return Backlog({p: w for p, w in work.items() if w > 0}, rate)
+        return measured if measured is not None else self._seeds.get((model, version))
 
     async def seed_rate(self, model: str, version: int, row_steps_per_s: float) -> None:
         self._seeds[model, version] = row_steps_per_s

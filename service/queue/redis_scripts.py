@@ -157,7 +157,7 @@ end
 
 # ARGV: prefix, group, id, job json, n, fingerprint, max queued samples, model@version,
 # priority, idempotency key or "", now, owner (idempotency keys are scoped per owner), cost
-# (row-steps)
+# (row-steps), the most row-steps that may be ahead of the job or "" (refused: {'ahead', n})
 SUBMIT = r"""
 local id, data, n, fp = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local limit, mv, prio, idem, now = tonumber(ARGV[7]), ARGV[8], ARGV[9], ARGV[10], ARGV[11]
@@ -175,6 +175,14 @@ if idem ~= '' then
 end
 local again = redis.call('HGET', k_job(id), 'data')
 if again then return {'existing', again} end  -- the same submission, retried
+if ARGV[14] ~= '' then  -- admission's bound on the row-steps ahead (service/capacity.py)
+  local ahead, work, level = 0, redis.call('HGETALL', k_work(mv)), tonumber(prio)
+  for i = 1, #work, 2 do
+    local p, w = tonumber(work[i]), tonumber(work[i + 1])
+    if p and p >= level and w > 0 then ahead = ahead + w end
+  end
+  if ahead > tonumber(ARGV[14]) then return {'ahead', tostring(ahead)} end
+end
 local queued = tonumber(redis.call('HGET', k_counters(), 'samples')) or 0
 if queued + n > limit then return {'full', tostring(queued)} end
 local stream = k_stream(mv, prio)

@@ -15,7 +15,7 @@ from service import capacity
 from service.config import Settings
 from service.errors import DeadlineUnmeetable, Overloaded
 from service.jobs import JobEvent, JobResult, JobState
-from service.queue.backlog import Backlog, WorkRate
+from service.queue.backlog import Backlog, WorkAhead, WorkRate
 
 from .conftest import serve
 from .test_queue import job, make, run  # noqa: F401 (make is the two-backend fixture)
@@ -170,6 +170,65 @@ def test_a_workers_engine_speed_stands_in_until_a_rate_is_measured(make):  # noq
     assert capacity.predicted_wait(seeded, 0) == pytest.approx(0.12)
     assert measured.rate == pytest.approx(30 / 0.2, rel=0.35)  # the measurement wins
     assert other.rate is None  # a seed is per model version
+
+
+def test_submit_checks_the_work_ahead_as_it_queues(make):  # noqa: F811
+    """max_ahead: more row-steps than that at the job's priority and above and the queue
+    refuses (WorkAhead, with the work it saw) without queueing; lower priorities do not
+    count; a retried idempotency key gets its job back whatever the work ahead."""
+
+    async def scenario(queue):
+        await queue.submit(costly(100, t=1))
+        await queue.submit(costly(30, priority=1, t=2))
+        refused = []
+        for j, bound in ((costly(10, t=3), 129), (costly(10, priority=1, t=4), 29)):
+            try:
+                await queue.submit(j, max_ahead=bound)
+            except WorkAhead as busy:
+                refused.append(busy.ahead)
+        after = await queue.backlog("toy", 1)
+        fits = costly(10, t=5)
+        fits.idempotency_key = "k"
+        _, created = await queue.submit(fits, "fp", max_ahead=130)  # exactly the bound
+        again = costly(10, t=6)
+        again.idempotency_key = "k"
+        first, created_again = await queue.submit(again, "fp", max_ahead=0)
+        high = costly(10, priority=2, t=7)
+        await queue.submit(high, max_ahead=0)  # nothing at priority 2 or above
+        return refused, after, created, first.id == fits.id, created_again
+
+    refused, after, created, same, created_again = run(scenario, make(1000))
+    assert refused == [130, 30] and after.work == {0: 100, 1: 30}  # nothing was queued
+    assert created and same and not created_again
+
+
+def test_submit_within_refuses_as_judge_does(make):  # noqa: F811
+    """With a drain rate known in the process, the bound goes with the submit: a job over
+    the target gets Overloaded with judge's Retry-After, one that cannot start before its
+    deadline DeadlineUnmeetable, others are queued; nothing refused is queued."""
+
+    async def scenario(queue):
+        await queue.submit(costly(300, t=1))
+        queue.drain_rate = lambda model, version: 100.0  # as measured: 3 s of work ahead
+        short, long = Settings(max_predicted_wait_s=1.0), Settings(max_predicted_wait_s=5.0)
+        now = time.time()
+        outcomes = []
+        for settings, j in (
+            (short, costly(10, t=2)),
+            (long, costly(10, t=3, deadline=now + 0.5)),
+            (short, costly(10, priority=1, t=4)),  # nothing ahead at priority 1
+            (long, costly(10, t=5)),
+        ):
+            try:
+                _, created = await capacity.submit_within(queue, settings, j)
+                outcomes.append(created)
+            except (Overloaded, DeadlineUnmeetable) as err:
+                outcomes.append((err.reason, round(err.retry_after, 1)))
+        return outcomes, await queue.backlog("toy", 1)
+
+    outcomes, backlog = run(scenario, make(1000))
+    assert outcomes == [("predicted_wait", 2.0), ("deadline_unmeetable", 2.5), True, True]
+    assert backlog.work == {0: 310, 1: 10}
 
 
 def refuses_by_predicted_wait_and_unmeetable_deadline(url: str) -> None:
