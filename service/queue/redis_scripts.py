@@ -101,17 +101,15 @@ local function unqueue(job, n)
   if h[1] and cost > 0 then redis.call('HINCRBY', k_work(h[1]), 'queued', -cost) end
 end
 
--- a running job reported step `step` of `steps`: only its remaining row-steps still count
-local function progress(job, step, steps)
-  local h = redis.call('HMGET', job, 'model', 'priority', 'cost', 'left')
-  local cost = tonumber(h[3]) or 0
-  if not h[1] or cost <= 0 or steps <= 0 then return end
-  local left = tonumber(h[4]) or cost
+-- a running job (row-steps `cost`, `left` of them not yet run) reported step `step` of
+-- `steps`: the row-steps it has left now, or nil when that does not lower `left`
+local function progress_left(cost, left, step, steps)
+  cost = tonumber(cost) or 0
+  if cost <= 0 or steps <= 0 then return nil end
+  left = tonumber(left) or cost
   local now_left = math.floor(cost * math.max(steps - step, 0) / steps)
-  if now_left < left then
-    redis.call('HINCRBY', k_work(h[1]), h[2], now_left - left)
-    redis.call('HSET', job, 'left', now_left)
-  end
+  if now_left < left then return now_left end
+  return nil
 end
 
 local function add_event(id, etype, data, now)
@@ -369,11 +367,23 @@ return state
 PUBLISH = r"""
 for _, e in ipairs(cjson.decode(ARGV[3])) do
   local id = e[1]
-  if redis.call('EXISTS', k_result(id)) == 0 and redis.call('EXISTS', k_job(id)) == 1 then
+  local job = k_job(id)
+  -- one read for the checks and the progress: a job with its result has a final state
+  -- (finish sets both), except 'canceled', which a running job has before its result
+  local h = redis.call('HMGET', job, 'state', 'model', 'priority', 'cost', 'left')
+  local live = h[1] == 'queued' or h[1] == 'running'
+  if h[1] == 'canceled' then live = redis.call('EXISTS', k_result(id)) == 0 end
+  if live then
     add_event(id, e[2], e[3], e[4])
     if e[5] ~= '' then
-      redis.call('HSET', k_job(id), 'step', e[5], 'steps', e[6])
-      progress(k_job(id), tonumber(e[5]), tonumber(e[6]))
+      local step, steps = tonumber(e[5]), tonumber(e[6])
+      local left = progress_left(h[4], h[5], step, steps)
+      if left then
+        redis.call('HSET', job, 'step', e[5], 'steps', e[6], 'left', left)
+        redis.call('HINCRBY', k_work(h[2]), h[3], left - (tonumber(h[5]) or tonumber(h[4])))
+      else
+        redis.call('HSET', job, 'step', e[5], 'steps', e[6])
+      end
     end
   end
 end

@@ -123,6 +123,29 @@ def test_a_running_jobs_reported_steps_leave_the_work_ahead(make):  # noqa: F811
     assert left.work == {0: 10} and done.work == {}
 
 
+def test_a_canceled_running_jobs_steps_count_until_its_result(make):  # noqa: F811
+    """A running job the client canceled still runs to its next step: that step's event is
+    recorded and its progress counted; once its result is stored, later steps are not."""
+
+    async def scenario(queue):
+        a = costly(40)
+        await queue.submit(a)
+        await queue.claim(1, 0)
+        await queue.cancel(a.id)
+        await queue.publish(JobEvent(a.id, "step", {"step": 1, "steps": 4}))
+        await asyncio.sleep(0.05)
+        left = await queue.backlog("toy", 1)
+        await queue.complete(JobResult(a.id, JobState.CANCELED, error="canceled"))
+        await queue.publish(JobEvent(a.id, "step", {"step": 2, "steps": 4}))
+        await asyncio.sleep(0.05)
+        types = [e.type async for e in queue.events(a.id)]
+        return left, types, (await queue.status(a.id)).step, await queue.backlog("toy", 1)
+
+    left, types, step, done = run(scenario, make(100))
+    assert left.work == {0: 30} and done.work == {}
+    assert types == ["queued", "step", "canceled"] and step == 1
+
+
 def test_queues_measure_the_drain_rate_while_work_waits(make):  # noqa: F811
     async def scenario(queue):
         await queue.backlog("toy", 1)  # an API process starts listening for completions
