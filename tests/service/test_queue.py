@@ -614,3 +614,28 @@ def test_a_result_record_keeps_its_base64_text_and_decodes_on_first_read():
     assert list(back.outputs) == made.outputs and back == made and made == back
     assert JobResult.from_dict(wire.loads(wire.dumps(back.to_dict()))) == made
     assert back.outputs != [b"other", b"\x00\xff b"]
+
+
+def test_wire_json_reads_back_as_the_stdlib_writes_it():
+    """service/wire.py: what the stdlib's json would write reads back the same, numpy's
+    scalars included; NaN becomes null; what is not JSON is refused."""
+    import json
+
+    import numpy as np
+
+    from service import wire
+
+    value = {"a": [1, 2.5, None, True, "é"], 3: "int key", "f": np.float64(0.1)}
+    value["n"] = {"i": np.int64(2**62), "f32": np.float32(0.5)}
+    assert wire.loads(wire.dumps(value)) == {
+        "a": [1, 2.5, None, True, "é"],
+        "3": "int key",
+        "f": 0.1,
+        "n": {"i": 2**62, "f32": 0.5},
+    }
+    assert wire.loads(wire.dumps({k: v for k, v in value.items() if k != "n"})) == json.loads(
+        json.dumps({k: v for k, v in value.items() if k != "n"})
+    )
+    assert wire.loads(wire.dumps([float("nan")])) == [None]
+    with pytest.raises(TypeError):
+        wire.dumps({"x": object()})
