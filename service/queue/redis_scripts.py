@@ -378,7 +378,7 @@ for _, e in ipairs(cjson.decode(ARGV[3])) do
     if e[5] ~= '' then
       local step, steps = tonumber(e[5]), tonumber(e[6])
       local left = progress_left(h[4], h[5], step, steps)
-      if left then
+      if left and h[2] then
         redis.call('HSET', job, 'step', e[5], 'steps', e[6], 'left', left)
         redis.call('HINCRBY', k_work(h[2]), h[3], left - (tonumber(h[5]) or tonumber(h[4])))
       else
