@@ -275,8 +275,8 @@ class RedisStreamsQueue(WorkerSide):
 
     def drain_rate(self, model: str, version: int) -> float | None:
         """The drain rate this process measured from the done channel (the seed a worker
-        announced is in Redis: None until measured)."""
-        self._listen("done")
+        announced is in Redis: None until measured; `backlog` and `submit` start the
+        listening)."""
         rate = self._rates.get(model_version(model, version))
         return rate.rate if rate is not None else None
 
