@@ -62,6 +62,11 @@ from service.queue.redis_worker import WorkerSide
 log = logging.getLogger("fewstep.queue")
 
 
+# how long an API process judges by a worker's announced speed (JobQueue.seed_rate) without
+# reading it again: until a drain rate is measured (light load), each read is a round trip
+SEED_TTL_S = 5.0
+
+
 class RedisStreamsQueue(WorkerSide):
     """JobQueue over Redis Streams; see the module docstring for the protocol."""
 
@@ -85,6 +90,9 @@ class RedisStreamsQueue(WorkerSide):
         self.consumer = consumer or consumer_name()
         self.drain = DrainRate()
         self._rates: dict[str, WorkRate] = {}  # model@version -> row-steps/s while busy
+        # model@version -> (a worker's announced speed, when this process read it): what
+        # drain_rate reports until a rate is measured, re-read from Redis after SEED_TTL_S
+        self._seeds: dict[str, tuple[float, float]] = {}
         self.redis: aioredis.Redis | None = None
         self._sources = sources()
         self._shas = {k: hashlib.sha1(v.encode()).hexdigest() for k, v in self._sources.items()}
@@ -269,16 +277,26 @@ class RedisStreamsQueue(WorkerSide):
         rate = self._rates.get(mv)
         measured = rate.rate if rate is not None else None
         seed = work.pop("seed", None)  # a worker's engine speed, until a rate is measured
+        if _float(seed) is None:
+            self._seeds.pop(mv, None)
+        else:
+            self._seeds[mv] = (_float(seed), time.monotonic())
         work.pop("queued", None)
         by_priority = {int(p): int(w) for p, w in work.items() if int(w) > 0}
         return Backlog(by_priority, measured if measured is not None else _float(seed))
 
     def drain_rate(self, model: str, version: int) -> float | None:
-        """The drain rate this process measured from the done channel (the seed a worker
-        announced is in Redis: None until measured; `backlog` and `submit` start the
-        listening)."""
-        rate = self._rates.get(model_version(model, version))
-        return rate.rate if rate is not None else None
+        """The drain rate this process measured from the done channel (`backlog` and
+        `submit` start the listening), else the speed a worker announced as this process's
+        last `backlog` read found it, for SEED_TTL_S (then None: admission reads the
+        backlog again, and with it the seed, so a new worker's speed is seen)."""
+        mv = model_version(model, version)
+        rate = self._rates.get(mv)
+        measured = rate.rate if rate is not None else None
+        if measured is not None:
+            return measured
+        seed, read = self._seeds.get(mv, (None, 0.0))
+        return seed if time.monotonic() - read < SEED_TTL_S else None
 
     @_guarded
     async def seed_rate(self, model: str, version: int, row_steps_per_s: float) -> None:

@@ -195,6 +195,26 @@ def test_a_workers_engine_speed_stands_in_until_a_rate_is_measured(make):  # noq
     assert other.rate is None  # a seed is per model version
 
 
+def test_a_workers_announced_speed_is_known_in_process_once_read(make, monkeypatch):  # noqa: F811
+    """Before any rate is measured, drain_rate gives the speed a worker announced (on
+    Redis: as the last backlog read found it, for SEED_TTL_S, then it is read again), so a
+    lightly loaded API checks the bound in its submit too."""
+    from service.queue import redis_streams
+
+    async def scenario(queue):
+        before = queue.drain_rate("toy", 1)
+        await queue.seed_rate("toy", 1, 1000.0)
+        await queue.backlog("toy", 1)
+        known = queue.drain_rate("toy", 1)
+        monkeypatch.setattr(redis_streams, "SEED_TTL_S", 0.0)
+        return before, known, queue.drain_rate("toy", 1)
+
+    queue = make(100)
+    before, known, later = run(scenario, queue)
+    assert before is None and known == 1000.0
+    assert later == (None if isinstance(queue, redis_streams.RedisStreamsQueue) else 1000.0)
+
+
 def test_submit_checks_the_work_ahead_as_it_queues(make):  # noqa: F811
     """max_ahead: more row-steps than that at the job's priority and above and the queue
     refuses (WorkAhead, with the work it saw) without queueing; lower priorities do not
