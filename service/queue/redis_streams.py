@@ -274,16 +274,14 @@ class RedisStreamsQueue(WorkerSide):
         self._listen("done")  # completions measure the drain rate
         mv = model_version(model, version)
         work = await self.redis.hgetall(self.keys.work(mv))
-        rate = self._rates.get(mv)
-        measured = rate.rate if rate is not None else None
-        seed = work.pop("seed", None)  # a worker's engine speed, until a rate is measured
-        if _float(seed) is None:
+        seed = _float(work.pop("seed", None))  # a worker's engine speed, until a rate is measured
+        if seed is None:
             self._seeds.pop(mv, None)
         else:
-            self._seeds[mv] = (_float(seed), time.monotonic())
+            self._seeds[mv] = (seed, time.monotonic())
         work.pop("queued", None)
         by_priority = {int(p): int(w) for p, w in work.items() if int(w) > 0}
-        return Backlog(by_priority, measured if measured is not None else _float(seed))
+        return Backlog(by_priority, self.drain_rate(model, version))  # measured, else the seed
 
     def drain_rate(self, model: str, version: int) -> float | None:
         """The drain rate this process measured from the done channel (`backlog` and
