@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -12,6 +13,29 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine_check() -> float:
+    """Milliseconds a fixed pure-Python workload takes (dict updates and JSON round trips,
+    best of 5): how fast this machine runs the interpreter right now. A shared VM's speed
+    moves (README's VM ran the service's whole path at half speed for stretches of an
+    hour), so runs compare by their ratios, and this says how far apart two runs' machines
+    were."""
+    text = json.dumps({"a": list(range(500)), "b": "x" * 500})
+
+    def work() -> None:
+        d: dict[int, int] = {}
+        for i in range(100_000):
+            d[i % 1000] = d.get(i % 1000, 0) + i
+        for _ in range(500):
+            json.loads(text)
+
+    best = float("inf")
+    for _ in range(5):
+        begin = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - begin)
+    return best * 1000
 
 
 def free_port() -> int:

@@ -12,13 +12,20 @@ the load generator and the server's Python on this machine's shared cores. Parts
   with --concurrency clients), one fresh server per admission policy: admission by
   predicted wait (--target-s) and the queued-samples bound alone (the old behaviour). One
   markdown table per server: throughput, p50/p99 of answered requests, 429 share, goodput
-  (answered within --slo-s). Goals at 2x: throughput >= 0.95x peak, p99 <= 2x p99 at 0.5x.
+  (answered within --slo-s) and the requests answered. Goals at 2x: throughput >= 0.95x
+  peak, p99 <= 2x p99 at 0.5x. Its points last --overload-seconds (30): at 0.5x this curve
+  answers about 4 req/s, and a p99 needs some hundred requests (over 8 s it is about the
+  slowest of 30, and the ratio moved between 1.75 and 2.32 from run to run).
 - batching: the H200 curve (default of the simulated runtime; --batching-curve for another),
   each mode's closed-loop capacity, then the mixed scenario open loop at --load (0.8) of the
-  smaller of the two (so both keep up: equal throughput), continuous vs static batching,
-  each on a fresh server (goal: continuous p99 <= 0.6x static at equal throughput).
+  smaller of the two, continuous vs static batching, each on a fresh server (goal:
+  continuous p99 <= 0.6x static at equal throughput). Static batching can sustain less
+  open loop than closed (arrivals spread out make smaller batches of more groups): where
+  either answers under 0.95 of the offered rate, the rate drops by a fifth and both run
+  again (up to three times), so the ratio is taken where both keep up.
 - cpu: H200 curve, saturation (n=8, dpmpp_2m, 4 steps, closed loop): samples/s and the
-  service's CPU seconds per sample (all its processes), embedded vs Redis (1 API + 1 worker).
+  service's CPU seconds per sample (all its processes), embedded vs Redis (1 API + 1 worker)
+  (goal: about 10,000 samples/s per core, what one H200 takes at this curve).
 - latency: H200 curve, concurrency 1 (n=1, euler, 1 step): client latency minus forward
   time, embedded and Redis (goal p50 <= 1 ms, p99 <= 5 ms).
 - apis: H200 curve, Redis, 1 worker and 1, 2, 3 API processes (`fewstep serve
@@ -45,7 +52,7 @@ import uvloop
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loadtest.procs import Processes, fewstep, free_port  # noqa: E402
+from loadtest.procs import Processes, fewstep, free_port, machine_check  # noqa: E402
 from loadtest.rawclient import raw_closed, raw_ping, raw_sequential  # noqa: E402
 from loadtest.run import Outcome, Scenario, client_for, percentile, send  # noqa: E402
 
@@ -171,18 +178,22 @@ def overload(args, bodies: list[dict]) -> None:
             say(f"overload / {name}: capacity ...")
             cap = capacity(d.urls, bodies, args.concurrency, args.seconds)
             rows = []
+            seconds = args.overload_seconds
             for load in args.loads:
                 say(f"overload / {name}: {load:g}x = {load * cap:.1f} req/s ...")
                 elapsed, out = asyncio.run(
-                    poisson(d.urls, bodies, load * cap, args.seconds, args.seed + int(load * 100))
+                    poisson(d.urls, bodies, load * cap, seconds, args.seed + int(load * 100))
                 )
                 rows.append((load, load * cap, elapsed, out))
-        print(f"\n### {name}: mixed-edm, simulated CPU-ONNX curve, capacity {cap:.1f} req/s\n")
+        print(
+            f"\n### {name}: mixed-edm, simulated CPU-ONNX curve, capacity {cap:.1f} req/s, "
+            f"{seconds:g} s per point\n"
+        )
         print(
             "| load | offered req/s | answered req/s | samples/s | p50 ms | p99 ms | 429 | "
-            f"goodput req/s (<= {args.slo_s:g} s) |"
+            f"goodput req/s (<= {args.slo_s:g} s) | answered |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         stats = {}
         for load, rate, elapsed, out in rows:
             lat = ok_ms(out)
@@ -194,7 +205,7 @@ def overload(args, bodies: list[dict]) -> None:
             print(
                 f"| {load:g}x | {rate:.1f} | {thr:.1f} | {samples:.1f} | "
                 f"{percentile(lat, 50):.0f} | {percentile(lat, 99):.0f} | {rejected:.0%} | "
-                f"{good:.1f} |"
+                f"{good:.1f} | {len(lat)} |"
             )
         peak = max(t for t, _ in stats.values())
         top, half = max(stats), stats.get(0.5)
@@ -217,16 +228,31 @@ def batching(args, bodies: list[dict]) -> None:
             caps[mode] = capacity(d.urls, bodies, args.concurrency, args.seconds)
     # the smaller capacity: both must keep up with the offered load, else the comparison
     # is of a server that keeps up against one whose queue grows without end
-    rate = args.load * min(caps.values())
-    for tree, root in trees(args):
-        for mode in ("continuous", "static"):
-            with Deployment(args.batching_curve, batching=mode, root=root) as d:
-                say(f"batching: {label(mode, tree)} at {rate:.0f} req/s ...")
-                out = asyncio.run(poisson(d.urls, bodies, rate, args.seconds, args.seed))
-                results.setdefault(tree, []).append((mode, out))
+    rate = first = args.load * min(caps.values())
+    for attempt in range(4):
+        results = {}
+        for tree, root in trees(args):
+            for mode in ("continuous", "static"):
+                with Deployment(args.batching_curve, batching=mode, root=root) as d:
+                    say(f"batching: {label(mode, tree)} at {rate:.0f} req/s ...")
+                    out = asyncio.run(poisson(d.urls, bodies, rate, args.seconds, args.seed))
+                    results.setdefault(tree, []).append((mode, out))
+        kept_up = all(
+            len(ok_ms(out)) / elapsed >= 0.95 * rate
+            for runs in results.values()
+            for _, (elapsed, out) in runs
+        )
+        if kept_up or attempt == 3:
+            break
+        say(f"batching: a server fell behind {rate:.0f} req/s; again at {0.8 * rate:.0f}")
+        rate *= 0.8
+    where = f"{args.load:.0%} of the smaller capacity = {rate:.0f} req/s"
+    if rate != first:
+        where = f"{rate:.0f} req/s ({args.load:.0%} of the smaller capacity, {first:.0f}, was "
+        where += "more than a server sustained open loop)"
     print(
         f"\n### Continuous vs static batching, mixed-edm, simulated runtime on {curve_name}, "
-        f"open loop at {args.load:.0%} of the smaller capacity = {rate:.0f} req/s\n\n"
+        f"open loop at {where}\n\n"
         f"Capacity (closed loop, {args.concurrency} clients): continuous "
         f"{caps['continuous']:.0f} req/s, static {caps['static']:.0f} req/s "
         f"({caps['continuous'] / caps['static']:.2f}x).\n"
@@ -303,6 +329,7 @@ def cpu(args, heavy: list[dict]) -> None:
                 flush=True,
             )
     _ratios(per_core, "samples/s per core")
+    print("\ngoal: about 10,000 samples/s per core (what one H200 takes at this curve)")
 
 
 def batch_requests(url: str) -> tuple[float, float]:
@@ -406,6 +433,12 @@ def main() -> int:
     parser.add_argument("--parts", default="overload,batching,cpu,apis,latency")
     parser.add_argument("--scenario", type=Path, default=ROOT / "loadtest/scenarios/mixed-edm.yaml")
     parser.add_argument("--seconds", type=float, default=6.0, help="per load point")
+    parser.add_argument(
+        "--overload-seconds",
+        type=float,
+        default=30.0,
+        help="overload part, per load point: long enough for a p99 at 0.5x capacity",
+    )
     parser.add_argument("--loads", default="0.25,0.5,0.75,1,1.5,2", help="x capacity")
     parser.add_argument("--target-s", type=float, default=0.5, help="predicted-wait target")
     parser.add_argument("--slo-s", type=float, default=2.0, help="goodput latency target")
@@ -448,6 +481,10 @@ def main() -> int:
     print(
         f"# fewstep sweep: {os.cpu_count()} CPUs, {args.seconds:g} s per point, "
         "runtime `simulated` (measurement only)"
+    )
+    print(
+        f"\nmachine check: {machine_check():.1f} ms for a fixed Python workload "
+        "(`loadtest/procs.py`; lower is faster): compare runs only where this is close"
     )
     parts = {
         "overload": (overload, bodies),
