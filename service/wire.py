@@ -2,7 +2,7 @@
 the Redis queue carries between processes.
 
 orjson encodes an 8-image response or result 25x faster than the stdlib's json and
-decodes it 2x faster (`loadtest/README.md`, seventh pass). Where the two differ:
+decodes it 2x faster (`loadtest/HISTORY.md`, seventh pass). Where the two differ:
 
 - NaN and the infinities encode as null (the stdlib writes `NaN`, which is not JSON and
   which FastAPI's own responses refuse with a 500);
