@@ -232,8 +232,6 @@ def overload(args, bodies: list[dict]) -> None:
 
 
 def batching(args, bodies: list[dict]) -> None:
-    results = {}
-    rate = None
     curve_name = "the H200 curve"
     if args.batching_curve is not None:
         curve_name = f"the curve {args.batching_curve.name}"
@@ -242,8 +240,8 @@ def batching(args, bodies: list[dict]) -> None:
         with Deployment(args.batching_curve, batching=mode) as d:
             say(f"batching: capacity of {mode} batching on {curve_name} ...")
             caps[mode] = capacity(d.urls, bodies, args.concurrency, args.seconds)
-    # the smaller capacity: both must keep up with the offered load, else the comparison
-    # is of a server that keeps up against one whose queue grows without end
+    # the smaller capacity, lowered until both keep up (keeps_up): else the comparison is
+    # of a server that keeps up against one whose queue grows without end
     rate = first = args.load * min(caps.values())
     for attempt in range(4):
         results = {}
@@ -253,8 +251,8 @@ def batching(args, bodies: list[dict]) -> None:
                     say(f"batching: {label(mode, tree)} at {rate:.0f} req/s ...")
                     out = asyncio.run(poisson(d.urls, bodies, rate, args.seconds, args.seed))
                     results.setdefault(tree, []).append((mode, out))
-        runs = [run for r in results.values() for _, run in r]
-        kept_up = all(keeps_up(elapsed, out, rate) for elapsed, out in runs)
+        measured = [run for r in results.values() for _, run in r]
+        kept_up = all(keeps_up(elapsed, out, rate) for elapsed, out in measured)
         if kept_up or attempt == 3:
             break
         say(f"batching: a server fell behind {rate:.0f} req/s; again at {0.8 * rate:.0f}")
