@@ -37,3 +37,45 @@ def test_row_count_must_match():
 def test_row_seeds_count_up_and_wrap():
     assert row_seeds(7, 3) == [7, 8, 9]
     assert row_seeds(SEED_MAX, 2) == [SEED_MAX, 0]
+
+
+def _reference(seed: int, shapes) -> list[torch.Tensor]:
+    """What a fresh generator of the seed gives for these successive row draws."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(1, 28, 28)],  # one draw: the reseeded scratch generator
+        [(3,), (3,), (5,)],  # small draws: torch caches a normal in the generator
+        [(17,), (1, 28, 28), (7,)],  # a size that is not a multiple of 16 recomputes a tail
+        [(2, 2), (16,), (33,), (1,)],
+    ],
+)
+def test_every_draw_continues_each_rows_own_stream(shapes):
+    seeds = [0, 11, SEED_MAX]
+    noise = RowNoise(seeds)
+    draws = [noise.randn((len(seeds), *s), dtype=torch.float64) for s in shapes]
+    for i, seed in enumerate(seeds):
+        for got, want in zip(draws, _reference(seed, shapes), strict=True):
+            assert torch.equal(got[i], want)
+
+
+def test_a_small_draw_leaves_nothing_in_the_scratch_generator_for_the_next_request():
+    first = RowNoise([4]).randn((1, 3), dtype=torch.float64)  # an odd count caches a normal
+    assert torch.equal(RowNoise([4]).randn((1, 3), dtype=torch.float64), first)
+    assert torch.equal(first[0], _reference(4, [(3,)])[0])
+
+
+def test_threads_draw_the_same_noise():
+    import concurrent.futures
+
+    def draw(seed):
+        return RowNoise([seed, seed + 1]).randn((2, 5, 5), dtype=torch.float64)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(draw, [s % 7 for s in range(200)]))
+    for s, x in zip(range(200), got, strict=True):
+        assert torch.equal(x, draw(s % 7))
