@@ -43,6 +43,12 @@ class Active:
     forward_seconds: float = 0.0
     # set from the event loop while compute runs in the thread: the client canceled it
     canceled: bool = False
+    # rows it adds to a forward pass (fixed for its life): read for every request on every
+    # tick, where the job's property chain cost more than the scheduling around it
+    rows: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows = self.job.rows
 
     def should_stop(self) -> bool:
         """Whether long compute for this request should give up (canceled or late)."""
@@ -58,10 +64,6 @@ class Active:
             code="deadline_exceeded",
             message="the deadline passed while the output was being made",
         )
-
-    @property
-    def rows(self) -> int:
-        return self.job.rows
 
     @property
     def modality(self) -> Modality:
