@@ -10,6 +10,13 @@ passes settings to the server: `FEWSTEP_RUNTIME=simulated` (H200 curve) or with
 `FEWSTEP_LATENCY_CURVE=loadtest/curves/cpu-onnx-fashion-edm.yaml`, `FEWSTEP_RUNTIME_THREADS=1`,
 `FEWSTEP_INLINE_LONE_MS=0` (the pass in the compute thread). The hooks wrap internal
 functions by name: a diagnostic, not an API.
+
+    .venv/bin/python loadtest/stages.py --idle 0.25,1,3,6,12 [--seconds 5]
+
+runs the same requests against forward passes that only sleep (the simulated runtime with
+a flat curve of each length) and prints the added latency per length: the service's work
+is the same in every row, so what changes with the length is the machine's. On this VM it
+grows with the wait (README, "Concurrency 1 with a CPU engine").
 """
 
 from __future__ import annotations
@@ -98,7 +105,9 @@ def serve(out: str, argv: list[str]) -> None:
     main(argv)
 
 
-def drive(args) -> None:
+def measure(args, env: dict[str, str]) -> tuple[list[dict], list]:
+    """One server with the stage hooks, n=1 requests back to back for args.seconds: the
+    server's stage records and the client's outcomes, matched from the end."""
     from loadtest.procs import Processes, free_port
     from loadtest.rawclient import raw_sequential
 
@@ -106,7 +115,7 @@ def drive(args) -> None:
     port = free_port()
     cmd = [sys.executable, __file__, "--serve", str(out), "serve", "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--no-grpc", "--log-level", "warning"]
-    env = {"FEWSTEP_MODELS": '["fashion-edm"]', **dict(e.split("=", 1) for e in args.env)}
+    env = {"FEWSTEP_MODELS": '["fashion-edm"]', **env}
     body = {"model": "fashion-edm", "prompt": "bag", "n": 1, "steps": 1, "sampler": "euler"}
     bodies = [dict(body, seed=i) for i in range(1000)]
     with Processes([cmd], port, env) as server:
@@ -117,18 +126,49 @@ def drive(args) -> None:
         if out.exists():
             break
         time.sleep(0.1)
-    records = json.loads(out.read_text())[-len(outcomes) :]
+    return json.loads(out.read_text())[-len(outcomes) :], outcomes
+
+
+def totals(records: list[dict], outcomes: list) -> tuple[float, float, float]:
+    """p50 ms of: the server's time minus forward, the client's added latency, forward."""
+    p50 = statistics.median
+    server_ms = p50([(r["out"] - r["in"] - r["forward"]) * 1000 for r in records])
+    added = p50([(o.latency - o.forward) * 1000 for o in outcomes if o.status == 200])
+    return server_ms, added, p50([r["forward"] * 1000 for r in records])
+
+
+def drive(args) -> None:
+    records, outcomes = measure(args, dict(e.split("=", 1) for e in args.env))
     p50 = statistics.median
     print(f"| stage (p50, us) | {' '.join(args.env) or 'default settings'} |\n|---|---|")
     for name, a, b in STAGES:
         spent = [r[b] - r[a] - (r["forward"] if b == "ticked" else 0) for r in records]
         print(f"| {name} | {p50(spent) * 1e6:.0f} |")
-    server_ms = p50([(r["out"] - r["in"] - r["forward"]) * 1000 for r in records])
-    added = p50([(o.latency - o.forward) * 1000 for o in outcomes if o.status == 200])
-    forward = p50([r["forward"] * 1000 for r in records])
+    server_ms, added, forward = totals(records, outcomes)
     print(f"| server, bytes in to response written, minus forward (ms) | {server_ms:.2f} |")
     print(f"| **client: added latency p50 (ms)** | **{added:.2f}** |")
     print(f"| forward pass p50 (ms) | {forward:.2f} |")
+
+
+def idle(args) -> None:
+    """The same requests on the simulated runtime with flat curves: a forward pass that
+    only sleeps for each of args.idle milliseconds, whatever the batch. The service's work
+    per request is the same in every row; only the time the machine waits changes."""
+    print(
+        "| forward pass (a sleep), ms | server, bytes in to response written, minus forward, "
+        "ms | client: added latency p50, ms |\n|---|---|---|"
+    )
+    folder = Path(tempfile.mkdtemp())
+    for ms in args.idle:
+        curve = folder / f"flat-{ms:g}.yaml"
+        seconds = ms / 1000
+        curve.write_text(
+            f"device: flat {ms:g} ms (loadtest/stages.py --idle)\nmodel: fashion-edm\n"
+            f"seconds:\n  1: {seconds}\n  1024: {seconds}\n"
+        )
+        env = {"FEWSTEP_RUNTIME": "simulated", "FEWSTEP_LATENCY_CURVE": str(curve)}
+        server_ms, added, forward = totals(*measure(args, env))
+        print(f"| {forward:.2f} | {server_ms:.2f} | {added:.2f} |", flush=True)
 
 
 def main() -> int:
@@ -138,7 +178,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
-    drive(parser.parse_args())
+    parser.add_argument(
+        "--idle",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=None,
+        help="MS,MS,...: instead of the stage table, the added latency with a forward pass "
+        "that only sleeps this long (simulated runtime, flat curve), one row each",
+    )
+    args = parser.parse_args()
+    if args.idle:
+        idle(args)
+    else:
+        drive(args)
     return 0
 
 
