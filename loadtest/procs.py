@@ -97,10 +97,11 @@ class Processes:
                         total += int(line.split()[1])
         return total
 
-    def cpu_seconds(self) -> float:
-        """user + system CPU time of all the processes so far."""
+    def cpu_seconds(self, first: int = 0) -> float:
+        """user + system CPU time so far of the processes from index `first` on (all by
+        default; 1 leaves out the first command's, e.g. the API beside its workers)."""
         total = 0
-        for proc in self.procs:
+        for proc in self.procs[first:]:
             fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])
         return total / os.sysconf("SC_CLK_TCK")
