@@ -171,6 +171,17 @@ def idle(args) -> None:
         print(f"| {forward:.2f} | {server_ms:.2f} | {added:.2f} |", flush=True)
 
 
+def _lengths(value: str) -> list[float]:
+    """--idle's MS,MS,...: positive milliseconds."""
+    try:
+        lengths = [float(x) for x in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MS,MS,... (numbers), got {value!r}") from None
+    if not all(0 < ms < 60_000 for ms in lengths):
+        raise argparse.ArgumentTypeError(f"each length must be over 0 and under 60000 ms: {value}")
+    return lengths
+
+
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--serve":
         serve(sys.argv[2], sys.argv[3:])
@@ -180,7 +191,7 @@ def main() -> int:
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
     parser.add_argument(
         "--idle",
-        type=lambda v: [float(x) for x in v.split(",")],
+        type=_lengths,
         default=None,
         help="MS,MS,...: instead of the stage table, the added latency with a forward pass "
         "that only sleeps this long (simulated runtime, flat curve), one row each",
