@@ -56,10 +56,8 @@ class RowNoise:
 
     def _own(self) -> list[torch.Generator]:
         """Each row's generator, where its stream's first draw left it."""
-        if self._generators is None:
-            self._generators = [torch.Generator() for _ in self.seeds]
-            for g, state in zip(self._generators, self._states or (), strict=True):
-                g.set_state(state)
+        if self._generators is None:  # randn made the first draw, so the states are there
+            self._generators = [torch.Generator().set_state(s) for s in self._states or ()]
             self._states = None
         return self._generators
 
