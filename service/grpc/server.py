@@ -224,10 +224,14 @@ class GrpcServer:
     health: health_aio.HealthServicer
     watcher: asyncio.Task
 
-    async def stop(self, grace: float) -> None:
-        """Refuse new calls, let those in flight finish for up to `grace` seconds."""
+    async def drain(self) -> None:
+        """Report NOT_SERVING from now on (and never SERVING again), still answering calls."""
         self.watcher.cancel()
         await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new calls, let those in flight finish for up to `grace` seconds."""
+        await self.drain()
         await self.server.stop(grace)
 
 

@@ -33,10 +33,12 @@ def get(url: str) -> int | None:
         return None
 
 
-def grpc_status(port: int) -> int:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+def grpc_status(port: int, channel: grpc.Channel | None = None) -> int:
+    if channel is None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            return grpc_status(port, channel)
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
 
 
 def test_sigterm_fails_readiness_first_then_stops_accepting_and_exits_0(tmp_path):
@@ -45,12 +47,15 @@ def test_sigterm_fails_readiness_first_then_stops_accepting_and_exits_0(tmp_path
     args = ["-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     api = Process([*args, "--grpc-port", str(grpc_port)], tmp_path / "api.log", env)
     url = f"http://127.0.0.1:{port}"
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")  # connected before the signal
     try:
         wait_for(lambda: get(url + "/readyz") == 200, 120, "/readyz")
-        assert grpc_status(grpc_port) == health_pb2.HealthCheckResponse.SERVING
+        assert grpc_status(grpc_port, channel) == health_pb2.HealthCheckResponse.SERVING
         api.signal(signal.SIGTERM)
         begin = time.monotonic()
-        wait_for(lambda: get(url + "/readyz") == 503, 2, "/readyz 503 after SIGTERM", 0.05)
+        wait_for(lambda: get(url + "/readyz") == 503, 2, "/readyz 503 after SIGTERM", 0.01)
+        # gRPC health agrees at once: no window in which one probe says ready, the other not
+        assert grpc_status(grpc_port, channel) == health_pb2.HealthCheckResponse.NOT_SERVING
         body = httpx.get(url + "/readyz").json()
         assert "shutting down" in body["error"]["message"]
         # still alive and still serving while endpoints drop the pod
@@ -64,6 +69,7 @@ def test_sigterm_fails_readiness_first_then_stops_accepting_and_exits_0(tmp_path
         assert get(url + "/healthz") is None  # closed
         assert "draining" in api.text()
     finally:
+        channel.close()
         api.kill()
 
 
