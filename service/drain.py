@@ -39,8 +39,8 @@ class DrainingServer(uvicorn.Server):
         if sig == signal.SIGTERM and self.exit_at is None and self.delay_s > 0:
             self.exit_at = time.monotonic() + self.delay_s
             self.app.state.fewstep.draining = True
-            # gRPC health turns NOT_SERVING in the loop's next pass, not at uvicorn's next
-            # tick (up to 0.1 s later): a probe right after /readyz failed agrees with it.
+            # gRPC health's Check reads `draining` itself; its Watch streams hear of it in
+            # the loop's next pass (not at uvicorn's next tick, up to 0.1 s later)
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self._drain_grpc)
             log.info("SIGTERM: draining; /readyz fails, closing in %.1f s", self.delay_s)

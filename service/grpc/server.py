@@ -221,7 +221,7 @@ def handler(state: ServiceState) -> grpc.GenericRpcHandler:
 class GrpcServer:
     server: grpc.aio.Server
     port: int
-    health: health_aio.HealthServicer
+    health: StateHealth
     watcher: asyncio.Task
 
     async def drain(self) -> None:
@@ -233,6 +233,30 @@ class GrpcServer:
         """Refuse new calls, let those in flight finish for up to `grace` seconds."""
         await self.drain()
         await self.server.stop(grace)
+
+
+class StateHealth(health_aio.HealthServicer):
+    """grpc.health.v1 whose Check for "" and the inference service answers from the
+    service's state when asked, as /readyz does (ready, not draining, the worker not
+    stopped): a gRPC probe and an HTTP probe never disagree, not even for the moment
+    between a change and the stored status's update. Watch streams follow the stored
+    statuses (`_serve_when_ready`, `GrpcServer.drain`); other services are the base's."""
+
+    def __init__(self, state: ServiceState) -> None:
+        super().__init__()
+        self.state, self.shut = state, False
+
+    async def Check(self, request, context):
+        if request.service not in ("", protocol.SERVICE):
+            return await super().Check(request, context)
+        state = self.state
+        serving = state.ready and not state.draining and state.broken is None and not self.shut
+        status = health_pb2.HealthCheckResponse
+        return status(status=status.SERVING if serving else status.NOT_SERVING)
+
+    async def enter_graceful_shutdown(self) -> None:
+        self.shut = True
+        await super().enter_graceful_shutdown()
 
 
 async def _serve_when_ready(state: ServiceState, health: health_aio.HealthServicer) -> None:
@@ -253,7 +277,8 @@ async def start(
     over TLS with `tls` (PEM certificate chain, PEM private key), else plaintext.
 
     Health reports NOT_SERVING for "" and the inference service until the models are
-    ready, then SERVING, and NOT_SERVING again from shutdown on.
+    ready, then SERVING, and NOT_SERVING again while draining and from shutdown on
+    (`StateHealth`).
     """
     server = grpc.aio.server(
         options=[
@@ -262,7 +287,7 @@ async def start(
         ]
     )
     server.add_generic_rpc_handlers((handler(state),))
-    health = health_aio.HealthServicer()
+    health = StateHealth(state)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for service in ("", protocol.SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)

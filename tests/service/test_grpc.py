@@ -370,7 +370,7 @@ def test_fewstep_serve_speaks_grpc_on_its_port():
 
 def test_not_ready_until_the_models_are_loaded():
     """Health says NOT_SERVING and inference UNAVAILABLE until the service is ready, then
-    SERVING; shutdown turns health back to NOT_SERVING."""
+    SERVING; draining, a stopped worker and shutdown turn health back to NOT_SERVING."""
 
     async def main():
         state = ServiceState(Settings(grpc=False), MemoryQueue(), Metrics())
@@ -388,11 +388,13 @@ def test_not_ready_until_the_models_are_loaded():
                 with pytest.raises(InferenceServerException, match="still loading") as err:
                     await client.infer("toy", inputs(["dark"], 1))
                 assert err.value.status() == "StatusCode.UNAVAILABLE"
-            state.ready = True
-            for _ in range(100):
-                if await status() == health_pb2.HealthCheckResponse.SERVING:
-                    break
-                await asyncio.sleep(0.01)
+            state.ready = True  # Check answers from the state: no poll in between
+            assert await status() == health_pb2.HealthCheckResponse.SERVING
+            state.draining = True  # SIGTERM: /readyz fails, and so does this, at once
+            assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+            state.draining, state.broken = False, "the worker stopped"
+            assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+            state.broken = None
             assert await status() == health_pb2.HealthCheckResponse.SERVING
             await server.health.enter_graceful_shutdown()
             assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
