@@ -98,7 +98,9 @@ def test_thirty_two_concurrent_mixed_requests_share_forward_passes(server):
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         responses = list(pool.map(one, range(32)))
-    assert [r.status_code for r in responses] == [200] * 32
+    assert [r.status_code for r in responses] == [200] * 32, [
+        r.text for r in responses if r.status_code != 200
+    ]
     metrics = httpx.get(server.url + "/metrics").text
     single = metric_value(metrics, 'fewstep_batch_requests_bucket{le="1.0",model="toy"}')
     total = metric_value(metrics, 'fewstep_batch_requests_count{model="toy"}')
