@@ -10,7 +10,6 @@ then lets uvicorn close the listener, finish the requests in flight and run the 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import signal
 import time
@@ -26,12 +25,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.app, self.delay_s = app, delay_s
         self.exit_at: float | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._grpc_drain: asyncio.Task | None = None
-
-    async def startup(self, sockets=None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().startup(sockets=sockets)
+        self._grpc_told = False
 
     def handle_exit(self, sig: int, frame) -> None:
         # The signal is not recorded for re-raising (uvicorn re-raises it after shutdown):
@@ -39,22 +33,19 @@ class DrainingServer(uvicorn.Server):
         if sig == signal.SIGTERM and self.exit_at is None and self.delay_s > 0:
             self.exit_at = time.monotonic() + self.delay_s
             self.app.state.fewstep.draining = True
-            # gRPC health's Check reads `draining` itself; its Watch streams hear of it in
-            # the loop's next pass (not at uvicorn's next tick, up to 0.1 s later)
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._drain_grpc)
             log.info("SIGTERM: draining; /readyz fails, closing in %.1f s", self.delay_s)
         elif self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
         else:
             self.should_exit = True
 
-    def _drain_grpc(self) -> None:
-        grpc_server = getattr(self.app.state, "grpc_server", None)
-        if grpc_server is not None:
-            self._grpc_drain = asyncio.create_task(grpc_server.drain(), name="fewstep-drain")
-
     async def on_tick(self, counter: int) -> bool:
-        if self.exit_at is not None and time.monotonic() >= self.exit_at:
-            return True
+        if self.exit_at is not None:
+            grpc_server = getattr(self.app.state, "grpc_server", None)
+            if grpc_server is not None and not self._grpc_told:
+                # gRPC health's Check reads `draining` itself; this tells Watch streams
+                self._grpc_told = True
+                await grpc_server.drain()
+            if time.monotonic() >= self.exit_at:
+                return True
         return await super().on_tick(counter)
