@@ -44,6 +44,12 @@ class ServiceState:
     # tasks that release a job's quota when it finishes (kept so they are not collected)
     watchers: set[asyncio.Task] = field(default_factory=set)
 
+    @property
+    def serving(self) -> bool:
+        """Whether this replica should get traffic: ready, not draining, the worker not
+        stopped (what /readyz says, less its queue check, and what gRPC health says)."""
+        return self.ready and not self.draining and self.broken is None
+
     def require_ready(self) -> None:
         if self.broken is not None:
             raise NotReady(self.broken, retry_after=5)

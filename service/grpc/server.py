@@ -249,9 +249,8 @@ class StateHealth(health_aio.HealthServicer):
     async def Check(self, request, context):
         if request.service not in ("", protocol.SERVICE):
             return await super().Check(request, context)
-        state = self.state
-        serving = state.ready and not state.draining and state.broken is None and not self.shut
         status = health_pb2.HealthCheckResponse
+        serving = self.state.serving and not self.shut
         return status(status=status.SERVING if serving else status.NOT_SERVING)
 
     async def enter_graceful_shutdown(self) -> None:
