@@ -138,6 +138,8 @@ def totals(records: list[dict], outcomes: list) -> tuple[float, float, float]:
 
 
 def drive(args) -> None:
+    from loadtest.procs import cold_check
+
     records, outcomes = measure(args, dict(e.split("=", 1) for e in args.env))
     p50 = statistics.median
     print(f"| stage (p50, us) | {' '.join(args.env) or 'default settings'} |\n|---|---|")
@@ -148,6 +150,8 @@ def drive(args) -> None:
     print(f"| server, bytes in to response written, minus forward (ms) | {server_ms:.2f} |")
     print(f"| **client: added latency p50 (ms)** | **{added:.2f}** |")
     print(f"| forward pass p50 (ms) | {forward:.2f} |")
+    factor = cold_check(forward)
+    print(f"| cold-cache factor after {forward:.0f} ms, this machine (`--cold`) | {factor:.2f} |")
 
 
 def idle(args) -> None:
@@ -169,6 +173,21 @@ def idle(args) -> None:
         env = {"FEWSTEP_RUNTIME": "simulated", "FEWSTEP_LATENCY_CURVE": str(curve)}
         server_ms, added, forward = totals(*measure(args, env))
         print(f"| {forward:.2f} | {server_ms:.2f} | {added:.2f} |", flush=True)
+
+
+def cold(args) -> None:
+    """The machine alone, no server: a small piece of JSON work right after this thread
+    spun for each length (procs.cold_curve). Spinning keeps the vCPU running and touches
+    almost nothing, so where the work still slows with the length, the caches were used by
+    someone else meanwhile: on such a machine no service's path at concurrency 1 runs
+    after a long forward pass as fast as it runs back to back."""
+    from loadtest.procs import cold_curve
+
+    waits = [0.0, *args.cold]
+    times = cold_curve(waits, rounds=200)
+    print("| spun before it, ms | the same JSON work, us (p50) | / back to back |\n|---|---|---|")
+    for wait, us in zip(waits, times, strict=True):
+        print(f"| {wait:g} | {us:.1f} | {us / times[0]:.2f} |")
 
 
 def _lengths(value: str) -> list[float]:
@@ -196,8 +215,18 @@ def main() -> int:
         help="MS,MS,...: instead of the stage table, the added latency with a forward pass "
         "that only sleeps this long (simulated runtime, flat curve), one row each",
     )
+    parser.add_argument(
+        "--cold",
+        type=_lengths,
+        default=None,
+        help="MS,MS,...: no server; how much slower a small piece of work runs right after "
+        "this thread spun for each length than back to back (the machine's own cold-cache "
+        "curve), one row each",
+    )
     args = parser.parse_args()
-    if args.idle:
+    if args.cold:
+        cold(args)
+    elif args.idle:
         idle(args)
     else:
         drive(args)
