@@ -154,13 +154,35 @@ def drive(args) -> None:
     print(f"| cold-cache factor after {forward:.0f} ms, this machine (`--cold`) | {factor:.2f} |")
 
 
+def handrolled(kind: str, ms: float, seconds: float) -> float:
+    """Client added latency p50 (ms) of loadtest/handrolled.py's `kind` server whose pass
+    sleeps `ms`, driven like measure() drives fewstep."""
+    from loadtest.procs import Processes, free_port
+    from loadtest.rawclient import raw_sequential
+
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "loadtest" / "handrolled.py"), kind, str(port), str(ms)]
+    body = {"model": "fashion-edm", "prompt": "bag", "n": 1, "steps": 1, "sampler": "euler"}
+    bodies = [dict(body, seed=i) for i in range(1000)]
+    with Processes([cmd], port, {}, name=kind) as server:
+        raw_sequential(server.url, bodies, 1.0)  # warm
+        outcomes = raw_sequential(server.url, bodies, seconds)
+    return statistics.median([(o.latency - o.forward) * 1000 for o in outcomes if o.status == 200])
+
+
 def idle(args) -> None:
     """The same requests on the simulated runtime with flat curves: a forward pass that
     only sleeps for each of args.idle milliseconds, whatever the batch. The service's work
-    per request is the same in every row; only the time the machine waits changes."""
+    per request is the same in every row; only the time the machine waits changes. Beside
+    it, in the same run, three servers that are not fewstep with the same sleeping pass
+    (loadtest/handrolled.py): a hand-rolled FastAPI endpoint, a bare ASGI app on uvicorn
+    (fewstep's HTTP server alone) and the stdlib asyncio floor; all added latencies are the
+    client's p50 in ms."""
     print(
-        "| forward pass (a sleep), ms | server, bytes in to response written, minus forward, "
-        "ms | client: added latency p50, ms |\n|---|---|---|"
+        "| forward pass (a sleep), ms | fewstep: server, bytes in to response written, minus "
+        "forward, ms | **fewstep: client added latency p50, ms** | hand-rolled FastAPI | bare "
+        "ASGI app on uvicorn | stdlib asyncio floor | fewstep / FastAPI | fewstep minus bare "
+        "ASGI, ms |\n|---|---|---|---|---|---|---|---|"
     )
     folder = Path(tempfile.mkdtemp())
     for ms in args.idle:
@@ -172,7 +194,14 @@ def idle(args) -> None:
         )
         env = {"FEWSTEP_RUNTIME": "simulated", "FEWSTEP_LATENCY_CURVE": str(curve)}
         server_ms, added, forward = totals(*measure(args, env))
-        print(f"| {forward:.2f} | {server_ms:.2f} | {added:.2f} |", flush=True)
+        fastapi = handrolled("fastapi", ms, args.seconds)
+        bare = handrolled("asgi", ms, args.seconds)
+        floor = handrolled("floor", ms, args.seconds)
+        print(
+            f"| {forward:.2f} | {server_ms:.2f} | **{added:.2f}** | {fastapi:.2f} | {bare:.2f} "
+            f"| {floor:.2f} | {added / fastapi:.2f} | {added - bare:.2f} |",
+            flush=True,
+        )
 
 
 def cold(args) -> None:
