@@ -16,7 +16,16 @@ functions by name: a diagnostic, not an API.
 runs the same requests against forward passes that only sleep (the simulated runtime with
 a flat curve of each length) and prints the added latency per length: the service's work
 is the same in every row, so what changes with the length is the machine's. On this VM it
-grows with the wait (README, "Concurrency 1 with a CPU engine").
+grows with the wait (README, "Concurrency 1 with a CPU engine"). Beside each row, in the
+same run and with the same client and sleeping pass, three servers that are not fewstep
+(loadtest/handrolled.py): a hand-rolled FastAPI endpoint, a bare ASGI app on uvicorn (the
+HTTP server fewstep runs on, alone) and a stdlib asyncio server (the floor).
+
+    .venv/bin/python loadtest/stages.py --cold 0.2,1,3,8,20
+
+starts no server: how much slower the same small JSON work runs right after this thread
+spun for each length than back to back (procs.cold_curve), the machine's own cold-cache
+curve. The stage table's last row gives it at the forward pass's length.
 """
 
 from __future__ import annotations
