@@ -1,4 +1,4 @@
-"""Two servers that are not fewstep, for `stages.py --idle`'s side-by-side columns: what
+"""Three servers that are not fewstep, for `stages.py --idle`'s side-by-side columns: what
 concurrency 1 adds on this machine when the model's forward pass only sleeps.
 
     .venv/bin/python loadtest/handrolled.py fastapi|asgi|floor PORT FORWARD_MS
@@ -6,8 +6,8 @@ concurrency 1 adds on this machine when the model's forward pass only sleeps.
 - `fastapi`: what a user hand-rolls instead of a serving system (FastAPI + uvicorn with
   their defaults, access log off as fewstep's): a pydantic request model, a sync endpoint
   (FastAPI runs it in its thread pool), torch noise from the seed, the "model" (a sleep of
-  FORWARD_MS), then uint8, PIL PNG and base64 per image. No queue, no batching, no
-  admission, no metrics.
+  FORWARD_MS), then uint8, PIL PNG (pillow: the `test` extra) and base64 per image. No
+  queue, no batching, no admission, no metrics.
 - `asgi`: the HTTP server fewstep runs on (uvicorn, as `fewstep serve` configures it:
   uvloop, httptools) around a bare ASGI callable that does what `floor` does: what the
   server alone adds, so that `fewstep - asgi` is fewstep's own application.
@@ -16,7 +16,7 @@ concurrency 1 adds on this machine when the model's forward pass only sleeps.
   (`asyncio.to_thread`, as a server must to keep its loop free), a fixed small JSON reply.
   What it adds is this machine's floor for any Python service whose pass takes that long.
 
-Both answer POST /v1/images/generations with `timings.forward_seconds` (the sleep as
+All three answer POST /v1/images/generations with `timings.forward_seconds` (the sleep as
 measured) so the same raw client subtracts the same thing, and GET /readyz.
 """
 
