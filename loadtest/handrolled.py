@@ -139,7 +139,11 @@ async def floor(port: int, forward_s: float) -> None:
 
 
 def main() -> int:
-    kind, port, forward_ms = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    try:
+        kind, port, forward_ms = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    except (IndexError, ValueError):
+        print("usage: handrolled.py fastapi|asgi|floor PORT FORWARD_MS", file=sys.stderr)
+        return 2
     if kind in ("fastapi", "asgi"):
         import uvicorn
 

@@ -60,9 +60,9 @@ def cold_curve(waits_ms: list[float], rounds: int = 100) -> list[float]:
     spun for each of waits_ms. It never sleeps and touches almost no memory meanwhile, so
     where nothing else uses the core's caches the entries would stay level (not measured:
     no such machine was at hand). On the shared VM these benchmarks ran on they grow with
-    the wait (2-3.4x at 8 ms): the caches are not ours between our bursts of work. It is
-    the same effect that makes the service's path at concurrency 1 slower after a long
-    forward pass (README, "Concurrency 1 with a CPU engine")."""
+    the wait (2-15x at 8 ms, depending on the hour): the caches are not ours between our
+    bursts of work. It is the same effect that makes the service's path at concurrency 1
+    slower after a long forward pass (README, "Concurrency 1 with a CPU engine")."""
     medians = []
     for wait in waits_ms:
         spent = []
@@ -78,7 +78,7 @@ def cold_curve(waits_ms: list[float], rounds: int = 100) -> list[float]:
 
 def cold_check(wait_ms: float = 8.0) -> float:
     """How much slower a small piece of work runs after `wait_ms` of spinning than back to
-    back (cold_curve's ratio): 1.0 on a machine whose caches stay ours, 2-3.5 on the VM
+    back (cold_curve's ratio): 1.0 on a machine whose caches stay ours, 2-15 on the VM
     these benchmarks ran on. It bounds what concurrency 1 can show with a CPU engine whose
     pass takes that long; runs compare where it is close."""
     hot, cold = cold_curve([0.0, wait_ms])

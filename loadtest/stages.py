@@ -114,6 +114,12 @@ def serve(out: str, argv: list[str]) -> None:
     main(argv)
 
 
+def lone_requests() -> list[dict]:
+    """The requests every server here is sent: n=1, euler, 1 step, a seed each."""
+    body = {"model": "fashion-edm", "prompt": "bag", "n": 1, "steps": 1, "sampler": "euler"}
+    return [dict(body, seed=i) for i in range(1000)]
+
+
 def measure(args, env: dict[str, str]) -> tuple[list[dict], list]:
     """One server with the stage hooks, n=1 requests back to back for args.seconds: the
     server's stage records and the client's outcomes, matched from the end."""
@@ -125,8 +131,7 @@ def measure(args, env: dict[str, str]) -> tuple[list[dict], list]:
     cmd = [sys.executable, __file__, "--serve", str(out), "serve", "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--no-grpc", "--log-level", "warning"]
     env = {"FEWSTEP_MODELS": '["fashion-edm"]', **env}
-    body = {"model": "fashion-edm", "prompt": "bag", "n": 1, "steps": 1, "sampler": "euler"}
-    bodies = [dict(body, seed=i) for i in range(1000)]
+    bodies = lone_requests()
     with Processes([cmd], port, env) as server:
         raw_sequential(server.url, bodies, 1.0)  # warm
         print(f"measuring {args.seconds:g} s ...", file=sys.stderr, flush=True)
@@ -171,8 +176,7 @@ def handrolled(kind: str, ms: float, seconds: float) -> float:
 
     port = free_port()
     cmd = [sys.executable, str(ROOT / "loadtest" / "handrolled.py"), kind, str(port), str(ms)]
-    body = {"model": "fashion-edm", "prompt": "bag", "n": 1, "steps": 1, "sampler": "euler"}
-    bodies = [dict(body, seed=i) for i in range(1000)]
+    bodies = lone_requests()
     with Processes([cmd], port, {}, name=kind) as server:
         raw_sequential(server.url, bodies, 1.0)  # warm
         outcomes = raw_sequential(server.url, bodies, seconds)
