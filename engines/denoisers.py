@@ -66,9 +66,11 @@ class EDMDenoiser:
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         sd2 = self.sigma_data**2
-        c_skip = sd2 / (sigma**2 + sd2)
-        c_out = sigma * self.sigma_data / torch.sqrt(sigma**2 + sd2)
-        c_in = 1 / torch.sqrt(sigma**2 + sd2)
+        total = sigma**2 + sd2  # sigma^2 + sigma_data^2 and its root, each computed once
+        root = torch.sqrt(total)
+        c_skip = sd2 / total
+        c_out = sigma * self.sigma_data / root
+        c_in = 1 / root
         return c_skip, c_out, c_in
 
     def c_noise(self, sigma: Tensor) -> Tensor:
@@ -92,9 +94,10 @@ class ConsistencyDenoiser(EDMDenoiser):
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         sd2 = self.sigma_data**2
         shifted = sigma - self.sigma_min
+        root = torch.sqrt(sigma**2 + sd2)
         c_skip = sd2 / (shifted**2 + sd2)
-        c_out = shifted * self.sigma_data / torch.sqrt(sigma**2 + sd2)
-        c_in = 1 / torch.sqrt(sigma**2 + sd2)
+        c_out = shifted * self.sigma_data / root
+        c_in = 1 / root
         return c_skip, c_out, c_in
 
     def c_noise(self, sigma: Tensor) -> Tensor:
