@@ -11,15 +11,16 @@ passes settings to the server: `FEWSTEP_RUNTIME=simulated` (H200 curve) or with
 `FEWSTEP_INLINE_LONE_MS=0` (the pass in the compute thread). The hooks wrap internal
 functions by name: a diagnostic, not an API.
 
-    .venv/bin/python loadtest/stages.py --idle 0.25,1,3,6,12 [--seconds 5]
+    .venv/bin/python loadtest/stages.py --idle 0.25,1,3,6,12,onnx [--seconds 5]
 
 runs the same requests against forward passes that only sleep (the simulated runtime with
 a flat curve of each length) and prints the added latency per length: the service's work
 is the same in every row, so what changes with the length is the machine's. On this VM it
-grows with the wait (README, "Concurrency 1 with a CPU engine"). Beside each row, in the
-same run and with the same client and sleeping pass, three servers that are not fewstep
-(loadtest/handrolled.py): a hand-rolled FastAPI endpoint, a bare ASGI app on uvicorn (the
-HTTP server fewstep runs on, alone) and a stdlib asyncio server (the floor).
+grows with the wait (README, "Concurrency 1 with a CPU engine"). `onnx` is a row with
+fashion-edm's real network on ONNX Runtime's CPU provider instead of a sleep. Beside each
+row, in the same run and with the same client and the same pass, three servers that are
+not fewstep (loadtest/handrolled.py): a hand-rolled FastAPI endpoint, a bare ASGI app on
+uvicorn (the HTTP server fewstep runs on, alone) and a stdlib asyncio server (the floor).
 
     .venv/bin/python loadtest/stages.py --cold 0.2,1,3,8,20
 
@@ -168,14 +169,16 @@ def drive(args) -> None:
     print(f"| cold-cache factor after {forward:.0f} ms, this machine (`--cold`) | {factor:.2f} |")
 
 
-def handrolled(kind: str, ms: float, seconds: float) -> float:
+def handrolled(kind: str, forward: float | str, seconds: float) -> float:
     """Client added latency p50 (ms) of loadtest/handrolled.py's `kind` server whose pass
-    sleeps `ms`, driven like measure() drives fewstep."""
+    sleeps `forward` ms (or is the real network: "onnx"), driven like measure() drives
+    fewstep."""
     from loadtest.procs import Processes, free_port
     from loadtest.rawclient import raw_sequential
 
     port = free_port()
-    cmd = [sys.executable, str(ROOT / "loadtest" / "handrolled.py"), kind, str(port), str(ms)]
+    script = str(ROOT / "loadtest" / "handrolled.py")
+    cmd = [sys.executable, script, kind, str(port), str(forward)]
     bodies = lone_requests()
     with Processes([cmd], port, {}, name=kind) as server:
         raw_sequential(server.url, bodies, 1.0)  # warm
@@ -185,34 +188,38 @@ def handrolled(kind: str, ms: float, seconds: float) -> float:
 
 def idle(args) -> None:
     """The same requests on the simulated runtime with flat curves: a forward pass that
-    only sleeps for each of args.idle milliseconds, whatever the batch. The service's work
-    per request is the same in every row; only the time the machine waits changes. Beside
-    it, in the same run, three servers that are not fewstep with the same sleeping pass
-    (loadtest/handrolled.py): a hand-rolled FastAPI endpoint, a bare ASGI app on uvicorn
-    (fewstep's HTTP server alone) and the stdlib asyncio floor; all added latencies are the
-    client's p50 in ms."""
+    only sleeps for each of args.idle milliseconds, whatever the batch; "onnx" is the real
+    network on ONNX Runtime instead. The service's work per request is the same in every
+    row; only the pass changes. Beside it, in the same run, three servers that are not
+    fewstep with the same pass (loadtest/handrolled.py): a hand-rolled FastAPI endpoint, a
+    bare ASGI app on uvicorn (fewstep's HTTP server alone) and the stdlib asyncio floor;
+    all added latencies are the client's p50 in ms."""
     print(
-        "| forward pass (a sleep), ms | fewstep: server, bytes in to response written, minus "
+        "| forward pass, ms | fewstep: server, bytes in to response written, minus "
         "forward, ms | **fewstep: client added latency p50, ms** | hand-rolled FastAPI | bare "
         "ASGI app on uvicorn | stdlib asyncio floor | fewstep / FastAPI | fewstep minus bare "
         "ASGI, ms |\n|---|---|---|---|---|---|---|---|"
     )
     folder = Path(tempfile.mkdtemp())
     for ms in args.idle:
-        curve = folder / f"flat-{ms:g}.yaml"
-        seconds = ms / 1000
-        curve.write_text(
-            f"device: flat {ms:g} ms (loadtest/stages.py --idle)\nmodel: fashion-edm\n"
-            f"seconds:\n  1: {seconds}\n  1024: {seconds}\n"
-        )
-        env = {"FEWSTEP_RUNTIME": "simulated", "FEWSTEP_LATENCY_CURVE": str(curve)}
+        if ms == "onnx":
+            env, kind = {"FEWSTEP_RUNTIME": "onnxruntime"}, "ONNX Runtime, "
+        else:
+            curve = folder / f"flat-{ms:g}.yaml"
+            seconds = ms / 1000
+            curve.write_text(
+                f"device: flat {ms:g} ms (loadtest/stages.py --idle)\nmodel: fashion-edm\n"
+                f"seconds:\n  1: {seconds}\n  1024: {seconds}\n"
+            )
+            env = {"FEWSTEP_RUNTIME": "simulated", "FEWSTEP_LATENCY_CURVE": str(curve)}
+            kind = "a sleep, "
         server_ms, added, forward = totals(*measure(args, env))
         fastapi = handrolled("fastapi", ms, args.seconds)
         bare = handrolled("asgi", ms, args.seconds)
         floor = handrolled("floor", ms, args.seconds)
         print(
-            f"| {forward:.2f} | {server_ms:.2f} | **{added:.2f}** | {fastapi:.2f} | {bare:.2f} "
-            f"| {floor:.2f} | {added / fastapi:.2f} | {added - bare:.2f} |",
+            f"| {kind}{forward:.2f} | {server_ms:.2f} | **{added:.2f}** | {fastapi:.2f} "
+            f"| {bare:.2f} | {floor:.2f} | {added / fastapi:.2f} | {added - bare:.2f} |",
             flush=True,
         )
 
@@ -233,7 +240,7 @@ def cold(args) -> None:
 
 
 def _lengths(value: str) -> list[float]:
-    """--idle's MS,MS,...: positive milliseconds."""
+    """--cold's MS,MS,...: positive milliseconds."""
     try:
         lengths = [float(x) for x in value.split(",")]
     except ValueError:
@@ -241,6 +248,19 @@ def _lengths(value: str) -> list[float]:
     if not all(0 < ms < 60_000 for ms in lengths):
         raise argparse.ArgumentTypeError(f"each length must be over 0 and under 60000 ms: {value}")
     return lengths
+
+
+def _passes(value: str) -> list[float | str]:
+    """--idle's MS,...: positive milliseconds, or `onnx` for the real network."""
+    passes: list[float | str] = []
+    for word in value.split(","):
+        try:
+            passes += ["onnx"] if word == "onnx" else _lengths(word)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"expected MS,MS,... (milliseconds over 0 and under 60000, or onnx), got {value!r}"
+            ) from None
+    return passes
 
 
 def main() -> int:
@@ -252,10 +272,11 @@ def main() -> int:
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
     parser.add_argument(
         "--idle",
-        type=_lengths,
+        type=_passes,
         default=None,
         help="MS,MS,...: instead of the stage table, the added latency with a forward pass "
-        "that only sleeps this long (simulated runtime, flat curve), one row each",
+        "that only sleeps this long (simulated runtime, flat curve), one row each; `onnx` "
+        "for a row with the real network on ONNX Runtime",
     )
     parser.add_argument(
         "--cold",
