@@ -28,7 +28,13 @@ class Denoiser(Protocol):
 
 def expand(v: Tensor, x: Tensor) -> Tensor:
     """Broadcast a per-row [B] tensor against x of shape [B, ...]."""
-    return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return as_dtype(v, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def as_dtype(v: Tensor, dtype: torch.dtype) -> Tensor:
+    """v.to(dtype), without the call where v has it already: what `.to` returns then (v
+    itself), less a dispatch through torch (a few us; a pass makes several)."""
+    return v if v.dtype == dtype else v.to(dtype)
 
 
 PREDICTIONS = ("eps", "v", "x0")
@@ -78,7 +84,7 @@ class EDMDenoiser:
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
         c_skip, c_out, c_in = (expand(c, x) for c in self.scalings(sigma))
-        return c_skip * x + c_out * self.net(x * c_in, self.c_noise(sigma).to(x.dtype), cond)
+        return c_skip * x + c_out * self.net(x * c_in, as_dtype(self.c_noise(sigma), x.dtype), cond)
 
 
 class ConsistencyDenoiser(EDMDenoiser):

@@ -245,7 +245,8 @@ class Modality(ABC):
     def collate(self, xs: list[Tensor], conds: list) -> Collated:
         """One batch from the requests' pending rows, and how to split its output back."""
         sizes = [len(x) for x in xs]
-        return torch.cat(xs), cat_cond(conds), lambda out: split_rows(out, sizes)
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)  # one request: no copy of its rows
+        return x, cat_cond(conds), lambda out: split_rows(out, sizes)
 
     def preview(self, model, job, x0: Tensor) -> bytes | None:
         """A small preview of the current x0 for a step event, or None."""

@@ -188,6 +188,15 @@ class RuntimeNet:
                 value = torch.full((len(x),), self.null_label, dtype=torch.int64)
             else:
                 raise RuntimeInputError(f"this network needs cond[{t.name!r}]")
-            inputs[t.name] = value.to(device=device, dtype=t.dtype)
+            inputs[t.name] = _moved(value, t.dtype, device)
         out = self.runtime.forward(inputs)[self.io.outputs[0].name]
-        return out.to(device=x.device, dtype=x.dtype)
+        return _moved(out, x.dtype, x.device)
+
+
+def _moved(value: Tensor, dtype: torch.dtype, device: str | torch.device) -> Tensor:
+    """value.to(device=device, dtype=dtype), without the call where it is there already:
+    what `.to` returns then (value itself), less a dispatch through torch for each of a
+    pass's inputs and its output."""
+    if value.dtype == dtype and value.device == torch.device(device):
+        return value
+    return value.to(device=device, dtype=dtype)

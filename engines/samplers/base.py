@@ -177,6 +177,8 @@ def cat_cond(conds: Sequence[Cond]) -> Cond:
     keys = set(conds[0] or ())
     if any(c is None or set(c) != keys for c in conds):
         raise SamplerError("requests batched together must carry the same conditioning keys")
+    if len(conds) == 1:  # one request: its tensors as they are (cat would copy them)
+        return {k: conds[0][k] for k in sorted(keys)}
     return {k: torch.cat([c[k] for c in conds]) for k in sorted(keys)}
 
 
@@ -184,6 +186,8 @@ def split_rows(out: Tensor | Guided, sizes: list[int]) -> list:
     """Split a denoiser's output (a tensor, or a CFG++ Guided pair) back into requests."""
     if isinstance(out, Guided):
         return [Guided(*parts) for parts in zip(*(t.split(sizes) for t in out), strict=True)]
+    if len(sizes) == 1 and sizes[0] == len(out):
+        return [out]  # one request: all of it (split would return a view of the same rows)
     return list(out.split(sizes))
 
 
