@@ -45,6 +45,7 @@ class GridError(ValueError):
 
 
 GRID_CHOICES = ("auto", "tuned", "karras")  # auto: the tuned grid where one exists
+GRIDS_KEPT = 4096  # grids a spec remembers (ModelSpec.grid); more clears them
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,25 @@ class ModelSpec:
     def grid(self, steps: int, sampler: str | None = None, grid: str = "auto") -> Tensor:
         """The sigma grid for `steps` steps of `sampler`: its tuned grid (model.yaml's
         `grids:`) when `grid` is "tuned", or "auto" and one exists; else the plain grid:
-        consistency picks for 'cm', LCM timesteps for 'lcm', else the Karras grid."""
+        consistency picks for 'cm', LCM timesteps for 'lcm', else the Karras grid.
+
+        A new tensor every call (callers may keep it), made from the values the first call
+        for these arguments computed: one tensor op per request where the Karras grid
+        took up to six."""
+        key = (steps, sampler, grid)
+        made = self._grids_made.get(key)
+        if made is None:
+            tensor = self._grid(steps, sampler, grid)  # raises for arguments that cannot work
+            if len(self._grids_made) >= GRIDS_KEPT:  # steps and samplers are validated first;
+                self._grids_made.clear()  # this only bounds what a direct caller can add
+            made = self._grids_made[key] = (tuple(tensor.tolist()), tensor.dtype)
+        return torch.tensor(made[0], dtype=made[1])
+
+    @functools.cached_property
+    def _grids_made(self) -> dict[tuple, tuple[tuple[float, ...], torch.dtype]]:
+        return {}
+
+    def _grid(self, steps: int, sampler: str | None, grid: str) -> Tensor:
         if self.grid_used(sampler, steps, grid) == "tuned":
             return torch.tensor(self.grids[sampler][steps].sigmas, dtype=torch.float64)
         s = self.sampling

@@ -232,6 +232,25 @@ def test_karras_on_request_and_for_untuned_steps_or_samplers(tuned):
     assert tuned.spec.grid_used("dpmpp_2m", 3) == "tuned"
 
 
+def test_a_grid_is_made_once_and_handed_out_as_a_new_tensor_each_time(tuned):
+    """ModelSpec.grid remembers the values, not the tensor: what a caller does to the
+    tensor it got never reaches the next caller, and the values and dtype are the ones the
+    grid's own function gives."""
+    spec, s = tuned.spec, tuned.spec.sampling
+    for steps in (1, 2, 4, 7):
+        first = spec.grid(steps, "euler")
+        plain = karras_sigmas(steps, s.sigma_min, s.sigma_max, s.rho)
+        assert first.dtype == plain.dtype and torch.equal(first, plain)
+        first.mul_(0)  # a caller that writes into its grid
+        again = spec.grid(steps, "euler")
+        assert again is not first and torch.equal(again, plain)
+    assert spec.grid(3, "dpmpp_2m").tolist() == TUNED  # the tuned one, remembered apart
+    assert (
+        spec.grid(3, "dpmpp_2m", "karras").tolist()
+        == karras_sigmas(3, s.sigma_min, s.sigma_max, s.rho).tolist()
+    )
+
+
 def test_tuned_where_none_exists_names_the_tuned_budgets(tuned):
     with pytest.raises(GridError) as err:
         tuned.spec.grid(4, "dpmpp_2m", "tuned")
