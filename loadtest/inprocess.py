@@ -9,6 +9,14 @@ steps), and the table gives the process's CPU per sample. Against `sweep.py --pa
 (the same server behind uvicorn, on loopback) the difference is what HTTP costs.
 `--zero-noise` replaces the seeded noise by zeros (a measurement of what the noise costs,
 never a way to serve: every image is then the same).
+
+    .venv/bin/python loadtest/inprocess.py --lone [--seconds 6]
+
+is concurrency 1 without HTTP: one caller, the lone request of `loadtest/stages.py` (n=1,
+euler, 1 step) back to back, a forward pass that costs nothing (the simulated runtime on a
+flat 1 us curve), and the table gives the p50 time per request and the CPU per request:
+the application's own cost, request to response. Run it from another checkout (`cd
+BASELINE && .venv/bin/python loadtest/inprocess.py --lone`) to compare trees side by side.
 """
 
 from __future__ import annotations
@@ -71,6 +79,46 @@ async def call(app, body: bytes) -> None:
         raise RuntimeError(f"status {sent[0]['status']}: {sent[-1].get('body', b'')[:200]!r}")
 
 
+async def lone(args) -> None:
+    """One caller, n=1 euler 1-step requests back to back on a pass that costs nothing."""
+    import statistics
+    import tempfile
+
+    curve = Path(tempfile.mkdtemp()) / "flat.yaml"
+    curve.write_text(
+        "device: flat 1 us (loadtest/inprocess.py --lone)\nmodel: fashion-edm\n"
+        "seconds:\n  1: 0.000001\n  1024: 0.000001\n"
+    )
+    settings = Settings(models=["fashion-edm"], runtime="simulated", latency_curve=str(curve))
+    app = create_app(settings)
+    body = {"model": "fashion-edm", "prompt": "bag", "n": 1, "steps": 1, "sampler": "euler"}
+    async with app.router.lifespan_context(app):
+        while not app.state.fewstep.ready:
+            await asyncio.sleep(0.05)
+
+        async def run(seconds: float) -> list[float]:
+            took, seed, stop = [], 0, time.perf_counter() + seconds
+            while time.perf_counter() < stop:
+                request = json.dumps(dict(body, seed=seed)).encode()
+                begin = time.perf_counter()
+                await call(app, request)
+                took.append(time.perf_counter() - begin)
+                seed += 1
+            return took
+
+        await run(1.0)  # warm
+        print(f"measuring {args.seconds:g} s ...", file=sys.stderr, flush=True)
+        cpu = time.process_time()
+        took = await run(args.seconds)
+        cpu = time.process_time() - cpu
+    print("| requests | p50 us / request | p99 us | CPU us / request |\n|---|---|---|---|")
+    p99 = statistics.quantiles(took, n=100)[98]
+    print(
+        f"| {len(took)} | {statistics.median(took) * 1e6:.0f} | {p99 * 1e6:.0f} "
+        f"| {cpu / len(took) * 1e6:.0f} |"
+    )
+
+
 async def measure(args) -> None:
     app = create_app(Settings(models=["fashion-edm"], runtime="simulated"))
     async with app.router.lifespan_context(app):
@@ -111,7 +159,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--zero-noise", action="store_true")
+    parser.add_argument(
+        "--lone", action="store_true", help="concurrency 1: one caller, n=1 1-step requests"
+    )
     args = parser.parse_args()
+    if args.lone:
+        uvloop.run(lone(args))
+        return 0
     if args.zero_noise:
         import torch
 
