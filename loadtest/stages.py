@@ -201,7 +201,7 @@ def idle(args) -> None:
         "ASGI, ms |\n|---|---|---|---|---|---|---|---|"
     )
     folder = Path(tempfile.mkdtemp())
-    for ms in args.idle:
+    for ms in args.idle:  # milliseconds of sleep, or "onnx" (the real network)
         if ms == "onnx":
             env, kind = {"FEWSTEP_RUNTIME": "onnxruntime"}, "ONNX Runtime, "
         else:
